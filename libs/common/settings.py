@@ -1,0 +1,146 @@
+"""Process settings, read from ``FLEET_*`` environment variables.
+
+Settings are built by ``load(...)`` when a service starts, never at import, so a
+bad value becomes a one-line start-up error rather than an import crash. Every
+field here has a working local default and a row in the README's settings table.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import socket
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _default_replica_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
+    return f"{host}-{secrets.token_hex(3)}"
+
+
+def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` and ``:port`` allowed) into a pair."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {value!r}")
+    host = host.strip("[]") or default_host
+    return host, int(port)
+
+
+class CommonSettings(BaseSettings):
+    """Settings every service shares."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
+
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
+    nats_connect_timeout: float = Field(
+        15.0, gt=0, description="seconds to keep retrying the first NATS connection before giving up"
+    )
+    data_dir: Path = Field(Path("~/.proxyfleet"), description="state directory (CA, keys, database)")
+    replica_id: str = Field(default_factory=_default_replica_id, description="this process's id")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @field_validator("replica_id")
+    @classmethod
+    def _safe_id(cls, v: str) -> str:
+        if not _ID_OK.match(v) or v == "all":
+            raise ValueError("must be 1-64 characters of A-Z a-z 0-9 _ - (and not 'all')")
+        return v
+
+
+class ProxySettings(CommonSettings):
+    """Settings of one proxy replica (``proxyfleet proxy``)."""
+
+    proxy_listen: str = Field("127.0.0.1:8080", description="address the proxy listens on")
+    proxy_mode: str = Field("regular", description="regular, or reverse:http[s]://host:port")
+    proxy_reuse_port: bool = Field(False, description="SO_REUSEPORT: several replicas on one port")
+    proxy_start_listening: bool = Field(True, description="open the listener at start")
+    intercept_tls: bool = Field(True, description="decrypt CONNECT tunnels (else tunnel all)")
+    ignore_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated host globs tunnelled untouched"
+    )
+    capture_body_limit: int = Field(1 << 20, ge=0, description="bytes of each body recorded")
+    capture_queue_size: int = Field(100_000, gt=0, description="flow events held while NATS lags")
+    capture_batch_max: int = Field(256, gt=0, description="most flow events in one NATS message")
+    capture_linger_ms: float = Field(5.0, ge=0, description="wait to fill a batch before publish")
+    upstream_verify_tls: bool = Field(True, description="verify upstream certificates")
+    upstream_ca_bundle: Path | None = Field(None, description="extra CA bundle for upstream TLS")
+    upstream_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect upstream")
+    upstream_read_timeout: float = Field(60.0, gt=0, description="seconds of upstream silence")
+    client_idle_timeout: float = Field(60.0, gt=0, description="keep-alive idle seconds (client)")
+    upstream_pool_size: int = Field(64, ge=0, description="idle upstream connections kept per host")
+    drain_timeout: float = Field(10.0, ge=0, description="default graceful-stop deadline, seconds")
+    heartbeat_interval: float = Field(2.0, gt=0, description="seconds between registry heartbeats")
+
+    @field_validator("ignore_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("proxy_listen")
+    @classmethod
+    def _check_listen(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+    @field_validator("proxy_mode")
+    @classmethod
+    def _check_mode(cls, v: str) -> str:
+        if v == "regular":
+            return v
+        if v.startswith("reverse:"):
+            from urllib.parse import urlsplit
+
+            u = urlsplit(v.removeprefix("reverse:"))
+            if u.scheme in ("http", "https") and u.hostname:
+                return v
+        raise ValueError("must be 'regular' or 'reverse:http[s]://host[:port]'")
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+class SettingsError(Exception):
+    """Settings could not be built; the message is one line naming the bad variables."""
+
+
+def load(cls: type[S], **overrides: object) -> S:
+    """Build settings from the environment (plus ``overrides``), or raise ``SettingsError``."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        prefix = cls.model_config.get("env_prefix", "")
+        parts = []
+        for err in exc.errors():
+            name = str(err["loc"][0]).upper() if err["loc"] else "?"
+            parts.append(f"{prefix}{name}: {err['msg']}")
+        raise SettingsError("bad settings: " + "; ".join(parts)) from None
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700 when new) and return it."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+__all__ = [
+    "CommonSettings",
+    "ProxySettings",
+    "SettingsError",
+    "ensure_private_dir",
+    "load",
+    "parse_hostport",
+]

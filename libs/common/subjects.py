@@ -1,0 +1,56 @@
+"""Every NATS wire name proxyfleet uses: streams, subjects, KV buckets, queue groups.
+
+One module so that a subject is never spelt twice. Replica ids and verbs are
+inserted by the helper functions below; nothing else builds a subject string.
+"""
+
+from __future__ import annotations
+
+# Flow events (data plane -> store). One message carries a JSON array of events.
+FLOWS_STREAM = "FLOWS"
+FLOWS_PREFIX = "fleet.flows"
+FLOWS_SUBJECTS = f"{FLOWS_PREFIX}.>"
+
+# System events (lifecycle, config, audit).
+EVENTS_STREAM = "EVENTS"
+EVENTS_PREFIX = "fleet.events"
+EVENTS_SUBJECTS = f"{EVENTS_PREFIX}.>"
+
+# KV buckets.
+CONFIG_BUCKET = "fleet_config"
+CONFIG_KEY = "proxy"
+CONFIG_HISTORY = 64
+REPLICAS_BUCKET = "fleet_replicas"
+
+# Commands (request/reply).
+CMD_PREFIX = "fleet.cmd"
+CMD_ALL = "all"
+
+# Store queries (request/reply, queue group).
+STORE_PREFIX = "fleet.store"
+STORE_QUEUE = "store"
+
+
+def flows_subject(replica: str, kind: str = "batch") -> str:
+    """Subject a replica publishes its flow-event batches on."""
+    return f"{FLOWS_PREFIX}.{replica}.{kind}"
+
+
+def events_subject(source: str, event_type: str) -> str:
+    """Subject of one system event, e.g. ``fleet.events.proxy-1.replica_started``."""
+    return f"{EVENTS_PREFIX}.{source}.{event_type}"
+
+
+def command_subject(target: str, verb: str) -> str:
+    """Subject of a command to one replica (``target`` = replica id) or to all (``all``)."""
+    return f"{CMD_PREFIX}.{target}.{verb}"
+
+
+def command_wildcard(target: str) -> str:
+    """Wildcard a replica subscribes to for the commands addressed to ``target``."""
+    return f"{CMD_PREFIX}.{target}.*"
+
+
+def store_subject(verb: str) -> str:
+    """Subject of a store query (``list``, ``get``, ``count``, ...)."""
+    return f"{STORE_PREFIX}.{verb}"
