@@ -11,7 +11,7 @@ import re
 import secrets
 import socket
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -38,11 +38,17 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
 
-    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
-    nats_connect_timeout: float = Field(
-        15.0, gt=0, description="seconds to keep retrying the first NATS connection before giving up"
+    nats_url: str = Field(
+        "nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated"
     )
-    data_dir: Path = Field(Path("~/.proxyfleet"), description="state directory (CA, keys, database)")
+    nats_connect_timeout: float = Field(
+        15.0,
+        gt=0,
+        description="seconds to keep retrying the first NATS connection before giving up",
+    )
+    data_dir: Path = Field(
+        Path("~/.proxyfleet"), description="state directory (CA, keys, database)"
+    )
     replica_id: str = Field(default_factory=_default_replica_id, description="this process's id")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -117,7 +123,7 @@ class SettingsError(Exception):
     """Settings could not be built; the message is one line naming the bad variables."""
 
 
-def load(cls: type[S], **overrides: object) -> S:
+def load(cls: type[S], **overrides: Any) -> S:
     """Build settings from the environment (plus ``overrides``), or raise ``SettingsError``."""
     try:
         return cls(**overrides)

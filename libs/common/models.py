@@ -1,0 +1,73 @@
+"""Wire models shared by the services (control plane only: the proxy's hot path
+builds flow events as plain dicts, see ``services.proxy.capture.flow_event``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ReplicaState = Literal["running", "stopped", "starting", "stopping"]
+
+
+class RuntimeConfig(BaseModel):
+    """The hot-reloadable proxy configuration (KV ``fleet_config``/``proxy``).
+
+    Validated wherever it is written or read; a replica that cannot apply a
+    document keeps its last good one.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    capture_body_limit: int = Field(1 << 20, ge=0, le=64 << 20, description="bytes per body kept")
+    ignore_hosts: list[str] = Field(
+        default_factory=list, description="host globs (e.g. *.bank.example) tunnelled untouched"
+    )
+    intercept_tls: bool = Field(True, description="decrypt CONNECT tunnels")
+    upstream_verify_tls: bool = Field(True, description="verify upstream certificates")
+    upstream_connect_timeout: float = Field(10.0, gt=0, le=300)
+    upstream_read_timeout: float = Field(60.0, gt=0, le=3600)
+    client_idle_timeout: float = Field(60.0, gt=0, le=3600)
+
+    @field_validator("ignore_hosts")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        out = []
+        for p in v:
+            p = p.strip().lower()
+            if not p or any(c.isspace() for c in p) or len(p) > 253:
+                raise ValueError(f"invalid host pattern {p!r}")
+            out.append(p)
+        return out
+
+
+class ReplicaStatus(BaseModel):
+    """A replica's heartbeat in the registry (KV ``fleet_replicas``, key = replica id)."""
+
+    id: str
+    state: ReplicaState
+    listen: str
+    mode: str
+    active_connections: int = 0
+    active_flows: int = 0
+    flows_total: int = 0
+    events_published: int = 0
+    events_dropped: int = 0
+    events_queued: int = 0
+    config_revision: int = 0
+    config_error: str | None = None
+    started_at: float
+    updated_at: float
+    version: str = "0.1.0"
+
+
+class CommandReply(BaseModel):
+    """What a replica answers to a command (``fleet.cmd.<replica|all>.<verb>``)."""
+
+    replica: str
+    ok: bool
+    code: str | None = None
+    message: str | None = None
+    status: ReplicaStatus | None = None
+    data: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,55 @@
+"""The ``proxyfleet`` command: ``proxy``, ``store``, ``api`` and ``up``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from libs.common.logs import setup_logging
+from libs.common.settings import ProxySettings, SettingsError, load
+from libs.common.tasks import run
+
+
+def _proxy() -> int:
+    from services.proxy.main import StartupError, run_proxy
+
+    settings = load(ProxySettings)
+    setup_logging(settings.log_level, "proxy")
+    try:
+        run(run_proxy(settings))
+    except StartupError as exc:
+        print(f"proxyfleet proxy: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _not_yet(name: str) -> int:
+    print(f"proxyfleet {name}: not yet available", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="proxyfleet",
+        description="A fleet of intercepting HTTP/HTTPS proxies with a management API. "
+        "Settings come from FLEET_* environment variables (see README).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("proxy", help="run one proxy replica")
+    sub.add_parser("store", help="run the flow store")
+    sub.add_parser("api", help="run the management API")
+    sub.add_parser("up", help="run everything locally (embedded NATS, SQLite)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "proxy":
+            return _proxy()
+        return _not_yet(args.command)
+    except SettingsError as exc:
+        print(f"proxyfleet {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Flow capture: a bounded in-memory queue drained by one publisher task.
+
+The request path only calls ``emit(flow)`` (a deque append). The publisher
+turns queued flows into JSON events at drain time, which gives coalescing for
+free: a flow that finished before its ``started`` entry was drained is sent
+once, as its final event. Events go out in batches, one JetStream message per
+batch with a ``Nats-Msg-Id`` so a retried batch is stored once. When NATS is
+down or slow the queue fills up to its bound, then new events are dropped and
+counted; publishing resumes by itself when NATS is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+from collections import deque
+from typing import Any, Protocol
+
+import orjson
+
+from libs.common import subjects
+from services.proxy.flow import ACTIVE, COMPLETED, Flow
+
+log = logging.getLogger("proxyfleet.capture")
+
+_RESERVED = 4096  # room for headers and the JSON array brackets within max_payload
+
+
+class Publisher(Protocol):
+    """What capture needs from the bus (a ``libs.common.bus.Bus`` fits)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def max_payload(self) -> int: ...
+
+    async def js_publish(self, subject: str, payload: bytes, msg_id: str | None = None) -> Any: ...
+
+
+def _headers(pairs: list[tuple[bytes, bytes]]) -> list[list[str]]:
+    return [[n.decode("latin-1"), v.decode("latin-1")] for n, v in pairs]
+
+
+def _addr(addr: Any) -> list[Any] | None:
+    return [addr[0], addr[1]] if addr else None
+
+
+def _body(chunks: list[bytes], limit: int) -> str:
+    data = b"".join(chunks)
+    return base64.b64encode(data[:limit] if len(data) > limit else data).decode("ascii")
+
+
+def flow_event(flow: Flow, replica: str, body_limit: int | None = None) -> dict[str, Any]:
+    """The wire form of a flow: ``started`` while active, else its final state.
+
+    ``body_limit`` trims captured bodies further (only used when an event would
+    not fit in one NATS message); trimmed bodies are marked truncated.
+    """
+    final = flow.state != ACTIVE
+    limit = body_limit if body_limit is not None else 1 << 62
+    request: dict[str, Any] = {
+        "headers": _headers(flow.req_headers),
+        "size": flow.req_size,
+        "truncated": flow.req_truncated,
+    }
+    response: dict[str, Any] | None = None
+    if flow.status:
+        response = {
+            "status": flow.status,
+            "reason": flow.reason.decode("latin-1"),
+            "http_version": flow.resp_http_version,
+            "headers": _headers(flow.resp_headers),
+            "size": flow.resp_size,
+            "truncated": flow.resp_truncated,
+        }
+    if final:
+        request["body_b64"] = _body(flow.req_body, limit)
+        if body_limit is not None and flow.req_size > body_limit:
+            request["truncated"] = True
+        if response is not None:
+            response["body_b64"] = _body(flow.resp_body, limit)
+            if body_limit is not None and flow.resp_size > body_limit:
+                response["truncated"] = True
+    return {
+        "event": ("completed" if flow.state == COMPLETED else flow.state) if final else "started",
+        "id": flow.id,
+        "replica": replica,
+        "kind": flow.kind,
+        "state": flow.state,
+        "client": _addr(flow.client_addr),
+        "server": _addr(flow.server_addr),
+        "scheme": flow.scheme,
+        "method": flow.method.decode("latin-1"),
+        "host": flow.host,
+        "port": flow.port,
+        "path": flow.path.decode("latin-1"),
+        "http_version": flow.http_version,
+        "request": request,
+        "response": response,
+        "timings": {
+            "start": flow.t_start,
+            "request_sent": flow.t_request_sent or None,
+            "first_byte": flow.t_first_byte or None,
+            "end": flow.t_end or None,
+        },
+        "error": flow.error,
+        "stats": flow.stats,
+        "trace_id": flow.trace_id,
+        "tags": [],
+    }
+
+
+class Capture:
+    """The bounded event queue and its single publisher task."""
+
+    def __init__(
+        self,
+        replica: str,
+        bus: Publisher | None,
+        queue_size: int = 100_000,
+        batch_max: int = 256,
+        linger: float = 0.005,
+    ) -> None:
+        self.replica = replica
+        self.bus = bus
+        self.queue_size = queue_size
+        self.batch_max = batch_max
+        self.linger = linger
+        self.subject = subjects.flows_subject(replica)
+        self._queue: deque[Flow] = deque()
+        self._wakeup = asyncio.Event()
+        self._boot = secrets.token_hex(4)
+        self._seq = 0
+        self.dropped = 0
+        self.published = 0
+        self.batches = 0
+
+    def emit(self, flow: Flow) -> None:
+        """Queue ``flow`` for publishing (hot path: never blocks, never awaits)."""
+        if len(self._queue) >= self.queue_size:
+            self.dropped += 1
+            return
+        self._queue.append(flow)
+        self._wakeup.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def _take_batch(self, max_bytes: int) -> list[bytes]:
+        """Serialise queued flows into events, up to ``batch_max`` and ``max_bytes``."""
+        out: list[bytes] = []
+        size = 0
+        q = self._queue
+        while q and len(out) < self.batch_max:
+            flow = q[0]
+            if flow.final_sent:  # its final event already went out (coalesced)
+                q.popleft()
+                continue
+            data = orjson.dumps(flow_event(flow, self.replica))
+            if len(data) > max_bytes:
+                data = self._shrink(flow, max_bytes)
+            if out and size + len(data) + 1 > max_bytes:
+                break
+            q.popleft()
+            if flow.state != ACTIVE:
+                flow.final_sent = True
+            out.append(data)
+            size += len(data) + 1
+        return out
+
+    def _shrink(self, flow: Flow, max_bytes: int) -> bytes:
+        """Re-serialise a flow whose bodies do not fit in one message, trimming them."""
+        limit = max(0, (max_bytes - 16_384) * 3 // 8)  # base64 grows 4/3, two bodies
+        while True:
+            data = orjson.dumps(flow_event(flow, self.replica, body_limit=limit))
+            if len(data) <= max_bytes or limit == 0:
+                return data
+            limit //= 2
+
+    async def run(self) -> None:
+        """Publish until cancelled; a failed batch is retried with the same message id."""
+        assert self.bus is not None
+        bus = self.bus
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.linger:
+                await asyncio.sleep(self.linger)
+            while not bus.connected:
+                await asyncio.sleep(0.1)
+            batch = self._take_batch(max(bus.max_payload - _RESERVED, 64 * 1024))
+            if not batch:
+                continue
+            await self._publish(b"[" + b",".join(batch) + b"]", len(batch))
+
+    async def _publish(self, payload: bytes, count: int) -> None:
+        assert self.bus is not None
+        self._seq += 1
+        msg_id = f"{self.replica}.{self._boot}.{self._seq}"
+        delay = 0.1
+        while True:
+            try:
+                await self.bus.js_publish(self.subject, payload, msg_id=msg_id)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("flow batch publish failed (%d events, retrying): %r", count, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self.published += count
+        self.batches += 1
+
+    async def flush(self, timeout: float) -> None:
+        """Publish what is queued (used on shutdown), giving up after ``timeout``."""
+        if self.bus is None:
+            return
+        bus = self.bus
+
+        async def _drain() -> None:
+            while self._queue:
+                while not bus.connected:
+                    await asyncio.sleep(0.1)
+                batch = self._take_batch(max(bus.max_payload - _RESERVED, 64 * 1024))
+                if batch:
+                    await self._publish(b"[" + b",".join(batch) + b"]", len(batch))
+
+        try:
+            await asyncio.wait_for(_drain(), timeout)
+        except TimeoutError:
+            log.warning("shutdown: %d flow events not published", len(self._queue))

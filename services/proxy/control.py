@@ -1,0 +1,193 @@
+"""The replica's control plane over NATS: commands, heartbeats, config watch.
+
+Nothing here is on the data path: commands arrive as request/reply messages,
+the heartbeat is a KV put every few seconds, and a new config revision is
+compiled off to the side and swapped in with one assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from libs.common import subjects
+from libs.common.bus import Bus
+from libs.common.models import CommandReply, ReplicaStatus, RuntimeConfig
+from libs.common.settings import ProxySettings
+from services.proxy.config import ProxyConfig
+from services.proxy.context import ProxyContext
+from services.proxy.server import ListenError, ProxyServer
+
+log = logging.getLogger("proxyfleet.control")
+
+
+class Control:
+    """Serves ``fleet.cmd.<replica|all>.<verb>`` and keeps the registry entry fresh."""
+
+    def __init__(
+        self, bus: Bus, ctx: ProxyContext, server: ProxyServer, settings: ProxySettings
+    ) -> None:
+        self.bus = bus
+        self.ctx = ctx
+        self.server = server
+        self.settings = settings
+        self.config_error: str | None = None
+        self._subs: list[Any] = []
+        self._watcher: Any = None
+
+    # -- status -------------------------------------------------------------------------
+    def status(self) -> ReplicaStatus:
+        ctx = self.ctx
+        return ReplicaStatus(
+            id=ctx.replica,
+            state=self.server.state,  # type: ignore[arg-type]
+            listen=self.server.address,
+            mode=ctx.mode,
+            active_connections=len(ctx.connections),
+            active_flows=len(ctx.active),
+            flows_total=ctx.flows_total,
+            events_published=ctx.capture.published,
+            events_dropped=ctx.capture.dropped,
+            events_queued=ctx.capture.pending,
+            config_revision=ctx.config.revision,
+            config_error=self.config_error,
+            started_at=self.server.started_at,
+            updated_at=time.time(),
+        )
+
+    # -- commands -------------------------------------------------------------------------
+    async def start(self) -> None:
+        for target in (self.ctx.replica, subjects.CMD_ALL):
+            sub = await self.bus.nc.subscribe(
+                subjects.command_wildcard(target), cb=self._on_command
+            )
+            self._subs.append(sub)
+
+    async def _on_command(self, msg: Msg) -> None:
+        verb = msg.subject.rsplit(".", 1)[-1]
+        try:
+            body = orjson.loads(msg.data) if msg.data else {}
+            if not isinstance(body, dict):
+                raise ValueError("command body must be a JSON object")
+            reply = await self.handle(verb, body)
+        except Exception as exc:  # a bad command never takes the replica down
+            log.warning("command %s failed: %r", verb, exc)
+            reply = CommandReply(
+                replica=self.ctx.replica, ok=False, code="BAD_COMMAND", message=str(exc)
+            )
+        if msg.reply:
+            await msg.respond(reply.model_dump_json().encode())
+
+    async def handle(self, verb: str, body: dict[str, Any]) -> CommandReply:
+        """Run one command; the reply always carries the replica's status after it."""
+        replica = self.ctx.replica
+        data: dict[str, Any] = {}
+        if verb == "start":
+            try:
+                await self.server.start()
+            except ListenError as exc:
+                return CommandReply(
+                    replica=replica,
+                    ok=False,
+                    code="LISTEN_FAILED",
+                    message=str(exc),
+                    status=self.status(),
+                )
+        elif verb == "stop":
+            deadline = float(body.get("deadline", self.settings.drain_timeout))
+            if not 0 <= deadline <= 3600:
+                raise ValueError("deadline must be between 0 and 3600 seconds")
+            data["aborted"] = await self.server.stop(deadline)
+        elif verb == "kill":
+            flow_id = str(body.get("flow_id", ""))
+            found = self.ctx.kill(flow_id)
+            data["found"] = found
+            if not found:
+                return CommandReply(
+                    replica=replica,
+                    ok=False,
+                    code="FLOW_NOT_ACTIVE",
+                    message=f"flow {flow_id} is not active here",
+                    data=data,
+                )
+        elif verb != "status":
+            return CommandReply(
+                replica=replica,
+                ok=False,
+                code="UNKNOWN_COMMAND",
+                message=f"unknown command {verb!r}",
+            )
+        await self.heartbeat_once()
+        return CommandReply(replica=replica, ok=True, status=self.status(), data=data)
+
+    # -- heartbeat ----------------------------------------------------------------------
+    async def heartbeat_once(self) -> None:
+        try:
+            kv = await self.bus.replicas_kv(ttl=self.settings.heartbeat_interval * 3)
+            await kv.put(self.ctx.replica, self.status().model_dump_json().encode())
+        except Exception as exc:
+            log.debug("heartbeat failed: %r", exc)
+
+    async def heartbeat_loop(self) -> None:
+        while True:
+            if self.bus.connected:
+                await self.heartbeat_once()
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def deregister(self) -> None:
+        try:
+            kv = await self.bus.replicas_kv(ttl=self.settings.heartbeat_interval * 3)
+            await kv.delete(self.ctx.replica)
+        except Exception as exc:
+            log.debug("deregister failed: %r", exc)
+
+    # -- config -------------------------------------------------------------------------
+    def apply_document(self, raw: bytes, revision: int) -> bool:
+        """Validate and apply one config revision; keep the last good one on failure."""
+        try:
+            doc = RuntimeConfig.model_validate_json(raw)
+            cfg = ProxyConfig.build(doc, revision, self.settings.upstream_ca_bundle)
+        except (ValidationError, ValueError, OSError) as exc:
+            self.config_error = f"revision {revision} rejected: {exc}".splitlines()[0]
+            log.warning("config %s", self.config_error)
+            return False
+        self.ctx.apply_config(cfg)
+        self.config_error = None
+        log.info("config revision %d applied", revision)
+        return True
+
+    async def watch_config(self) -> None:
+        """Follow the config bucket forever (the ordered consumer survives reconnects)."""
+        while True:
+            try:
+                kv = await self.bus.config_kv()
+                self._watcher = await kv.watch(subjects.CONFIG_KEY)
+                async for entry in self._watcher:
+                    if entry is None or entry.value is None or entry.operation:
+                        continue
+                    if entry.revision != self.ctx.config.revision:
+                        self.apply_document(entry.value, entry.revision)
+                        await self.heartbeat_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("config watch interrupted: %r", exc)
+                await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        if self._watcher is not None:
+            try:
+                await self._watcher.stop()
+            except Exception:
+                pass

@@ -1,0 +1,110 @@
+"""The flow record: one client request/response (or tunnel) as the proxy saw it.
+
+A ``Flow`` is created when a request's head is in, mutated by the relay as the
+exchange progresses, and handed (by reference, never copied) to the capture
+queue at start and at end. ``__slots__`` keeps it small; headers and bodies stay
+as the bytes the parser produced until the publisher serialises them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from typing import Any
+
+ACTIVE = "active"
+COMPLETED = "completed"
+ERROR = "error"
+KILLED = "killed"
+
+_node = secrets.randbits(24)
+_counter = itertools.count()
+
+
+def new_flow_id() -> str:
+    """A time-ordered id: 12 hex digits of milliseconds, 6 of process, 6 of sequence.
+
+    Ids sort by creation time across replicas (to the millisecond) and strictly
+    within one process, which is what cursor pagination in the store relies on.
+    """
+    return f"{time.time_ns() // 1_000_000:012x}{_node:06x}{next(_counter) & 0xFFFFFF:06x}"
+
+
+class Flow:
+    """What the proxy records about one exchange (see DESIGN.md, "Flow model")."""
+
+    __slots__ = (
+        "client_addr",
+        "error",
+        "final_sent",
+        "host",
+        "http_version",
+        "id",
+        "kind",
+        "method",
+        "path",
+        "port",
+        "reason",
+        "req_body",
+        "req_headers",
+        "req_size",
+        "req_truncated",
+        "resp_body",
+        "resp_headers",
+        "resp_http_version",
+        "resp_size",
+        "resp_truncated",
+        "scheme",
+        "server_addr",
+        "state",
+        "stats",
+        "status",
+        "t_end",
+        "t_first_byte",
+        "t_request_sent",
+        "t_start",
+        "trace_id",
+    )
+
+    def __init__(self, client_addr: Any, kind: str = "http") -> None:
+        self.id = new_flow_id()
+        self.kind = kind  # http | tunnel | websocket
+        self.state = ACTIVE
+        self.client_addr = client_addr
+        self.server_addr: Any = None
+        self.scheme = "http"
+        self.method = b""
+        self.host = ""
+        self.port = 0
+        self.path = b""
+        self.http_version = "1.1"
+        self.req_headers: list[tuple[bytes, bytes]] = []
+        self.req_body: list[bytes] = []
+        self.req_size = 0
+        self.req_truncated = False
+        self.status = 0
+        self.reason = b""
+        self.resp_http_version = ""
+        self.resp_headers: list[tuple[bytes, bytes]] = []
+        self.resp_body: list[bytes] = []
+        self.resp_size = 0
+        self.resp_truncated = False
+        self.t_start = time.time()
+        self.t_request_sent = 0.0
+        self.t_first_byte = 0.0
+        self.t_end = 0.0
+        self.error: str | None = None
+        self.stats: dict[str, int] | None = None  # tunnel/websocket byte and message counts
+        self.trace_id: str | None = None
+        self.final_sent = False  # set by the publisher once the final event went out
+
+    def finish(self, state: str = COMPLETED, error: str | None = None) -> bool:
+        """Move to a final state once; later calls (a kill racing a completion) are ignored."""
+        if self.state != ACTIVE:
+            return False
+        self.state = state
+        if error is not None:
+            self.error = error
+        self.t_end = time.time()
+        return True
