@@ -1,9 +1,15 @@
-"""``proxyfleet proxy``: run one proxy replica until SIGTERM/SIGINT."""
+"""``proxyfleet proxy``: one proxy replica, its parts wired together.
+
+``Replica`` is what the CLI runs and what integration tests start in-process:
+``start()`` connects to NATS, opens the listener and starts the background
+tasks; ``stop()`` drains, flushes captured flows and leaves the registry.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from libs.common.bus import Bus, BusUnavailable
 from libs.common.models import RuntimeConfig
@@ -37,60 +43,89 @@ def initial_config(settings: ProxySettings) -> ProxyConfig:
     return ProxyConfig.build(doc, 0, settings.upstream_ca_bundle)
 
 
+class Replica:
+    """A running proxy replica: listener, capture publisher, control plane."""
+
+    def __init__(self, settings: ProxySettings) -> None:
+        self.settings = settings
+        self.ca: CertificateAuthority | None = None
+        self.bus: Bus | None = None
+        self.ctx: ProxyContext | None = None
+        self.server: ProxyServer | None = None
+        self.control: Control | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        """Bring the replica up, or raise ``StartupError`` with a one-line reason."""
+        s = self.settings
+        try:
+            self.ca = CertificateAuthority.load_or_create(s.data_dir)
+            config = initial_config(s)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot prepare TLS: {exc}") from None
+        try:
+            self.bus = await Bus.connect(
+                s.nats_url, f"proxy {s.replica_id}", s.nats_connect_timeout
+            )
+        except BusUnavailable as exc:
+            raise StartupError(str(exc)) from None
+        await self.bus.ensure_streams()
+        capture = Capture(
+            s.replica_id,
+            self.bus,
+            queue_size=s.capture_queue_size,
+            batch_max=s.capture_batch_max,
+            linger=s.capture_linger_ms / 1000,
+        )
+        self.ctx = ProxyContext(
+            s.replica_id, config, capture, self.ca, s.proxy_mode, s.upstream_pool_size
+        )
+        self.server = ProxyServer(self.ctx, s.proxy_listen, s.proxy_reuse_port)
+        self.control = Control(self.bus, self.ctx, self.server, s)
+        if s.proxy_start_listening:
+            try:
+                await self.server.start()
+            except ListenError as exc:
+                await self.bus.close()
+                raise StartupError(str(exc)) from None
+        await self.control.start()
+        self._tasks = [
+            spawn(capture.run(), name="capture"),
+            spawn(self.control.heartbeat_loop(), name="heartbeat"),
+            spawn(self.control.watch_config(), name="config-watch"),
+        ]
+        log.info("replica %s started", s.replica_id)
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return self.server.address
+
+    async def stop(self, drain: float | None = None) -> None:
+        """Drain the listener, publish what was captured, deregister, disconnect."""
+        assert self.server and self.ctx and self.control and self.bus
+        deadline = self.settings.drain_timeout if drain is None else drain
+        log.info("replica %s stopping: draining up to %gs", self.settings.replica_id, deadline)
+        await self.server.stop(deadline)
+        await cancel_and_wait(*self._tasks)
+        await self.ctx.capture.flush(timeout=5.0)
+        await self.control.close()
+        await self.control.deregister()
+        await self.bus.close()
+        log.info("replica %s stopped", self.settings.replica_id)
+
+
 async def run_proxy(settings: ProxySettings) -> None:
-    """Start the replica, serve until a signal, then drain and exit."""
+    """Run one replica until SIGTERM/SIGINT, then drain and return."""
     stop = asyncio.Event()
     install_signal_handlers(stop)
-    try:
-        ca = CertificateAuthority.load_or_create(settings.data_dir)
-        config = initial_config(settings)
-    except (OSError, ValueError) as exc:
-        raise StartupError(f"cannot prepare TLS: {exc}") from None
-    try:
-        bus = await Bus.connect(
-            settings.nats_url, f"proxy {settings.replica_id}", settings.nats_connect_timeout
-        )
-    except BusUnavailable as exc:
-        raise StartupError(str(exc)) from None
-    await bus.ensure_streams()
-    capture = Capture(
-        settings.replica_id,
-        bus,
-        queue_size=settings.capture_queue_size,
-        batch_max=settings.capture_batch_max,
-        linger=settings.capture_linger_ms / 1000,
-    )
-    ctx = ProxyContext(
-        settings.replica_id, config, capture, ca, settings.proxy_mode, settings.upstream_pool_size
-    )
-    server = ProxyServer(ctx, settings.proxy_listen, settings.proxy_reuse_port)
-    control = Control(bus, ctx, server, settings)
-    if settings.proxy_start_listening:
-        try:
-            await server.start()
-        except ListenError as exc:
-            await bus.close()
-            raise StartupError(str(exc)) from None
-    await control.start()
-    tasks = [
-        spawn(capture.run(), name="capture"),
-        spawn(control.heartbeat_loop(), name="heartbeat"),
-        spawn(control.watch_config(), name="config-watch"),
-    ]
+    replica = Replica(settings)
+    await replica.start()
+    assert replica.ca is not None
     print(
-        f"proxyfleet proxy {settings.replica_id} listening on {server.address} "
-        f"({settings.proxy_mode}); CA certificate: {ca.cert_path}",
+        f"proxyfleet proxy {settings.replica_id} listening on {replica.address} "
+        f"({settings.proxy_mode}); CA certificate: {replica.ca.cert_path}",
         flush=True,
     )
-    log.info("replica %s started", settings.replica_id)
     await stop.wait()
-    log.info(
-        "replica %s stopping: draining for up to %gs", settings.replica_id, settings.drain_timeout
-    )
-    await server.stop(settings.drain_timeout)
-    await cancel_and_wait(*tasks)
-    await capture.flush(timeout=5.0)
-    await control.close()
-    await control.deregister()
-    await bus.close()
-    log.info("replica %s stopped", settings.replica_id)
+    await replica.stop()

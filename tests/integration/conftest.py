@@ -1,0 +1,70 @@
+"""Fixtures for integration tests: a test CA, upstream servers, proxy replicas."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.proxy.main import Replica
+from services.proxy.tls import CertificateAuthority
+from tests.integration.harness import FlowEvents, ProxyUnderTest, Upstream, proxy_settings
+
+
+@pytest.fixture(scope="session")
+def upstream_ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    """The CA that signs the upstream servers' certificates (not the proxy's CA)."""
+    return CertificateAuthority.load_or_create(tmp_path_factory.mktemp("upstream-ca"))
+
+
+@pytest.fixture
+async def upstream(upstream_ca: CertificateAuthority) -> AsyncIterator[Upstream]:
+    server = Upstream(upstream_ca)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+MakeProxy = Callable[..., Awaitable[ProxyUnderTest]]
+
+
+@pytest.fixture
+async def make_proxy(
+    nats_url: str, tmp_path: Path, upstream_ca: CertificateAuthority
+) -> AsyncIterator[MakeProxy]:
+    """Start in-process replicas (settings overridable); all are stopped at teardown."""
+    started: list[Replica] = []
+
+    async def _make(**overrides: Any) -> ProxyUnderTest:
+        data_dir = overrides.pop("data_dir", tmp_path / f"proxy{len(started)}")
+        url = overrides.pop("nats_url", nats_url)
+        replica = Replica(proxy_settings(url, data_dir, upstream_ca.cert_path, **overrides))
+        await replica.start()
+        started.append(replica)
+        return ProxyUnderTest(replica)
+
+    yield _make
+    for replica in started:
+        if replica.server is not None and replica.bus is not None and not replica.bus.nc.is_closed:
+            await replica.stop(drain=0.5)
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy) -> ProxyUnderTest:
+    """One replica with default settings."""
+    return await make_proxy()
+
+
+@pytest.fixture
+async def flows(nats_url: str, proxy: ProxyUnderTest) -> AsyncIterator[FlowEvents]:
+    """The flow events the ``proxy`` replica publishes."""
+    events = FlowEvents()
+    await events.start(nats_url, proxy.id)
+    try:
+        yield events
+    finally:
+        await events.stop()
