@@ -58,6 +58,9 @@ HOP_BY_HOP = frozenset(
 _STANDARD_CONN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _DEFAULT_PORT = {"http": 80, "https": 443}
+# Some clients (aiohttp) send WebSocket requests to a proxy in absolute form with the
+# ws:// or wss:// URI: relayed as the HTTP(S) Upgrade request they stand for.
+_WS_SCHEMES = {"ws": "http", "wss": "https"}
 _PENDING_HIGH = 256 * 1024  # buffered request body before reading from the client pauses
 
 # Why reading from the client is paused (a bit mask: reading resumes at 0).
@@ -156,8 +159,53 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.relay_peer: UpstreamConnection | None = None  # tunnel / websocket mode
         self.relay_counter: FrameCounter | None = None
+        self.relay_eof = False  # the client sent FIN while relaying
+        # Decrypted bytes that arrive while start_tls() has not returned yet: a TLS 1.3
+        # client may send its first request together with its Finished message.
+        self.tls_early: list[bytes] | None = None
         self.last_active = self.loop.time()
         self.idle_timer: asyncio.TimerHandle | None = None
+        # Writes made while a parser is being fed are batched into one send() each way:
+        # on loopback the syscall, not Python, is the largest per-request cost.
+        self.corked = False
+        self.wbuf: list[bytes] = []  # to the client
+        self.feeding = False
+        self.up_buf: list[bytes] = []  # to ``up_target``
+        self.up_target: UpstreamConnection | None = None
+
+    # -- batched writes -------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        """Write to the client (batched while an upstream response is being parsed)."""
+        if self.corked:
+            self.wbuf.append(data)
+        else:
+            self.transport.write(data)
+
+    def uncork(self) -> None:
+        self.corked = False
+        buf = self.wbuf
+        if buf:
+            self.wbuf = []
+            if not self.closed:
+                self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+
+    def send_upstream(self, up: UpstreamConnection, data: bytes) -> None:
+        """Write to ``up`` (batched while the client's bytes are being parsed)."""
+        if not self.feeding:
+            up.transport.write(data)
+            return
+        if self.up_target is not up:
+            self.flush_upstream()
+            self.up_target = up
+        self.up_buf.append(data)
+
+    def flush_upstream(self) -> None:
+        up, buf = self.up_target, self.up_buf
+        if buf:
+            self.up_buf = []
+            if up is not None and not up.closed:
+                up.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+        self.up_target = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -178,20 +226,38 @@ class ClientConnection(asyncio.Protocol):
             if self.relay_counter is not None:
                 self.relay_counter.feed(data)
             return
+        if self.tls_early is not None:
+            self.tls_early.append(data)
+            return
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
+            self.feeding = False
+            self.flush_upstream()
             self._on_switch(data[exc.args[0] :])
         except HttpParserError as exc:
             if exc.__context__ is not None:  # one of our callbacks raised: a bug, not bad input
                 log.error("request handling failed", exc_info=exc.__context__)
+            self.feeding = False
+            self.flush_upstream()
             self._bad_request(f"malformed request: {exc}")
+        finally:
+            if self.feeding:
+                self.feeding = False
+                self.flush_upstream()
 
     def eof_received(self) -> bool | None:
-        if self.relay_peer is not None:
-            # half-close: pass the client's FIN to the upstream and keep reading from it
-            if self.relay_peer.transport.can_write_eof():
-                self.relay_peer.transport.write_eof()
+        peer = self.relay_peer
+        if peer is not None:
+            # half-close: pass the client's FIN to the upstream and keep reading from it;
+            # once both sides have sent FIN the relay is over: closing the upstream ends it
+            # (its connection_lost -> relay_closed finishes the flow and closes this side)
+            self.relay_eof = True
+            if peer.relay_eof:
+                peer.close()
+            elif peer.transport.can_write_eof():
+                peer.transport.write_eof()
             return True
         return None
 
@@ -315,6 +381,7 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(ex, 400, f"invalid request target {url[:200]!r}")
                 return False
             scheme = u.schema.decode("latin-1").lower() if u.schema else ""
+            scheme = _WS_SCHEMES.get(scheme, scheme)
             if scheme not in _DEFAULT_PORT or not u.host:
                 self._reject(ex, 400, f"unsupported request target {url[:200]!r}")
                 return False
@@ -432,19 +499,19 @@ class ClientConnection(asyncio.Protocol):
         ex.flow.server_addr = up.server_addr
         pending = ex.pending
         if pending:
-            up.transport.writelines([ex.head, *pending])
+            self.send_upstream(up, b"".join([ex.head, *pending]))
             ex.pending = []
             ex.pending_size = 0
             self._resume(PAUSE_BUFFERED)
         else:
-            up.transport.write(ex.head)
+            self.send_upstream(up, ex.head)
         if ex.req_done:
             ex.flow.t_request_sent = time.time()
 
     def _send_upstream(self, ex: Exchange, data: bytes) -> None:
         up = ex.upstream
         if up is not None and ex is self.ex:
-            up.transport.write(data)
+            self.send_upstream(up, data)
             up.last_io = self.loop.time()
             return
         ex.pending.append(data)
@@ -506,7 +573,7 @@ class ClientConnection(asyncio.Protocol):
                 self._upstream_error(ex, 502, "upstream switched protocols unasked")
                 return
             parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n\r\n")
-            self.transport.write(b"".join(parts))
+            self.send(b"".join(parts))
             return
         if ex.is_head or status in (204, 304):
             ex.body_mode = BODY_NONE
@@ -530,7 +597,7 @@ class ClientConnection(asyncio.Protocol):
         elif not http11:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        self.transport.write(b"".join(parts))
+        self.send(b"".join(parts))
         if ex.is_head:  # llhttp cannot know the response has no body
             up.reset_parser = True
             self.response_done(ex, up)
@@ -541,7 +608,7 @@ class ClientConnection(asyncio.Protocol):
         ex.flow.resp_headers.clear()
         ex.flow.reason = b""
         if ex.flow.http_version == "1.1":
-            self.transport.write(_STATUS_LINES.get(status, b"HTTP/1.1 %d \r\n" % status) + b"\r\n")
+            self.send(_STATUS_LINES.get(status, b"HTTP/1.1 %d \r\n" % status) + b"\r\n")
 
     def response_body(self, ex: Exchange, body: bytes) -> None:
         flow = ex.flow
@@ -555,13 +622,13 @@ class ClientConnection(asyncio.Protocol):
         if n > room:
             flow.resp_truncated = True
         if ex.out_chunked:
-            self.transport.write(b"%x\r\n%s\r\n" % (n, body))
+            self.send(b"%x\r\n%s\r\n" % (n, body))
         else:
-            self.transport.write(body)
+            self.send(body)
 
     def response_done(self, ex: Exchange, up: UpstreamConnection) -> None:
         if ex.out_chunked:
-            self.transport.write(b"0\r\n\r\n")
+            self.send(b"0\r\n\r\n")
         self._finish(ex, COMPLETED)
         reusable = (
             ex.body_mode != BODY_UNTIL_CLOSE and ex.req_done and up.parser.should_keep_alive()
@@ -631,7 +698,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if not ex.response_started and not self.closed:
             flow.status = status
-            self.transport.write(_error_response(status, message))
+            self.send(_error_response(status, message))
         self._finish(ex, ERROR, message)
         self.ex = None
         self.close()
@@ -641,7 +708,7 @@ class ClientConnection(asyncio.Protocol):
         ex.flow.status = status
         if not ex.recorded:
             self._record(ex)
-        self.transport.write(_error_response(status, message))
+        self.send(_error_response(status, message))
         self._finish(ex, ERROR, message)
         self.parsing = None
         self.close()
@@ -744,6 +811,7 @@ class ClientConnection(asyncio.Protocol):
         self._start_relay(ex, up, count_frames=False)
 
     async def _intercept_tls(self, ex: Exchange, host: str, port: int) -> None:
+        self.tls_early = []
         try:
             sslctx = self.ctx.ca.client_hello_context(host)
             async with asyncio.timeout(self.ctx.config.doc.upstream_connect_timeout):
@@ -751,21 +819,26 @@ class ClientConnection(asyncio.Protocol):
                     self.transport, self, sslctx, server_side=True
                 )
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
+            self.tls_early = None
             if not self.closed:
                 self._record(ex)
                 why = str(exc) or type(exc).__name__
                 self._finish(ex, ERROR, f"client TLS handshake failed: {why}")
                 self.abort()
             return
+        early, self.tls_early = self.tls_early, None
         if transport is None or self.closed:
             return
         self.transport = transport
         self.tls_target = (host, port)
         self.parser = HttpRequestParser(self)
         self._resume(PAUSE_SWITCHING)
+        if early:
+            self.data_received(b"".join(early))
 
     def start_websocket(self, ex: Exchange, up: UpstreamConnection, rest: bytes) -> None:
         """The upstream answered 101: relay frames both ways from now on."""
+        self.uncork()  # the 101 head goes out before any relayed byte
         ex.flow.kind = "websocket"
         ex.flow.stats = {
             "bytes_client_to_server": 0,
@@ -839,11 +912,14 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
+        """Close after what is written (and batched) has been sent."""
         if not self.closed and self.transport is not None:
+            self.uncork()
             self.closed = True
             self.transport.close()
 
     def abort(self) -> None:
+        self.wbuf = []
         if self.transport is not None:
             self.closed = True
             self.transport.abort()
@@ -867,6 +943,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.interim = False
         self.relay = False
         self.relay_counter: FrameCounter | None = None
+        self.relay_eof = False  # the upstream sent FIN while relaying
         self.msg_ex: Exchange | None = None
         self.last_io = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -909,6 +986,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.reset_parser:
             self.parser = HttpResponseParser(self)
             self.reset_parser = False
+        client.corked = True
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -919,10 +997,15 @@ class UpstreamConnection(asyncio.Protocol):
                 log.error("response handling failed", exc_info=exc.__context__)
             if self.ex is ex:
                 client.upstream_invalid(ex, str(exc))
+        finally:
+            client.uncork()
 
     def eof_received(self) -> bool | None:
         if self.relay and self.client is not None:
             client = self.client
+            self.relay_eof = True
+            if client.relay_eof:  # both sides sent FIN: close (connection_lost ends the relay)
+                return False
             if client.transport.can_write_eof():
                 client.transport.write_eof()
             return True
