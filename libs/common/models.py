@@ -71,3 +71,35 @@ class CommandReply(BaseModel):
     message: str | None = None
     status: ReplicaStatus | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+FlowState = Literal["active", "completed", "error", "killed"]
+
+
+class FlowQuery(BaseModel):
+    """Filters and page of a flow listing (``fleet.store.list`` / ``fleet.store.count``).
+
+    ``host`` is exact or a leading-wildcard glob (``*.example.com``). Listing is
+    newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str | None = Field(None, max_length=253)
+    method: str | None = Field(None, max_length=32)
+    status: int | None = Field(None, ge=100, le=599)
+    min_status: int | None = Field(None, ge=100, le=599)
+    max_status: int | None = Field(None, ge=100, le=599)
+    state: FlowState | None = None
+    replica: str | None = Field(None, max_length=64)
+    since: float | None = Field(None, description="epoch seconds, flows started at or after")
+    until: float | None = Field(None, description="epoch seconds, flows started before")
+    limit: int = Field(100, ge=1, le=1000)
+    cursor: str | None = Field(None, max_length=128)
+
+
+class StoreError(BaseModel):
+    """Error reply of a store query; ``code`` is stable (e.g. FLOW_NOT_FOUND, BAD_QUERY)."""
+
+    code: str
+    message: str

@@ -19,6 +19,7 @@ EVENTS_SUBJECTS = f"{EVENTS_PREFIX}.>"
 # KV buckets.
 CONFIG_BUCKET = "fleet_config"
 CONFIG_KEY = "proxy"
+CA_CERT_KEY = "ca_cert"  # the proxies' CA certificate (PEM), for client onboarding via the API
 CONFIG_HISTORY = 64
 REPLICAS_BUCKET = "fleet_replicas"
 

@@ -147,6 +147,19 @@ class Control:
         except Exception as exc:
             log.debug("deregister failed: %r", exc)
 
+    async def publish_ca(self, pem: bytes) -> None:
+        """Share the CA certificate through the config bucket (the API serves it)."""
+        try:
+            kv = await self.bus.config_kv()
+            try:
+                current = (await kv.get(subjects.CA_CERT_KEY)).value
+            except Exception:
+                current = None
+            if current != pem:
+                await kv.put(subjects.CA_CERT_KEY, pem)
+        except Exception as exc:
+            log.warning("could not publish the CA certificate: %r", exc)
+
     # -- config -------------------------------------------------------------------------
     def apply_document(self, raw: bytes, revision: int) -> bool:
         """Validate and apply one config revision; keep the last good one on failure."""

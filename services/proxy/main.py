@@ -89,6 +89,7 @@ class Replica:
                 await self.bus.close()
                 raise StartupError(str(exc)) from None
         await self.control.start()
+        await self.control.publish_ca(self.ca.cert_path.read_bytes())
         self._tasks = [
             spawn(capture.run(), name="capture"),
             spawn(self.control.heartbeat_loop(), name="heartbeat"),
