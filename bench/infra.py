@@ -11,6 +11,7 @@ import datetime as dt
 import glob
 import ipaddress
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -48,16 +50,15 @@ def which(name: str) -> str | None:
 
 def ensure_system_tools() -> None:
     """Install wrk and nginx (nginx-light) with apt-get when either is missing."""
-    missing = [tool for tool in ("wrk", "nginx", "curl") if which(tool) is None]
+    packages = {"wrk": "wrk", "nginx": "nginx-light", "curl": "curl"}
+    missing = [pkg for tool, pkg in packages.items() if which(tool) is None]
     if not missing:
         return
-    log(f"missing {', '.join(missing)}: apt-get install -y wrk nginx-light curl")
+    log(f"installing {' '.join(missing)}: apt-get update && apt-get install -y {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     subprocess.run([*sudo, "apt-get", "update", "-q"], check=True, env=env)
-    subprocess.run(
-        [*sudo, "apt-get", "install", "-y", "-q", "wrk", "nginx-light", "curl"], check=True, env=env
-    )
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-q", *missing], check=True, env=env)
 
 
 def pick_mitm_python() -> tuple[str, str]:
@@ -91,7 +92,7 @@ def tool_version(cmd: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unknown ({exc})"
     text = (out.stdout + out.stderr).strip()
-    return " | ".join(line.strip() for line in text.splitlines()[:2])
+    return " | ".join(" ".join(line.split()) for line in text.splitlines()[:2])
 
 
 # --- test certificates --------------------------------------------------------------------
@@ -215,24 +216,64 @@ class Procs:
             time.sleep(0.1)
         return False
 
-    def stop(self, name: str) -> None:
+    def stop(self, name: str, grace: float = 15.0) -> None:
+        """SIGTERM the process (it stops its own children), then SIGKILL its whole group."""
         proc = self.started.pop(name, None)
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 5.0)):
+        if proc.poll() is None:
+            proc.terminate()
             try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(timeout=wait)
-                return
+                proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                continue
+                log(f"{name} did not stop within {grace:.0f} s of SIGTERM: SIGKILL")
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers in its group, if any
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
 
     def stop_all(self) -> None:
         for name in reversed(list(self.started)):
             self.stop(name)
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """The process and all its descendants."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by the process tree under ``pid``."""
+    total = 0.0
+    for proc in tree(pid):
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory, bytes, of the process tree under ``pid``."""
+    total = 0
+    for proc in tree(pid):
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have exited (and been waited for)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 # --- upstream and NATS --------------------------------------------------------------------

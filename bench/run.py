@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 from infra import (
     BENCH,
     HTTP_PORT,
@@ -35,6 +34,7 @@ from infra import (
     ROOT,
     RUN,
     Procs,
+    children_cpu,
     curl_check,
     ensure_mitmdump,
     ensure_system_tools,
@@ -44,6 +44,8 @@ from infra import (
     start_nats,
     start_nginx,
     tool_version,
+    tree_cpu,
+    tree_rss,
     which,
 )
 
@@ -97,42 +99,6 @@ class Target:
 
 
 # --- measuring ----------------------------------------------------------------------------
-
-
-def tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def tree_cpu(pid: int) -> float:
-    total = 0.0
-    for proc in tree(pid):
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def tree_rss(pid: int) -> int:
-    total = 0
-    for proc in tree(pid):
-        try:
-            total += proc.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def children_cpu() -> float:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def parse_wrk(output: str) -> Result:
@@ -198,8 +164,9 @@ def run_tls(t: Target, sc: Scenario, secs: int) -> Result:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    if res is None:
-        raise RuntimeError(f"tls_load failed (rc={proc.returncode}): {err.strip()[-2000:]}")
+    if res is None or not res["requests"]:
+        why = res["last_error"] if res else err.strip()[-2000:]
+        raise RuntimeError(f"tls_load failed (rc={proc.returncode}): {why}")
     res["client_cpu"] = res["client_cpu_s"] / secs
     return res
 
@@ -284,11 +251,28 @@ def start_ours(procs: Procs, nats_url: str, upstream_ca: Path) -> tuple[int, Pat
         FLEET_PROXY_LISTEN=f"127.0.0.1:{port}",
         FLEET_UPSTREAM_CA_BUNDLE=str(upstream_ca),
         FLEET_LOG_LEVEL="WARNING",
+        FLEET_DRAIN_TIMEOUT="2",  # quick stop between targets
     )
     cmd = [str(ROOT / ".venv" / "bin" / "proxyfleet"), "proxy"]
     if not start_proxy(procs, "ours", cmd, env, port):
         return None
     return port, data / "ca.pem"
+
+
+def start_target(name: str, procs: Procs, mitmdump: Path | None, ca: Path) -> Target | None:
+    """Start one target (nginx is already up for ``direct``); None if it did not start."""
+    started: tuple[int, Path] | None
+    if name == "direct":
+        return Target(name, procs.started["nginx"].pid, None, ca)
+    if name == "mitm":
+        assert mitmdump is not None
+        started = start_mitm(procs, mitmdump)
+    else:
+        started = start_ours(procs, start_nats(procs), ca)
+    if started is None:
+        procs.stop(name)
+        return None
+    return Target(name, procs.started[name].pid, *started)
 
 
 def check_target(t: Target, https: bool) -> tuple[bool, Path | None]:
@@ -329,7 +313,7 @@ def soak(t: Target, flows: int, rate: float, sink: Callable[[Result], None]) -> 
     log(f"soak: {flows:,} flows through {t.name} at about {rate:,.0f}/s")
     try:
         while done < flows:
-            secs = max(1, min(60, math.ceil((flows - done) / rate)))
+            secs = max(1, min(20, math.ceil((flows - done) / rate)))
             res = run_wrk(t, 50, secs)
             if not res["requests"]:
                 log("soak: no requests completed, stopping")
@@ -388,15 +372,20 @@ def report(all_res: dict[str, Results], versions: dict[str, str]) -> None:
         "| p50 ms c=1 | p99 ms c=1 | req/s c=1 |"
     )
     lines = [head, "|" + "---|" * 9]
+
+    def nginx(name: str) -> str:
+        return "nginx" if name == "direct" else ""
+
     for name, res in all_res.items():
-        nginx = "nginx" if name == "direct" else ""
-        lines.append(row(LABELS[name][0], res.get("http_c50"), res.get("http_c1"), nginx))
+        lines.append(row(LABELS[name][0], res.get("http_c50"), res.get("http_c1"), nginx(name)))
     for name, res in all_res.items():
         if "https_c50" in res or "https_c1" in res:
-            lines.append(row(LABELS[name][1], res.get("https_c50"), res.get("https_c1")))
+            c50, c1 = res.get("https_c50"), res.get("https_c1")
+            lines.append(row(LABELS[name][1], c50, c1, nginx(name)))
     for name, res in all_res.items():
         if "https_new_c10" in res:
-            lines.append(row(LABELS[name][2], res["https_new_c10"], None, unit=" conn/s"))
+            new = res["https_new_c10"]
+            lines.append(row(LABELS[name][2], new, None, nginx(name), unit=" conn/s"))
     print("\n" + "\n".join(lines) + "\n")
     print_ratios(all_res)
     print("Versions: " + "; ".join(f"{k}: {v}" for k, v in versions.items()))
@@ -452,46 +441,33 @@ def run(args: argparse.Namespace, procs: Procs) -> None:
         log(f"mitmproxy: {versions['mitmproxy']}")
     ca, cert, key = make_test_pki(RUN / "pki")
     start_nginx(procs, cert, key)
-    nginx_pid = procs.started["nginx"].pid
     for url, cafile in ((HTTP_URL, None), (HTTPS_URL, ca)):
         problem = curl_check(None, url, cafile)
         if problem:
             raise RuntimeError(f"upstream check failed: {problem}")
-    jsonl = (RUN / "results.jsonl").open("w")
-    meta = {"scenario": "meta", "args": vars(args), **versions}
-    jsonl.write(json.dumps({**meta, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-
-    def sink(res: Result) -> None:
-        jsonl.write(json.dumps(res) + "\n")
-        jsonl.flush()
-
     all_res: dict[str, Results] = {}
-    for name in args.targets:
-        started: tuple[int | None, Path] | None
-        if name == "direct":
-            started = (None, ca)
-        elif name == "mitm":
-            assert mitmdump is not None
-            started = start_mitm(procs, mitmdump)
-        else:
-            started = start_ours(procs, start_nats(procs), ca)
-        if started is None:
-            procs.stop(name)
-            continue
-        port, cafile = started
-        pid = nginx_pid if name == "direct" else procs.started[name].pid
-        t = Target(name, pid, port, cafile)
-        ok, https_ca = check_target(t, not args.no_https)
-        if ok:
-            t = Target(name, pid, t.port, https_ca)
-            log(f"{name}: checks passed, RSS {tree_rss(pid) / 2**20:.1f} MiB; measuring")
-            all_res[name] = bench_target(t, args, sink)
-            if name == "ours" and args.soak:
-                rate = all_res[name].get("http_c50", {}).get("rps", 0.0)
-                soak(t, args.soak, rate, sink)
-        if name != "direct":
-            procs.stop(name)
-    jsonl.close()
+    with (RUN / "results.jsonl").open("w") as jsonl:
+
+        def sink(res: Result) -> None:
+            jsonl.write(json.dumps(res) + "\n")
+            jsonl.flush()
+
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        sink({"scenario": "meta", "time": now, "args": vars(args), **versions})
+        for name in args.targets:
+            t = start_target(name, procs, mitmdump, ca)
+            if t is None:
+                continue
+            ok, https_ca = check_target(t, not args.no_https)
+            if ok:
+                t = Target(name, t.pid, t.port, https_ca)
+                log(f"{name}: checks passed, RSS {tree_rss(t.pid) / 2**20:.1f} MiB; measuring")
+                all_res[name] = bench_target(t, args, sink)
+                if name == "ours" and args.soak:
+                    rate = all_res[name].get("http_c50", {}).get("rps", 0.0)
+                    soak(t, args.soak, rate, sink)
+            if name != "direct":
+                procs.stop(name)
     report(all_res, versions)
     log(f"raw results: {(RUN / 'results.jsonl').relative_to(ROOT)}")
 
@@ -501,6 +477,7 @@ def main() -> int:
     procs = Procs(RUN / "logs")
 
     def on_term(signum: int, _frame: object) -> None:
+        log("terminated: stopping everything this run started")
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)

@@ -29,6 +29,7 @@ import ssl
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import cast
 from urllib.parse import urlsplit
 
 try:
@@ -83,8 +84,7 @@ class Conn(asyncio.Protocol):
         self.finished: asyncio.Future[bool] = loop.create_future()  # True: clean stop
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def connection_lost(self, exc: Exception | None) -> None:
         why = f"connection lost: {exc!r}"
@@ -185,8 +185,7 @@ async def open_conn(load: Load, keepalive: bool) -> Conn:
     except BaseException:
         transport.abort()
         raise
-    assert isinstance(tls, asyncio.Transport)
-    conn.transport = tls
+    conn.transport = cast(asyncio.Transport, tls)
     conn.opened = True
     return conn
 
