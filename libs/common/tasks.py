@@ -38,12 +38,22 @@ def spawn(coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
-    """Cancel tasks and wait until they have really ended (ignoring their outcome)."""
+    """Cancel tasks and wait until they have really ended (ignoring their outcome).
+
+    A cancellation can be lost: on Python 3.11 ``asyncio.wait_for`` (used by nats-py
+    for every request, JetStream publishes included) returns the result instead of
+    raising when its future completes in the same loop turn as the cancel. A task that
+    swallowed it would then wait forever, so tasks still running are cancelled again.
+    """
     live = [t for t in tasks if t is not None and not t.done()]
-    for t in live:
-        t.cancel()
-    if live:
-        await asyncio.gather(*live, return_exceptions=True)
+    while live:
+        for t in live:
+            t.cancel()
+        done, _ = await asyncio.wait(live, timeout=0.5)
+        for t in done:
+            if not t.cancelled():
+                t.exception()  # retrieved: no "exception was never retrieved" warning
+        live = [t for t in live if not t.done()]
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

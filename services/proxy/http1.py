@@ -62,6 +62,7 @@ _DEFAULT_PORT = {"http": 80, "https": 443}
 # ws:// or wss:// URI: relayed as the HTTP(S) Upgrade request they stand for.
 _WS_SCHEMES = {"ws": "http", "wss": "https"}
 _PENDING_HIGH = 256 * 1024  # buffered request body before reading from the client pauses
+_MAX_HEAD = 64 * 1024  # request line + headers; a larger head is refused with 431
 
 # Why reading from the client is paused (a bit mask: reading resumes at 0).
 PAUSE_UPSTREAM_FULL = 1  # upstream socket buffer is full
@@ -123,6 +124,14 @@ class Exchange:
         self.recorded = False
 
 
+class _Refused(Exception):
+    """Raised in a parser callback to refuse a request (it also stops the parser)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _error_response(status: int, message: str, close: bool = True) -> bytes:
     body = (message + "\n").encode()
     return b"".join(
@@ -154,6 +163,9 @@ class ClientConnection(asyncio.Protocol):
         self.switching: Exchange | None = None  # CONNECT / Upgrade waiting for its decision
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting for ``ex``
         self.url = b""
+        self.in_body = False  # the parser is past a request head (until the message ends)
+        self.head_bytes = 0  # bytes received while a request head was incomplete
+        self.head_size = 0  # request line and headers of the message being parsed
         self.paused = 0
         self.closing = False
         self.closed = False
@@ -229,6 +241,8 @@ class ClientConnection(asyncio.Protocol):
         if self.tls_early is not None:
             self.tls_early.append(data)
             return
+        if not self.in_body:
+            self.head_bytes += len(data)
         self.feeding = True
         try:
             self.parser.feed_data(data)
@@ -237,15 +251,24 @@ class ClientConnection(asyncio.Protocol):
             self.flush_upstream()
             self._on_switch(data[exc.args[0] :])
         except HttpParserError as exc:
-            if exc.__context__ is not None:  # one of our callbacks raised: a bug, not bad input
-                log.error("request handling failed", exc_info=exc.__context__)
+            cause = exc.__context__
+            if cause is not None and not isinstance(cause, _Refused):
+                # one of our callbacks raised: a bug, not bad input
+                log.error("request handling failed", exc_info=cause)
             self.feeding = False
             self.flush_upstream()
-            self._bad_request(f"malformed request: {exc}")
+            if isinstance(cause, _Refused):
+                self._bad_request(str(cause), cause.status)
+            else:
+                self._bad_request(f"malformed request: {exc}")
         finally:
             if self.feeding:
                 self.feeding = False
                 self.flush_upstream()
+        if self.head_bytes > _MAX_HEAD and not self.in_body and not self.closed:
+            # an unfinished head this large (httptools buffers a header line whole)
+            self.head_bytes = 0
+            self._bad_request(f"request head larger than {_MAX_HEAD} bytes", 431)
 
     def eof_received(self) -> bool | None:
         peer = self.relay_peer
@@ -292,16 +315,21 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.parsing = Exchange(self, Flow(self.client_addr))
         self.url = b""
+        self.head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
         if ex is not None and not ex.head:  # later calls are trailers: not recorded
             ex.flow.req_headers.append((name, value))
+            self.head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
+        self.in_body = True
+        self.head_bytes = 0
         ex = self.parsing
         if ex is None or self.closed:
             self.parsing = None
@@ -311,6 +339,10 @@ class ClientConnection(asyncio.Protocol):
         flow.method = p.get_method()
         flow.http_version = p.get_http_version()
         ex.keep_alive = p.should_keep_alive()
+        if self.head_size > _MAX_HEAD:
+            raise _Refused(431, f"request head larger than {_MAX_HEAD} bytes")
+        if flow.http_version not in ("1.1", "1.0"):  # llhttp also takes 0.9 (no version), 2.0
+            raise _Refused(505, f"HTTP/{flow.http_version} is not supported: use HTTP/1.1")
         if flow.method == b"CONNECT":
             ex.head = b"CONNECT"
             self.switching = ex
@@ -343,6 +375,7 @@ class ClientConnection(asyncio.Protocol):
         self._send_upstream(ex, b"%x\r\n%s\r\n" % (n, body) if ex.req_chunked else body)
 
     def on_message_complete(self) -> None:
+        self.in_body = False
         ex = self.parsing
         self.parsing = None
         if ex is None or not ex.recorded:
@@ -713,8 +746,15 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = None
         self.close()
 
-    def _bad_request(self, message: str) -> None:
+    def _bad_request(self, message: str, status: int = 400) -> None:
         ex = self.parsing or Exchange(self, Flow(self.client_addr))
+        if ex is self.ex:
+            # The body of the request being relayed is broken: the upstream can never
+            # get all of it, so end the exchange (answered ``status`` if nothing was sent).
+            self.parsing = None
+            self._upstream_error(ex, status, message)
+            self.close()
+            return
         if self.ex is not None:
             # A response is being relayed: finish it (and what was pipelined before the
             # bad bytes), then close; the parser is unusable, so read nothing more.
@@ -724,7 +764,7 @@ class ClientConnection(asyncio.Protocol):
             self.closing = True
             self._pause(PAUSE_BUFFERED)
             return
-        self._reject(ex, 400, message)
+        self._reject(ex, status, message)
 
     def _drop_upstream(self, ex: Exchange) -> None:
         if ex.connect_task is not None:

@@ -254,3 +254,179 @@ class FlowEvents:
     async def final_for(self, path: str, timeout: float = 5.0) -> dict[str, Any]:
         """The final event of the flow whose path is ``path``."""
         return await self.wait_for(lambda e: e["event"] != "started" and e["path"] == path, timeout)
+
+
+# -- raw clients -------------------------------------------------------------------------
+async def run_curl(*args: str, timeout: float = 30.0) -> tuple[int, bytes, bytes]:
+    """Run ``curl -sS args...`` without blocking the loop the proxy runs on.
+
+    Returns (exit code, stdout, stderr); the process is killed after ``timeout``.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        "curl",
+        "--silent",
+        "--show-error",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+class RawResponse:
+    """One HTTP/1.x response as read off the wire (body already de-chunked)."""
+
+    def __init__(
+        self, version: str, status: int, headers: list[tuple[str, str]], body: bytes, chunked: bool
+    ) -> None:
+        self.version = version
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.chunked = chunked  # the body came with Transfer-Encoding: chunked
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or None."""
+        values = self.all(name)
+        return values[0] if values else None
+
+    def all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [v for n, v in self.headers if n.lower() == lname]
+
+
+class RawClient:
+    """A plain TCP client on the running loop: exact bytes out, bytes and EOF in.
+
+    Reads go through the socket directly (not a StreamReader), so bytes received
+    before a connection reset are still returned.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.buf = bytearray()
+        self.eof = False
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1") -> RawClient:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        return cls(sock)
+
+    async def __aenter__(self) -> RawClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def local_port(self) -> int:
+        port: int = self.sock.getsockname()[1]
+        return port
+
+    async def send(self, data: bytes) -> bool:
+        """Send ``data``; False if the peer closed or reset the connection meanwhile."""
+        try:
+            await self.loop.sock_sendall(self.sock, data)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
+
+    def shutdown_write(self) -> None:
+        """Half-close: the peer sees EOF, we can still read."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    async def _fill(self) -> bool:
+        """Read more into ``buf``; False at EOF (or a reset)."""
+        if self.eof:
+            return False
+        try:
+            data = await self.loop.sock_recv(self.sock, 65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    async def read_until_eof(self, timeout: float = 2.0) -> bytes:
+        """All bytes until the peer closes; TimeoutError if it is still open at ``timeout``."""
+        async with asyncio.timeout(timeout):
+            while await self._fill():
+                pass
+        data = bytes(self.buf)
+        self.buf.clear()
+        return data
+
+    async def closed_by_peer(self, timeout: float = 2.0) -> bool:
+        """True if the peer closes within ``timeout`` without sending anything more."""
+        try:
+            rest = await self.read_until_eof(timeout)
+        except TimeoutError:
+            return False
+        return rest == b""
+
+    async def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not await self._fill():
+                raise EOFError(f"connection closed: wanted {n} bytes, have {len(self.buf)}")
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    async def _line(self, sep: bytes = b"\r\n") -> bytes:
+        while (i := self.buf.find(sep)) < 0:
+            if not await self._fill():
+                raise EOFError(f"connection closed before {sep!r}; have {bytes(self.buf)[:200]!r}")
+        return await self._take(i + len(sep))
+
+    async def read_response(self, head: bool = False, timeout: float = 5.0) -> RawResponse:
+        """Read one response; ``head``: it answers a HEAD request (no body follows)."""
+        async with asyncio.timeout(timeout):
+            raw = await self._line(b"\r\n\r\n")
+            lines = raw.decode("latin-1").split("\r\n")
+            version, _, rest = lines[0].partition(" ")
+            status = int(rest.split(" ", 1)[0])
+            headers = []
+            for line in lines[1:]:
+                if line:
+                    name, _, value = line.partition(":")
+                    headers.append((name, value.strip()))
+            resp = RawResponse(version, status, headers, b"", False)
+            te = (resp.header("transfer-encoding") or "").lower()
+            length = resp.header("content-length")
+            if head or status < 200 or status in (204, 304):
+                return resp
+            if "chunked" in te:
+                resp.chunked = True
+                parts = []
+                while True:
+                    size = int((await self._line()).split(b";")[0].strip(), 16)
+                    if size == 0:
+                        while await self._line() != b"\r\n":  # trailers
+                            pass
+                        break
+                    parts.append((await self._take(size + 2))[:-2])
+                resp.body = b"".join(parts)
+            elif length is not None:
+                resp.body = await self._take(int(length))
+            else:
+                while await self._fill():
+                    pass
+                resp.body = bytes(self.buf)
+                self.buf.clear()
+            return resp
