@@ -91,6 +91,7 @@ class Exchange:
         "pending",
         "pending_size",
         "recorded",
+        "refusal",
         "req_chunked",
         "req_done",
         "response_started",
@@ -122,6 +123,7 @@ class Exchange:
         self.captured_resp = 0
         self.retried = False
         self.recorded = False
+        self.refusal: bytes | None = None  # error answer owed after earlier responses
 
 
 class _Refused(Exception):
@@ -347,8 +349,7 @@ class ClientConnection(asyncio.Protocol):
             ex.head = b"CONNECT"
             self.switching = ex
             return
-        if not self._route(ex):
-            return
+        self._route(ex)
         self._record(ex)
         if ex.upgrade:
             self.switching = ex
@@ -387,8 +388,8 @@ class ClientConnection(asyncio.Protocol):
             ex.flow.t_request_sent = time.time()
 
     # -- request routing and the upstream head --------------------------------------------
-    def _route(self, ex: Exchange) -> bool:
-        """Resolve the target and build the upstream request head; False if answered."""
+    def _route(self, ex: Exchange) -> None:
+        """Resolve the target and build the upstream request head (``_Refused`` if not)."""
         flow = ex.flow
         url = self.url
         ctx = self.ctx
@@ -399,25 +400,21 @@ class ClientConnection(asyncio.Protocol):
             elif ctx.reverse is not None:
                 scheme, host, port, host_header = ctx.reverse
             else:
-                self._reject(
-                    ex,
+                raise _Refused(
                     400,
                     "This is a forward proxy: send absolute-form requests "
                     "(GET http://host/path) or CONNECT, e.g. curl -x http://<proxy> http://host/",
                 )
-                return False
             path = url
         else:
             try:
                 u = parse_url(url)
             except HttpParserError:
-                self._reject(ex, 400, f"invalid request target {url[:200]!r}")
-                return False
+                raise _Refused(400, f"invalid request target {url[:200]!r}") from None
             scheme = u.schema.decode("latin-1").lower() if u.schema else ""
             scheme = _WS_SCHEMES.get(scheme, scheme)
             if scheme not in _DEFAULT_PORT or not u.host:
-                self._reject(ex, 400, f"unsupported request target {url[:200]!r}")
-                return False
+                raise _Refused(400, f"unsupported request target {url[:200]!r}")
             host = u.host.decode("latin-1").lower()
             port = u.port or _DEFAULT_PORT[scheme]
             path = u.path or b"/"
@@ -425,13 +422,11 @@ class ClientConnection(asyncio.Protocol):
                 path += b"?" + u.query
             host_header = u.host if u.port is None else b"%s:%d" % (u.host, u.port)
         if port == ctx.listen_port and ctx.is_local(host):
-            self._reject(ex, 400, "request addressed to the proxy itself (loop refused)")
-            return False
+            raise _Refused(400, "request addressed to the proxy itself (loop refused)")
         flow.scheme, flow.host, flow.port, flow.path = scheme, host, port, path
         ex.key = (scheme, host, port)
         ex.is_head = flow.method == b"HEAD"
         ex.head = self._upstream_head(ex, path, host_header)
-        return True
 
     def _upstream_head(self, ex: Exchange, path: bytes, host_header: bytes | None) -> bytes:
         flow = ex.flow
@@ -487,6 +482,10 @@ class ClientConnection(asyncio.Protocol):
 
     # -- sending the request upstream -----------------------------------------------------
     def _begin(self, ex: Exchange) -> None:
+        if ex.refusal is not None:  # a refused pipelined request: its turn to be answered
+            self.send(ex.refusal)
+            self.close()
+            return
         self.ex = ex
         up = self.ctx.pool.take(ex.key)
         if up is not None:
@@ -737,13 +736,22 @@ class ClientConnection(asyncio.Protocol):
         self.close()
 
     def _reject(self, ex: Exchange, status: int, message: str) -> None:
-        """Answer a request we will not relay, record it, and close."""
+        """Answer a request we will not relay, record it, and close.
+
+        Responses still owed to earlier pipelined requests go first: the refusal
+        then waits in the queue, and nothing more is read from the client.
+        """
         ex.flow.status = status
         if not ex.recorded:
             self._record(ex)
-        self.send(_error_response(status, message))
         self._finish(ex, ERROR, message)
         self.parsing = None
+        if self.ex is not None:
+            ex.refusal = _error_response(status, message)
+            self.queue.append(ex)
+            self._pause(PAUSE_BUFFERED)
+            return
+        self.send(_error_response(status, message))
         self.close()
 
     def _bad_request(self, message: str, status: int = 400) -> None:
@@ -754,15 +762,6 @@ class ClientConnection(asyncio.Protocol):
             self.parsing = None
             self._upstream_error(ex, status, message)
             self.close()
-            return
-        if self.ex is not None:
-            # A response is being relayed: finish it (and what was pipelined before the
-            # bad bytes), then close; the parser is unusable, so read nothing more.
-            self.parsing = None
-            if ex.recorded and ex is not self.ex:
-                self._finish(ex, ERROR, message)
-            self.closing = True
-            self._pause(PAUSE_BUFFERED)
             return
         self._reject(ex, status, message)
 

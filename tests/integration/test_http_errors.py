@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator
 
 import httpx
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -257,12 +256,6 @@ async def test_pipelined_malformed_body_after_good_request(
     await assert_still_serves(proxy, upstream)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy bug: a pipelined request refused in _route/_reject (origin-form, bad "
-    "target, loop) is answered at once, before the response to the request ahead of it, "
-    "and the connection is closed: that earlier response is lost",
-)
 async def test_pipelined_refused_request_keeps_response_order(
     proxy: ProxyUnderTest, upstream: Upstream
 ) -> None:
