@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -74,12 +73,12 @@ class Bus:
         async def error(exc: Exception) -> None:
             log.debug("nats error: %r", exc)
 
-        deadline = time.monotonic() + timeout
-        delay = 0.1
         servers = [s.strip() for s in url.split(",") if s.strip()]
-        while True:
-            try:
-                nc = await nats.connect(
+        # With max_reconnect_attempts=-1 nats-py keeps retrying the first connect
+        # itself, so the start-up deadline is enforced around the whole call.
+        try:
+            nc = await asyncio.wait_for(
+                nats.connect(
                     servers,
                     name=name,
                     connect_timeout=max(1, min(5, int(timeout))),
@@ -89,16 +88,14 @@ class Bus:
                     disconnected_cb=disconnected,
                     reconnected_cb=reconnected,
                     error_cb=error,
-                )
-                break
-            except Exception as exc:  # nats raises several types (OSError, NoServersError, ...)
-                if time.monotonic() + delay > deadline:
-                    reason = str(exc) or type(exc).__name__
-                    raise BusUnavailable(
-                        f"NATS unreachable at {url} after {timeout:g}s: {reason}"
-                    ) from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                ),
+                timeout,
+            )
+        except Exception as exc:  # TimeoutError, OSError, NoServersError, auth errors...
+            reason = "no answer" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+            raise BusUnavailable(
+                f"NATS unreachable at {url} after {timeout:g}s: {reason}"
+            ) from None
         log.info("nats connected to %s", url)
         return cls(nc)
 

@@ -128,9 +128,12 @@ class Control:
 
     # -- heartbeat ----------------------------------------------------------------------
     async def heartbeat_once(self) -> None:
+        """Put our status in the registry; bounded so a lost reply cannot stall the loop."""
+        interval = self.settings.heartbeat_interval
         try:
-            kv = await self.bus.replicas_kv(ttl=self.settings.heartbeat_interval * 3)
-            await kv.put(self.ctx.replica, self.status().model_dump_json().encode())
+            async with asyncio.timeout(interval):
+                kv = await self.bus.replicas_kv(ttl=interval * 3)
+                await kv.put(self.ctx.replica, self.status().model_dump_json().encode())
         except Exception as exc:
             log.debug("heartbeat failed: %r", exc)
 

@@ -118,10 +118,10 @@ class Replica:
 
 async def run_proxy(settings: ProxySettings) -> None:
     """Run one replica until SIGTERM/SIGINT, then drain and return."""
+    replica = Replica(settings)
+    await replica.start()  # a signal before this point ends the process the default way
     stop = asyncio.Event()
     install_signal_handlers(stop)
-    replica = Replica(settings)
-    await replica.start()
     assert replica.ca is not None
     print(
         f"proxyfleet proxy {settings.replica_id} listening on {replica.address} "
