@@ -12,9 +12,9 @@ counted; publishing resumes by itself when NATS is back.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import secrets
+from binascii import b2a_base64
 from collections import deque
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ from services.proxy.flow import ACTIVE, COMPLETED, Flow
 log = logging.getLogger("proxyfleet.capture")
 
 _RESERVED = 4096  # room for headers and the JSON array brackets within max_payload
+_SLICE = 32  # events serialised between two yields to the event loop
 
 
 class Publisher(Protocol):
@@ -49,8 +50,10 @@ def _addr(addr: Any) -> list[Any] | None:
 
 
 def _body(chunks: list[bytes], limit: int) -> str:
-    data = b"".join(chunks)
-    return base64.b64encode(data[:limit] if len(data) > limit else data).decode("ascii")
+    if not chunks:
+        return ""
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b2a_base64(data[:limit] if len(data) > limit else data, newline=False).decode("ascii")
 
 
 def flow_event(flow: Flow, replica: str, body_limit: int | None = None) -> dict[str, Any]:
@@ -150,12 +153,14 @@ class Capture:
     def pending(self) -> int:
         return len(self._queue)
 
-    def _take_batch(self, max_bytes: int) -> list[bytes]:
-        """Serialise queued flows into events, up to ``batch_max`` and ``max_bytes``."""
+    def _take_batch(self, max_bytes: int, max_count: int | None = None) -> list[bytes]:
+        """Serialise queued flows into events, up to ``max_count`` (default ``batch_max``)
+        and ``max_bytes``."""
         out: list[bytes] = []
         size = 0
         q = self._queue
-        while q and len(out) < self.batch_max:
+        count = max_count or self.batch_max
+        while q and len(out) < count:
             flow = q[0]
             if flow.final_sent:  # its final event already went out (coalesced)
                 q.popleft()
@@ -170,6 +175,20 @@ class Capture:
                 flow.final_sent = True
             out.append(data)
             size += len(data) + 1
+        return out
+
+    async def _take_batch_yielding(self, max_bytes: int) -> list[bytes]:
+        """``_take_batch`` in slices, letting the relay run in between: serialising a
+        full batch at once would hold every connection up for a millisecond or two."""
+        out: list[bytes] = []
+        while len(out) < self.batch_max and self._queue:
+            part = self._take_batch(max_bytes, min(_SLICE, self.batch_max - len(out)))
+            if not part:
+                break
+            out += part
+            max_bytes -= sum(len(p) + 1 for p in part)
+            if self._queue and len(out) < self.batch_max:
+                await asyncio.sleep(0)
         return out
 
     def _shrink(self, flow: Flow, max_bytes: int) -> bytes:
@@ -193,7 +212,7 @@ class Capture:
                 await asyncio.sleep(self.linger)
             while not bus.connected:
                 await asyncio.sleep(0.1)
-            batch = self._take_batch(max(bus.max_payload - _RESERVED, 64 * 1024))
+            batch = await self._take_batch_yielding(max(bus.max_payload - _RESERVED, 64 * 1024))
             if not batch:
                 continue
             await self._publish(b"[" + b",".join(batch) + b"]", len(batch))
