@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from libs.common.logs import setup_logging
-from libs.common.settings import ProxySettings, SettingsError, load
+from libs.common.settings import ApiSettings, ProxySettings, SettingsError, StoreSettings, load
 from libs.common.tasks import run
 
 
@@ -19,6 +19,32 @@ def _proxy() -> int:
         run(run_proxy(settings))
     except StartupError as exc:
         print(f"proxyfleet proxy: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _store() -> int:
+    from services.store.main import StartupError, run_store
+
+    settings = load(StoreSettings)
+    setup_logging(settings.log_level, "store")
+    try:
+        run(run_store(settings))
+    except StartupError as exc:
+        print(f"proxyfleet store: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _api() -> int:
+    from services.api.main import StartupError, run_api
+
+    settings = load(ApiSettings)
+    setup_logging(settings.log_level, "api")
+    try:
+        run(run_api(settings))
+    except StartupError as exc:
+        print(f"proxyfleet api: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -36,11 +62,6 @@ def _up() -> int:
     return 0
 
 
-def _not_yet(name: str) -> int:
-    print(f"proxyfleet {name}: not yet available", file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="proxyfleet",
@@ -52,13 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("store", help="run the flow store")
     sub.add_parser("api", help="run the management API")
     sub.add_parser("up", help="run everything locally (embedded NATS, SQLite)")
+    health = sub.add_parser("health", help="exit 0 if a service answers (container healthcheck)")
+    health.add_argument("service", choices=["proxy", "store", "api"])
     args = parser.parse_args(argv)
     try:
         if args.command == "proxy":
             return _proxy()
+        if args.command == "store":
+            return _store()
+        if args.command == "api":
+            return _api()
         if args.command == "up":
             return _up()
-        return _not_yet(args.command)
+        from services.health import check
+
+        return check(args.service)
     except SettingsError as exc:
         print(f"proxyfleet {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -20,16 +20,23 @@ from dataclasses import dataclass, field
 from pydantic import Field
 
 from libs.common.natsserver import EmbeddedNats
-from libs.common.settings import CommonSettings, ensure_private_dir, parse_hostport
+from libs.common.settings import (
+    ApiSettings,
+    CommonSettings,
+    ProxySettings,
+    StoreSettings,
+    ensure_private_dir,
+    load,
+    parse_hostport,
+)
 from libs.common.tasks import install_signal_handlers, spawn
 
 log = logging.getLogger("proxyfleet.up")
 
 
 class UpSettings(CommonSettings):
-    """Settings of ``proxyfleet up`` (the services read their own from the same env)."""
+    """Settings of ``proxyfleet up`` itself; each service reads its own from the same env."""
 
-    proxy_listen: str = Field("127.0.0.1:8080", description="address the proxy listens on")
     up_nats_port: int = Field(
         0, ge=0, le=65535, description="embedded NATS port (0 = any free port)"
     )
@@ -88,7 +95,12 @@ async def _supervise(child: Child, stopping: asyncio.Event) -> None:
 async def run_up(settings: UpSettings) -> None:
     """Start NATS and the services, print where they are, run until a signal."""
     ensure_private_dir(settings.data_dir)
-    _check_free("proxy", settings.proxy_listen)
+    # Each service's settings are checked here first, so a bad one is one line from `up`.
+    proxy = load(ProxySettings)
+    api = load(ApiSettings)
+    store = load(StoreSettings)
+    _check_free("proxy", proxy.proxy_listen)
+    _check_free("api", api.api_listen)
     nats: EmbeddedNats | None = None
     if "FLEET_NATS_URL" in os.environ:
         nats_url = settings.nats_url
@@ -104,30 +116,38 @@ async def run_up(settings: UpSettings) -> None:
             raise UpError(str(exc).splitlines()[0]) from None
         nats_url = nats.url
     env = {**os.environ, "FLEET_NATS_URL": nats_url, "FLEET_DATA_DIR": str(settings.data_dir)}
-    children = [Child("proxy", [sys.executable, "-m", "services.cli", "proxy"], env)]
+    children = [
+        Child(name, [sys.executable, "-m", "services.cli", name], env)
+        for name in ("store", "api", "proxy")
+    ]
     stopping = asyncio.Event()
     install_signal_handlers(stopping)
     tasks = [spawn(_supervise(c, stopping), name=f"supervise-{c.name}") for c in children]
+    key = "FLEET_API_KEYS" if api.api_keys else str(settings.data_dir / "api-key")
     print(
         f"proxyfleet up\n"
-        f"  proxy:   http://{settings.proxy_listen}  (HTTP/HTTPS proxy)\n"
+        f"  proxy:   http://{proxy.proxy_listen}  (HTTP/HTTPS proxy)\n"
+        f"  API:     http://{api.api_listen}/api  (OpenAPI: /api/openapi.json)\n"
+        f"  API key: {key}\n"
         f"  CA:      {settings.data_dir / 'ca.pem'}  (trust it for HTTPS interception)\n"
+        f"  store:   {store.db_path}\n"
         f"  NATS:    {nats_url}{' (embedded)' if nats else ''}\n"
-        f"  store/api: not yet available\n"
         f"Ctrl-C stops everything.",
         flush=True,
     )
     await stopping.wait()
     log.info("stopping services")
-    for c in children:
+    # Reverse start order: the proxy drains and flushes its flows while the store still
+    # ingests them; NATS goes last.
+    for c in reversed(children):
         if c.proc is not None and c.proc.returncode is None:
             c.proc.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-    except TimeoutError:
-        for c in children:
-            if c.proc is not None and c.proc.returncode is None:
+            try:
+                await asyncio.wait_for(c.proc.wait(), 30)
+            except TimeoutError:
+                log.error("%s did not stop in 30s: killed", c.name)
                 c.proc.kill()
+    await asyncio.gather(*tasks, return_exceptions=True)
     if nats is not None:
         await asyncio.to_thread(nats.stop)
     log.info("stopped")

@@ -63,6 +63,8 @@ class Bus:
                     await res
 
         async def disconnected() -> None:
+            if nc_ref and (nc_ref[0].is_closed or nc_ref[0].is_draining):
+                return  # our own close(), not an outage
             log.warning("nats disconnected")
             await _notify(False)
 
@@ -73,6 +75,7 @@ class Bus:
         async def error(exc: Exception) -> None:
             log.debug("nats error: %r", exc)
 
+        nc_ref: list[NATS] = []
         servers = [s.strip() for s in url.split(",") if s.strip()]
         # With max_reconnect_attempts=-1 nats-py keeps retrying the first connect
         # itself, so the start-up deadline is enforced around the whole call.
@@ -96,6 +99,7 @@ class Bus:
             raise BusUnavailable(
                 f"NATS unreachable at {url} after {timeout:g}s: {reason}"
             ) from None
+        nc_ref.append(nc)
         log.info("nats connected to %s", url)
         return cls(nc)
 

@@ -7,13 +7,14 @@ field here has a working local default and a row in the README's settings table.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -116,6 +117,131 @@ class ProxySettings(CommonSettings):
         raise ValueError("must be 'regular' or 'reverse:http[s]://host[:port]'")
 
 
+class StoreSettings(CommonSettings):
+    """Settings of the flow store (``proxyfleet store``)."""
+
+    store_db: Path | None = Field(
+        None, description="SQLite database file (default: $FLEET_DATA_DIR/flows.db)"
+    )
+    store_max_age: float = Field(
+        7 * 24 * 3600.0, gt=0, description="seconds a flow is kept (retention by age)"
+    )
+    store_max_flows: int = Field(
+        1_000_000, gt=0, description="most flows kept; the oldest are pruned first"
+    )
+    store_prune_interval: float = Field(30.0, gt=0, description="seconds between retention passes")
+    store_fetch_batch: int = Field(
+        32, gt=0, le=1024, description="most FLOWS messages fetched and committed at once"
+    )
+    store_ingest_workers: int = Field(
+        2,
+        ge=0,
+        le=32,
+        description="processes that decode and write flow batches (0: in the store process)",
+    )
+    store_ack_wait: float = Field(
+        10.0,
+        gt=0,
+        description="seconds before JetStream redelivers a message a store did not ack",
+    )
+
+    @field_validator("store_db")
+    @classmethod
+    def _expand_db(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else None
+
+    @property
+    def db_path(self) -> Path:
+        """The database file: ``store_db``, else ``flows.db`` in the data dir."""
+        return self.store_db if self.store_db is not None else self.data_dir / "flows.db"
+
+
+class ApiKeySpec(BaseModel):
+    """One configured API key, reduced to its SHA-256 digest as soon as it is read.
+
+    The plaintext never lives in a settings object (so a settings repr or a crash
+    dump cannot show it); only the digest is compared, in constant time.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    scope: Literal["read", "admin"]
+    sha256: bytes = Field(repr=False)
+
+
+_MIN_SECRET = 16
+
+
+def parse_api_key(entry: str) -> ApiKeySpec:
+    """``id:scope:secret`` -> ``ApiKeySpec``; ``secret`` may be ``sha256:<64 hex digits>``."""
+    parts = entry.strip().split(":", 2)
+    if len(parts) != 3:
+        raise ValueError("each key must be id:scope:secret")
+    key_id, scope, secret = (p.strip() for p in parts)
+    if not _ID_OK.match(key_id):
+        raise ValueError("key id must be 1-64 characters of A-Z a-z 0-9 _ -")
+    if scope not in ("read", "admin"):
+        raise ValueError(f"key {key_id}: scope must be 'read' or 'admin'")
+    if secret.startswith("sha256:"):
+        hexdigest = secret.removeprefix("sha256:")
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", hexdigest):
+            raise ValueError(f"key {key_id}: sha256: must be followed by 64 hex digits")
+        digest = bytes.fromhex(hexdigest)
+    else:
+        if len(secret) < _MIN_SECRET:
+            raise ValueError(f"key {key_id}: secret must be at least {_MIN_SECRET} characters")
+        digest = hashlib.sha256(secret.encode()).digest()
+    return ApiKeySpec(id=key_id, scope=scope, sha256=digest)  # type: ignore[arg-type]
+
+
+class ApiSettings(CommonSettings):
+    """Settings of the management API (``proxyfleet api``)."""
+
+    api_listen: str = Field(
+        default="127.0.0.1:8081", description="address the management API listens on"
+    )
+    api_keys: Annotated[list[ApiKeySpec], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated id:scope:secret (scope read|admin; secret or sha256:<hex>); "
+        "empty: a generated admin key in $FLEET_DATA_DIR/api-key",
+    )
+    api_command_timeout: float = Field(
+        default=5.0, gt=0, le=300, description="seconds to wait for replicas to answer a command"
+    )
+    api_store_timeout: float = Field(
+        default=5.0, gt=0, le=300, description="seconds to wait for the flow store to answer"
+    )
+    api_config_apply_wait: float = Field(
+        default=2.0, ge=0, le=60, description="seconds PUT /api/config waits for replicas to apply"
+    )
+    api_shutdown_timeout: float = Field(
+        default=10.0, ge=0, le=3600, description="seconds in-flight API requests get on SIGTERM"
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [p for p in v.split(",") if p.strip()]
+        if not isinstance(v, list):
+            return v
+        keys = [parse_api_key(p) if isinstance(p, str) else p for p in v]
+        ids = [k.id if isinstance(k, ApiKeySpec) else None for k in keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError("key ids must be unique")
+        digests = [k.sha256 for k in keys if isinstance(k, ApiKeySpec)]
+        if len(set(digests)) != len(digests):
+            raise ValueError("two keys share one secret")
+        return keys
+
+    @field_validator("api_listen")
+    @classmethod
+    def _check_api_listen(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+
 S = TypeVar("S", bound=BaseSettings)
 
 
@@ -143,10 +269,14 @@ def ensure_private_dir(path: Path) -> Path:
 
 
 __all__ = [
+    "ApiKeySpec",
+    "ApiSettings",
     "CommonSettings",
     "ProxySettings",
     "SettingsError",
+    "StoreSettings",
     "ensure_private_dir",
     "load",
+    "parse_api_key",
     "parse_hostport",
 ]

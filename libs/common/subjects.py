@@ -30,6 +30,14 @@ CMD_ALL = "all"
 # Store queries (request/reply, queue group).
 STORE_PREFIX = "fleet.store"
 STORE_QUEUE = "store"
+STORE_VERBS = ("list", "get", "count")
+
+# The durable JetStream consumer every store replica pulls FLOWS from (a shared work queue).
+STORE_DURABLE = "store"
+
+# The management API's system events: ``fleet.events.api.audit`` (one per mutating call).
+API_SOURCE = "api"
+AUDIT_EVENT = "audit"
 
 
 def flows_subject(replica: str, kind: str = "batch") -> str:
@@ -55,3 +63,13 @@ def command_wildcard(target: str) -> str:
 def store_subject(verb: str) -> str:
     """Subject of a store query (``list``, ``get``, ``count``, ...)."""
     return f"{STORE_PREFIX}.{verb}"
+
+
+def kv_stream(bucket: str) -> str:
+    """The JetStream stream that backs KV ``bucket`` (JetStream's ``KV_<bucket>`` convention)."""
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """The stream subject of ``key`` in KV ``bucket`` (``>`` for every key)."""
+    return f"$KV.{bucket}.{key}"

@@ -1,0 +1,1 @@
+"""One ``APIRouter`` per resource; ``services.api.app`` mounts them under ``/api``."""

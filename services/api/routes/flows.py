@@ -1,0 +1,254 @@
+"""``/api/flows``: recorded flows from the store, and killing a live one on its replica.
+
+Listing and reading go to the flow store. Killing goes to the replicas first:
+the replica that holds the connection is the authority on whether a flow is
+live (the store may not have seen a flow that started a millisecond ago), and
+the store is asked only to tell "unknown" (404) from "already finished" (409).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Depends, Path, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.api import audit
+from services.api.bodies import Part, header, raw_body, render_flow
+from services.api.deps import BusDep, CallerDep, FleetDep, StoreDep
+from services.api.errors import ApiError, problem_responses
+from services.api.params import FlowListParams, flow_list_params, openapi_parameters
+
+router = APIRouter(prefix="/flows", tags=["flows"])
+
+FlowId = Annotated[
+    str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="flow id (from a listing)")
+]
+_JSON = "application/json"
+_NOT_FOUND = "Unknown flow (FLOW_NOT_FOUND)"
+
+
+class FlowSummary(BaseModel):
+    """One flow in a listing (no headers, no bodies)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    replica: str | None = None
+    state: Literal["active", "completed", "error", "killed"] | None = None
+    kind: str | None = None
+    scheme: str | None = None
+    method: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    status: int | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    duration_ms: float | None = None
+    request_size: int | None = None
+    response_size: int | None = None
+    request_truncated: bool | None = None
+    response_truncated: bool | None = None
+    error: str | None = None
+
+
+class FlowPage(BaseModel):
+    """A page of flows, newest first; pass ``next_cursor`` as ``cursor`` for the next."""
+
+    flows: list[FlowSummary]
+    next_cursor: str | None
+
+
+class MessagePart(BaseModel):
+    """A request or response as recorded, its body inline.
+
+    ``body`` is text when the recorded bytes are UTF-8 (``encoding: utf-8``),
+    else base64 (``encoding: base64``); null while the flow is still active.
+    ``size`` is the real size on the wire, ``truncated`` whether capture kept
+    less than that. ``headers`` are ``[name, value]`` pairs in wire order.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    headers: list[list[str]]
+    size: int
+    truncated: bool
+    body: str | None
+    encoding: Literal["utf-8", "base64"] | None
+
+
+class ResponsePart(MessagePart):
+    status: int
+    reason: str | None = None
+    http_version: str | None = None
+
+
+class FlowDetail(BaseModel):
+    """Everything recorded about one flow."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    replica: str | None = None
+    kind: str | None = None
+    state: Literal["active", "completed", "error", "killed"]
+    client: list[Any] | None = Field(default=None, description="[address, port]")
+    server: list[Any] | None = Field(default=None, description="[address, port]")
+    scheme: str | None = None
+    method: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    http_version: str | None = None
+    request: MessagePart | None = None
+    response: ResponsePart | None = None
+    timings: dict[str, float | None] | None = Field(
+        None, description="epoch seconds: start, request_sent, first_byte, end"
+    )
+    error: str | None = None
+    trace_id: str | None = None
+    tags: list[str] | None = None
+
+
+class KillResult(BaseModel):
+    killed: bool
+    id: str
+    replica: str = Field(description="the replica that held the connection")
+
+
+@router.get(
+    "",
+    summary="List flows (newest first, cursor pagination)",
+    response_model=FlowPage,
+    responses=problem_responses(401, 403, 422, 502, 503),
+    openapi_extra={"parameters": openapi_parameters()},
+)
+async def list_flows(
+    store: StoreDep, params: Annotated[FlowListParams, Depends(flow_list_params)]
+) -> Response:
+    query = params.to_query().model_dump_json(exclude_none=True).encode()
+    _, raw = await store.call("list", query)
+    return Response(raw, media_type=_JSON)  # the store's page as it came: no re-encoding
+
+
+@router.get(
+    "/{flow_id}",
+    summary="Everything recorded about one flow, bodies inline",
+    response_model=FlowDetail,
+    responses=problem_responses(401, 403, 404, 422, 502, 503, _404=_NOT_FOUND),
+)
+async def get_flow(flow_id: FlowId, store: StoreDep) -> Response:
+    flow = await store.get_flow(flow_id)
+    return Response(orjson.dumps(render_flow(flow)), media_type=_JSON)
+
+
+_BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The recorded bytes, with the recorded Content-Type "
+        "(application/octet-stream when none). X-Flow-Body-Size is the real size, "
+        "X-Flow-Body-Truncated whether capture kept less.",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **problem_responses(
+        401, 403, 404, 422, 502, 503, _404="Unknown flow, or no body recorded (BODY_NOT_AVAILABLE)"
+    ),
+}
+
+
+@router.get(
+    "/{flow_id}/request/body",
+    summary="The recorded request body, raw",
+    response_class=Response,
+    responses=_BODY_RESPONSES,
+)
+async def request_body(flow_id: FlowId, store: StoreDep) -> Response:
+    return await _body(store, flow_id, "request")
+
+
+@router.get(
+    "/{flow_id}/response/body",
+    summary="The recorded response body, raw",
+    response_class=Response,
+    responses=_BODY_RESPONSES,
+)
+async def response_body(flow_id: FlowId, store: StoreDep) -> Response:
+    return await _body(store, flow_id, "response")
+
+
+async def _body(store: StoreDep, flow_id: str, which: Part) -> Response:
+    flow = await store.get_flow(flow_id)
+    found = raw_body(flow, which)
+    if found is None:
+        state = flow.get("state")
+        why = "the flow is still active" if state == "active" else f"no {which} was recorded"
+        raise ApiError(404, "BODY_NOT_AVAILABLE", f"flow {flow_id}: {why}")
+    data, part = found
+    content_type = _safe(header(part.get("headers"), "content-type")) or "application/octet-stream"
+    headers: dict[str, str] = {
+        "X-Flow-Body-Size": str(part.get("size", len(data))),
+        "X-Flow-Body-Truncated": "true" if part.get("truncated") else "false",
+        # recorded content from arbitrary servers: never let a browser run it here
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "sandbox",
+    }
+    encoding = _safe(header(part.get("headers"), "content-encoding"))
+    if encoding:
+        headers["X-Flow-Content-Encoding"] = encoding  # bytes stay as recorded (not decoded)
+    # as a header, not media_type: Starlette would append "; charset=utf-8" to text/*
+    headers["Content-Type"] = content_type
+    return Response(data, headers=headers)
+
+
+def _safe(value: str | None) -> str | None:
+    """A recorded header value fit to send back (printable ASCII only)."""
+    if value is None:
+        return None
+    value = value.strip()
+    return value if value and value.isascii() and value.isprintable() else None
+
+
+@router.delete(
+    "/{flow_id}",
+    summary="Kill the active connection of a flow on whichever replica holds it",
+    responses=problem_responses(
+        401,
+        403,
+        404,
+        409,
+        422,
+        503,
+        _404=_NOT_FOUND,
+        _409="The flow has finished (FLOW_NOT_ACTIVE)",
+    ),
+)
+async def kill_flow(
+    flow_id: FlowId, fleet: FleetDep, store: StoreDep, bus: BusDep, caller: CallerDep
+) -> KillResult:
+    registered = await fleet.replicas()
+    silent: list[str] = []
+    if registered:
+        replies = await fleet.broadcast("kill", {"flow_id": flow_id}, expected=len(registered))
+        for reply in replies:
+            if reply.ok:
+                await audit.record(
+                    bus, caller, "flow.kill", "ok", flow=flow_id, replica=reply.replica
+                )
+                return KillResult(killed=True, id=flow_id, replica=reply.replica)
+        answered = {r.replica for r in replies}
+        silent = [s.id for s in registered if s.id not in answered]
+    flow = await store.get_flow(flow_id)
+    state = flow.get("state")
+    if state == "active" and silent:
+        raise ApiError(
+            503,
+            "NO_REPLICAS",
+            f"flow {flow_id} is active but replicas {', '.join(silent)} did not answer",
+        )
+    detail = (
+        f"flow {flow_id} is {state}"
+        if state != "active"
+        else f"flow {flow_id} has no live connection on any replica (its replica may be gone)"
+    )
+    raise ApiError(409, "FLOW_NOT_ACTIVE", detail)

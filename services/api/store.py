@@ -1,0 +1,73 @@
+"""The flow store's query endpoints (``fleet.store.<verb>``), as API errors.
+
+One request per API call over the shared connection: no per-request setup,
+so a listing costs the store's work plus one NATS round trip. A listing's
+reply is passed on to the client as the bytes the store sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats.errors
+import orjson
+
+from libs.common import subjects
+from libs.common.bus import Bus
+from services.api.errors import ApiError, FieldError
+
+_STATUS = {"FLOW_NOT_FOUND": 404, "BAD_QUERY": 422, "STORE_UNAVAILABLE": 503}
+
+
+class StoreClient:
+    """Request/reply to the store's queue group with the API's timeout."""
+
+    def __init__(self, bus: Bus, timeout: float) -> None:
+        self.bus = bus
+        self.timeout = timeout
+
+    async def call(self, verb: str, body: dict[str, Any] | bytes) -> tuple[dict[str, Any], bytes]:
+        """The decoded reply and its raw bytes; store errors raised as ``ApiError``."""
+        payload = body if isinstance(body, bytes) else orjson.dumps(body)
+        try:
+            msg = await self.bus.request(subjects.store_subject(verb), payload, self.timeout)
+        except nats.errors.NoRespondersError:
+            raise ApiError(503, "STORE_UNAVAILABLE", "no flow store is running") from None
+        except TimeoutError:
+            raise ApiError(
+                503, "STORE_UNAVAILABLE", f"the flow store did not answer within {self.timeout:g}s"
+            ) from None
+        try:
+            reply = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            reply = None
+        if not isinstance(reply, dict):
+            raise ApiError(502, "STORE_ERROR", "the flow store sent an unreadable reply")
+        error = reply.get("error")
+        if error is not None:
+            raise _store_error(error)
+        return reply, msg.data
+
+    async def get_flow(self, flow_id: str) -> dict[str, Any]:
+        """The full merged flow (bodies base64), or 404 FLOW_NOT_FOUND."""
+        reply, _ = await self.call("get", {"id": flow_id})
+        flow = reply.get("flow")
+        if not isinstance(flow, dict):
+            raise ApiError(404, "FLOW_NOT_FOUND", f"no flow {flow_id}")
+        return flow
+
+
+def _store_error(error: Any) -> ApiError:
+    if not isinstance(error, dict):
+        return ApiError(502, "STORE_ERROR", f"flow store error: {str(error)[:200]}")
+    code = str(error.get("code") or "STORE_ERROR")
+    message = str(error.get("message") or code)
+    status = _STATUS.get(code, 502)
+    errors = None
+    if code == "BAD_QUERY":
+        name = error.get("field")
+        if not name and ": " in message:  # "cursor: not a cursor returned by this store"
+            name = message.split(": ", 1)[0]
+        if isinstance(name, str) and name.isidentifier():
+            errors = [FieldError(field=f"query.{name}", message=message, type="bad_query")]
+    return ApiError(status, code if status != 502 else "STORE_ERROR", message, errors=errors)

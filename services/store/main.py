@@ -1,0 +1,138 @@
+"""``proxyfleet store``: the flow store, its parts wired together.
+
+``Store`` is what the CLI runs and what integration tests start in-process:
+``start()`` connects to NATS, opens the database and starts ingest, queries and
+retention; ``stop()`` stops fetching, commits and acks the batch in progress,
+closes the database and drains the NATS connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from libs.common.bus import Bus, BusUnavailable
+from libs.common.settings import StoreSettings
+from libs.common.tasks import cancel_and_wait, install_signal_handlers, spawn
+from services.store.consumer import FlowConsumer
+from services.store.repository import FlowRepository, RepositoryError
+from services.store.rpc import StoreRPC
+from services.store.sqlite import SQLiteRepository
+
+log = logging.getLogger("proxyfleet.store")
+
+
+class StartupError(Exception):
+    """The store cannot start; the message is the one line printed before exiting."""
+
+
+class Store:
+    """A running store replica: consumer, query endpoints, pruner, repository."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        self.bus: Bus | None = None
+        self.repo: FlowRepository | None = None
+        self.consumer: FlowConsumer | None = None
+        self.rpc: StoreRPC | None = None
+        self._pruner: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Bring the store up, or raise ``StartupError`` with a one-line reason."""
+        s = self.settings
+        try:
+            self.bus = await Bus.connect(
+                s.nats_url, f"store {s.replica_id}", s.nats_connect_timeout
+            )
+        except BusUnavailable as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            await self.bus.ensure_streams()
+            repo = SQLiteRepository(s.db_path, ingest_workers=s.store_ingest_workers)
+            try:
+                await repo.open()
+            except RepositoryError as exc:
+                await repo.close()
+                raise StartupError(str(exc)) from None
+            self.repo = repo
+            log.info("database %s open (%d ingest workers)", s.db_path, s.store_ingest_workers)
+            self.consumer = FlowConsumer(
+                self.bus,
+                repo,
+                batch=s.store_fetch_batch,
+                ack_wait=s.store_ack_wait,
+                depth=max(2, s.store_ingest_workers + 1),  # every worker busy + one fetched
+            )
+            await self.consumer.start()
+            self.rpc = StoreRPC(self.bus, repo)
+            await self.rpc.start()
+        except BaseException:
+            if self.consumer is not None:
+                await self.consumer.stop(timeout=2.0)
+            await self._release()
+            raise
+        self._pruner = spawn(self._prune_loop(), name="store-prune")
+        log.info("store %s started", s.replica_id)
+
+    async def stop(self) -> None:
+        """Stop ingest (finishing the batch in progress), queries and pruning; disconnect."""
+        if self._stopped:
+            return
+        self._stopped = True
+        log.info("store %s stopping", self.settings.replica_id)
+        if self.consumer is not None:
+            await self.consumer.stop()
+        if self.rpc is not None:
+            await self.rpc.stop()
+        await cancel_and_wait(self._pruner)
+        await self._release()
+        log.info("store %s stopped", self.settings.replica_id)
+
+    async def _release(self) -> None:
+        if self.repo is not None:
+            await self.repo.close()
+        if self.bus is not None:
+            await self.bus.close()
+
+    async def _prune_loop(self) -> None:
+        """Apply retention now and then every ``store_prune_interval`` seconds."""
+        s = self.settings
+        assert self.repo is not None
+        while True:
+            try:
+                deleted = await self.repo.prune(s.store_max_age, s.store_max_flows)
+            except RepositoryError as exc:
+                log.warning("retention pass failed: %s", exc)
+            else:
+                if deleted:
+                    log.info("retention: %d flows deleted", deleted)
+            await asyncio.sleep(s.store_prune_interval)
+
+
+async def run_store(settings: StoreSettings) -> None:
+    """Run the store until SIGTERM/SIGINT, then stop gracefully and return.
+
+    A signal that arrives while the store is still starting (e.g. waiting for
+    NATS) abandons the start and returns at once.
+    """
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    store = Store(settings)
+    starting = asyncio.ensure_future(store.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("stop requested during start-up")
+        await cancel_and_wait(starting, stopping)
+        return
+    if starting.exception() is not None:
+        stopping.cancel()
+        starting.result()  # raises StartupError
+    print(
+        f"proxyfleet store {settings.replica_id}: database {settings.db_path}, "
+        f"NATS {settings.nats_url}",
+        flush=True,
+    )
+    await stopping
+    await store.stop()

@@ -1,0 +1,128 @@
+"""The storage interface of the flow store, independent of the database behind it.
+
+SQLite (``services.store.sqlite``) is the embedded default; a PostgreSQL backend
+implements the same class so the consumer, the RPC layer and the pruner never
+know which one they talk to. Every method is async: a backend runs its blocking
+work off the event loop (threads for SQLite, a native async driver for PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from libs.common.models import FlowQuery
+from services.store.rows import Decoded, split_payloads
+
+Summary = dict[str, Any]
+Page = tuple[list[Summary], str | None]
+
+
+class QueryError(Exception):
+    """A query the store cannot answer as asked (answered as ``BAD_QUERY``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class RepositoryError(Exception):
+    """The database failed (locked, full, gone); answered as ``STORE_UNAVAILABLE``."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRecord:
+    """One stored flow in full: the merged event document plus its bodies.
+
+    ``doc`` is the last event kept for the flow with the ``body_b64`` fields
+    removed; bodies are bytes here and become base64 again only on the wire.
+    """
+
+    doc: dict[str, Any]
+    request_body: bytes
+    response_body: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        """The record in event form: bodies back in ``request/response.body_b64``."""
+        doc = dict(self.doc)
+        request = doc.get("request")
+        if isinstance(request, dict):
+            doc["request"] = {**request, "body_b64": _b64(self.request_body)}
+        response = doc.get("response")
+        if isinstance(response, dict):
+            doc["response"] = {**response, "body_b64": _b64(self.response_body)}
+        return doc
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What one ingested batch of FLOWS messages contained."""
+
+    events: int  # events in the decodable messages (duplicates included)
+    bad_events: int  # malformed events skipped
+    undecodable: tuple[int, ...]  # indexes of messages that are not a JSON array of events
+
+    @classmethod
+    def of(cls, decoded: Decoded, extra_bad: int = 0) -> IngestResult:
+        return cls(decoded.events, decoded.bad_events + extra_bad, tuple(decoded.undecodable))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class FlowRepository(abc.ABC):
+    """Where flows live. Writes are idempotent by flow id; order of arrival is irrelevant."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Create or migrate the schema; raise ``RepositoryError`` if the database is unusable."""
+
+    @abc.abstractmethod
+    async def upsert_events(self, events: Sequence[Mapping[str, Any]]) -> int:
+        """Merge flow events in one transaction; return how many were malformed and skipped.
+
+        Merge rule: a ``started`` event inserts a flow that is absent and never
+        overwrites one; a final event inserts, or replaces a flow still ``active``;
+        a final event for a finished flow changes nothing. Raises
+        ``RepositoryError`` when nothing was committed.
+        """
+
+    async def ingest(self, payloads: Sequence[bytes]) -> IngestResult:
+        """Decode FLOWS message payloads and merge all their events in one transaction.
+
+        What the consumer calls; backends override it to keep decoding off the loop
+        and overlap it with writing. Raises ``RepositoryError`` when nothing was
+        committed (undecodable payloads are reported, not raised).
+        """
+        events, undecodable = await asyncio.to_thread(split_payloads, payloads)
+        bad = await self.upsert_events(events)
+        return IngestResult(len(events), bad, tuple(undecodable))
+
+    @abc.abstractmethod
+    async def list(self, query: FlowQuery) -> Page:
+        """A page of flow summaries, newest first, and the cursor of the next page (or None)."""
+
+    @abc.abstractmethod
+    async def get(self, flow_id: str) -> FlowRecord | None:
+        """The full record of one flow, or None if it is not stored."""
+
+    @abc.abstractmethod
+    async def count(self, query: FlowQuery) -> int:
+        """How many flows match the query's filters (its page fields are ignored)."""
+
+    @abc.abstractmethod
+    async def prune(self, max_age_s: float, max_count: int) -> int:
+        """Delete flows older than ``max_age_s`` and all but the newest ``max_count``.
+
+        Oldest first, in small transactions so that ingest keeps going meanwhile.
+        Returns the number of flows deleted.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes and release the database."""

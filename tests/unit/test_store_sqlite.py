@@ -1,0 +1,466 @@
+"""The SQLite flow repository against a real database file: merge rules, filters,
+pagination, bodies, retention."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import sqlite3
+import time
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from libs.common.models import FlowQuery
+from services.proxy.capture import flow_event
+from services.proxy.flow import COMPLETED, Flow
+from services.store import sqlite as sqlite_mod
+from services.store.query import encode_cursor
+from services.store.repository import QueryError, RepositoryError
+from services.store.sqlite import SQLiteRepository
+
+BASE_MS = int(time.time() * 1000) - 3_600_000  # an hour ago
+_seq = itertools.count()
+
+
+def fid(ms: int | None = None) -> str:
+    """A flow id in the proxy's format (12 hex ms + 6 node + 6 sequence)."""
+    return f"{(BASE_MS if ms is None else ms):012x}{0xABCDEF:06x}{next(_seq) & 0xFFFFFF:06x}"
+
+
+def ev(
+    flow_id: str,
+    state: str = "completed",
+    *,
+    host: str = "example.com",
+    method: str = "GET",
+    status: int | None = 200,
+    replica: str = "r1",
+    path: str = "/",
+    req_body: bytes = b"",
+    resp_body: bytes = b"",
+    error: str | None = None,
+) -> dict[str, Any]:
+    """An event shaped like ``services.proxy.capture.flow_event``."""
+    ms = int(flow_id[:12], 16)
+    start = ms / 1000
+    final = state != "active"
+    request: dict[str, Any] = {
+        "headers": [["Host", host]],
+        "size": len(req_body),
+        "truncated": False,
+    }
+    response: dict[str, Any] | None = None
+    if status is not None:
+        response = {
+            "status": status,
+            "reason": "OK",
+            "http_version": "1.1",
+            "headers": [["Content-Length", str(len(resp_body))]],
+            "size": len(resp_body),
+            "truncated": False,
+        }
+    if final:
+        request["body_b64"] = base64.b64encode(req_body).decode()
+        if response is not None:
+            response["body_b64"] = base64.b64encode(resp_body).decode()
+    return {
+        "event": state if final else "started",
+        "id": flow_id,
+        "replica": replica,
+        "kind": "http",
+        "state": state,
+        "client": ["127.0.0.1", 5555],
+        "server": None,
+        "scheme": "http",
+        "method": method,
+        "host": host,
+        "port": 80,
+        "path": path,
+        "http_version": "1.1",
+        "request": request,
+        "response": response,
+        "timings": {
+            "start": start,
+            "request_sent": None,
+            "first_byte": None,
+            "end": start + 0.25 if final else None,
+        },
+        "error": error,
+        "stats": None,
+        "trace_id": None,
+        "tags": [],
+    }
+
+
+@pytest.fixture
+async def repo(tmp_path: Path) -> AsyncIterator[SQLiteRepository]:
+    r = SQLiteRepository(tmp_path / "flows.db")
+    await r.open()
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+async def ids(repo: SQLiteRepository, **filters: Any) -> list[str]:
+    rows, cursor = await repo.list(FlowQuery(limit=1000, **filters))
+    assert cursor is None
+    return [r["id"] for r in rows]
+
+
+# -- merge rules ---------------------------------------------------------------------------
+async def test_started_then_completed(repo: SQLiteRepository) -> None:
+    f = fid()
+    await repo.upsert_events([ev(f, "active", status=None)])
+    rows, _ = await repo.list(FlowQuery())
+    assert [(r["id"], r["state"], r["status"], r["ended_at"]) for r in rows] == [
+        (f, "active", None, None)
+    ]
+    await repo.upsert_events([ev(f, resp_body=b"hello")])
+    rows, _ = await repo.list(FlowQuery())
+    assert len(rows) == 1
+    assert rows[0]["state"] == "completed" and rows[0]["status"] == 200
+    assert rows[0]["duration_ms"] == pytest.approx(250.0)
+    record = await repo.get(f)
+    assert record is not None and record.response_body == b"hello"
+    assert record.doc["event"] == "completed"
+
+
+async def test_completed_then_started_keeps_completed(repo: SQLiteRepository) -> None:
+    f = fid()
+    await repo.upsert_events([ev(f, resp_body=b"body")])
+    await repo.upsert_events([ev(f, "active", status=None)])
+    record = await repo.get(f)
+    assert record is not None
+    assert record.doc["state"] == "completed" and record.response_body == b"body"
+    assert await repo.count(FlowQuery()) == 1
+
+
+async def test_order_within_one_batch_is_irrelevant(repo: SQLiteRepository) -> None:
+    a, b = fid(), fid()
+    await repo.upsert_events([ev(a), ev(a, "active", status=None)])
+    await repo.upsert_events([ev(b, "active", status=None), ev(b)])
+    rows, _ = await repo.list(FlowQuery())
+    assert {r["id"]: r["state"] for r in rows} == {a: "completed", b: "completed"}
+
+
+async def test_duplicates_are_stored_once(repo: SQLiteRepository) -> None:
+    f, g = fid(), fid()
+    batch = [ev(f, "active", status=None), ev(f), ev(g)]
+    for _ in range(3):
+        await repo.upsert_events(batch)
+    await repo.upsert_events(list(reversed(batch)))
+    assert sorted(await ids(repo)) == sorted([f, g])
+    assert await repo.count(FlowQuery()) == 2
+
+
+async def test_first_final_event_wins(repo: SQLiteRepository) -> None:
+    killed, failed = fid(), fid()
+    await repo.upsert_events([ev(killed, "active", status=None), ev(failed, "active")])
+    await repo.upsert_events(
+        [ev(killed, "killed", status=None, error="killed by API"), ev(failed, "error", error="x")]
+    )
+    # a late completion (a kill racing the response) changes nothing
+    await repo.upsert_events([ev(killed), ev(failed, resp_body=b"late")])
+    rows, _ = await repo.list(FlowQuery())
+    by_id = {r["id"]: r for r in rows}
+    assert by_id[killed]["state"] == "killed" and by_id[killed]["error"] == "killed by API"
+    assert by_id[killed]["status"] is None
+    assert by_id[failed]["state"] == "error" and by_id[failed]["error"] == "x"
+    record = await repo.get(failed)
+    assert record is not None and record.response_body == b""
+
+
+async def test_real_flow_event_round_trip(repo: SQLiteRepository) -> None:
+    flow = Flow(("127.0.0.1", 4000))
+    flow.method, flow.host, flow.port, flow.path = b"post", "API.Example.com", 443, b"/v1?x=1"
+    flow.scheme = "https"
+    flow.req_headers = [(b"Host", b"api.example.com"), (b"X-A", b"1"), (b"X-A", b"2")]
+    flow.req_body, flow.req_size = [b"abc"], 3
+    await repo.upsert_events([flow_event(flow, "r9")])
+    flow.status, flow.reason, flow.resp_http_version = 201, b"Created", "1.1"
+    flow.resp_body, flow.resp_size = [b"x" * 5000], 5000
+    flow.finish(COMPLETED)
+    event = flow_event(flow, "r9")
+    await repo.upsert_events([event])
+    rows, _ = await repo.list(FlowQuery(host="api.example.com", method="POST"))
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["method"] == "POST" and row["status"] == 201 and row["scheme"] == "https"
+    assert row["request_size"] == 3 and row["response_size"] == 5000
+    record = await repo.get(flow.id)
+    assert record is not None
+    assert record.to_wire() == event  # the stored record is the event, bodies included
+    assert "body_b64" not in record.doc["request"]
+
+
+async def test_malformed_events_are_skipped(repo: SQLiteRepository) -> None:
+    good = fid()
+    weird = ev(fid())
+    weird["port"] = {"not": "a port"}
+    weird["path"] = 12
+    weird["timings"]["start"] = "soon"
+    weird["response"]["status"] = 2**63
+    bad_body = ev(fid())
+    bad_body["response"]["body_b64"] = 5
+    skipped = await repo.upsert_events(
+        [
+            "not an object",
+            {"state": "completed"},  # no id
+            {"id": "x" * 65, "state": "completed"},
+            {"id": fid(), "state": "paused"},
+            {"id": fid(), "state": "completed", "request": "nope"},
+            bad_body,
+            ev(good),
+            weird,
+        ]
+    )
+    assert skipped == 6
+    rows, _ = await repo.list(FlowQuery())
+    assert {r["id"] for r in rows} == {good, weird["id"]}
+    w = next(r for r in rows if r["id"] == weird["id"])
+    assert w["port"] is None and w["path"] is None and w["status"] is None
+
+
+# -- filters -------------------------------------------------------------------------------
+@pytest.fixture
+async def sample(repo: SQLiteRepository) -> dict[str, str]:
+    """Named flows one second apart, newest last."""
+    spec = {
+        "a": dict(host="example.com", method="GET", status=200, replica="r1"),
+        "b": dict(host="api.example.com", method="POST", status=201, replica="r1"),
+        "c": dict(host="x.y.example.com", method="get", status=404, replica="r2"),
+        "d": dict(host="badexample.com", method="PUT", status=500, replica="r2"),
+        "e": dict(host="other.org", method="GET", status=302, replica="r1"),
+        "f": dict(host="api.example.com", method="DELETE", status=None, replica="r3"),
+    }
+    named = {}
+    events = []
+    for i, (name, kw) in enumerate(spec.items()):
+        f = fid(BASE_MS + i * 1000)
+        named[name] = f
+        state = "active" if kw["status"] is None else "completed"
+        events.append(ev(f, state, **kw))  # type: ignore[arg-type]
+    await repo.upsert_events(events)
+    return named
+
+
+def _names(named: dict[str, str], found: list[str]) -> list[str]:
+    back = {v: k for k, v in named.items()}
+    return [back[f] for f in found]
+
+
+async def test_host_exact_and_glob(repo: SQLiteRepository, sample: dict[str, str]) -> None:
+    assert _names(sample, await ids(repo, host="example.com")) == ["a"]
+    assert _names(sample, await ids(repo, host="API.example.com")) == ["f", "b"]
+    assert _names(sample, await ids(repo, host="*.example.com")) == ["f", "c", "b"]
+    assert _names(sample, await ids(repo, host="*.y.example.com")) == ["c"]
+    assert _names(sample, await ids(repo, host="*.com")) == ["f", "d", "c", "b", "a"]
+    assert await ids(repo, host="*.nothing.test") == []
+    assert await repo.count(FlowQuery(host="*.example.com")) == 3
+
+
+async def test_glob_with_many_hosts_falls_back_to_a_range_scan(
+    repo: SQLiteRepository, sample: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_mod, "SPLIT_MAX_VALUES", 1)
+    assert _names(sample, await ids(repo, host="*.example.com")) == ["f", "c", "b"]
+    assert _names(sample, await ids(repo, min_status=200, max_status=404)) == ["e", "c", "b", "a"]
+
+
+async def test_method_status_state_replica(repo: SQLiteRepository, sample: dict[str, str]) -> None:
+    assert _names(sample, await ids(repo, method="get")) == ["e", "c", "a"]
+    assert _names(sample, await ids(repo, status=404)) == ["c"]
+    assert _names(sample, await ids(repo, min_status=300)) == ["e", "d", "c"]
+    assert _names(sample, await ids(repo, max_status=299)) == ["b", "a"]
+    assert _names(sample, await ids(repo, min_status=201, max_status=499)) == ["e", "c", "b"]
+    assert _names(sample, await ids(repo, state="active")) == ["f"]
+    assert _names(sample, await ids(repo, state="completed", replica="r2")) == ["d", "c"]
+    assert _names(sample, await ids(repo, replica="r1", method="GET")) == ["e", "a"]
+    assert _names(sample, await ids(repo, host="*.example.com", min_status=400)) == ["c"]
+    assert await repo.count(FlowQuery(method="GET")) == 3
+    assert await repo.count(FlowQuery(min_status=200, max_status=299)) == 2
+
+
+async def test_since_until(repo: SQLiteRepository, sample: dict[str, str]) -> None:
+    t0 = BASE_MS / 1000
+    assert _names(sample, await ids(repo, since=t0 + 2)) == ["f", "e", "d", "c"]
+    assert _names(sample, await ids(repo, until=t0 + 2)) == ["b", "a"]
+    assert _names(sample, await ids(repo, since=t0 + 1, until=t0 + 3)) == ["c", "b"]
+    assert _names(sample, await ids(repo, since=t0 + 1.5, until=t0 + 3.5)) == ["d", "c"]
+    assert await repo.count(FlowQuery(since=t0 + 4)) == 2
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        (FlowQuery(host="api.*.com"), "host"),
+        (FlowQuery(host="*"), "host"),
+        (FlowQuery(host="  "), "host"),
+        (FlowQuery(min_status=500, max_status=400), "min_status"),
+        (FlowQuery(since=10.0, until=5.0), "since"),
+        (FlowQuery(since=-1.0), "since"),
+        (FlowQuery(until=1e20), "until"),
+        (FlowQuery(cursor="!!!"), "cursor"),
+        (FlowQuery(cursor=""), "cursor"),
+    ],
+)
+async def test_bad_queries_name_the_field(
+    repo: SQLiteRepository, query: FlowQuery, field: str
+) -> None:
+    with pytest.raises(QueryError) as info:
+        await repo.list(query)
+    assert info.value.field == field
+    with pytest.raises(QueryError):
+        await repo.count(query)
+
+
+# -- pagination ----------------------------------------------------------------------------
+@pytest.mark.parametrize("limit", [100, 1000])
+async def test_pagination_walks_everything_once(repo: SQLiteRepository, limit: int) -> None:
+    hosts = ["a.example.com", "b.example.com", "c.other.org"]
+    events = [ev(fid(BASE_MS + i // 3), host=hosts[i % 3], status=200 + i % 2) for i in range(2500)]
+    await repo.upsert_events(events)
+    expected = sorted((e["id"] for e in events), reverse=True)
+
+    async def walk(**filters: Any) -> list[str]:
+        seen: list[str] = []
+        cursor = None
+        while True:
+            rows, cursor = await repo.list(FlowQuery(limit=limit, cursor=cursor, **filters))
+            assert len(rows) <= limit
+            seen += [r["id"] for r in rows]
+            if cursor is None:
+                return seen
+            assert len(rows) == limit
+
+    assert await walk() == expected
+    on_example = [e["id"] for e in events if e["host"].endswith(".example.com")]
+    assert await walk(host="*.example.com") == sorted(on_example, reverse=True)
+    odd = [e["id"] for e in events if e["response"]["status"] == 201]
+    assert await walk(min_status=201) == sorted(odd, reverse=True)
+    assert await repo.count(FlowQuery()) == 2500
+
+
+async def test_cursor_of_a_full_last_page_is_none(repo: SQLiteRepository) -> None:
+    await repo.upsert_events([ev(fid()) for _ in range(10)])
+    rows, cursor = await repo.list(FlowQuery(limit=10))
+    assert len(rows) == 10 and cursor is None
+    rows, cursor = await repo.list(FlowQuery(limit=9))
+    assert cursor == encode_cursor(rows[-1]["id"])
+
+
+# -- bodies --------------------------------------------------------------------------------
+async def test_bodies_are_stored_compressed(repo: SQLiteRepository, tmp_path: Path) -> None:
+    f = fid()
+    body = b'{"name": "value", "items": [1, 2, 3]}\n' * 400
+    await repo.upsert_events([ev(f, req_body=b"q=1", resp_body=body)])
+    record = await repo.get(f)
+    assert record is not None
+    assert record.request_body == b"q=1" and record.response_body == body
+    wire = record.to_wire()
+    assert base64.b64decode(wire["response"]["body_b64"]) == body
+    assert wire["request"]["body_b64"] == base64.b64encode(b"q=1").decode()
+    with sqlite3.connect(tmp_path / "flows.db") as db:
+        req_blob, resp_blob = db.execute(
+            "SELECT req_body, resp_body FROM flows WHERE id = ?", (f,)
+        ).fetchone()
+        empty = db.execute("SELECT count(*) FROM flows WHERE resp_body IS NULL").fetchone()[0]
+    assert len(resp_blob) < len(body) // 10
+    assert zlib.decompress(resp_blob) == body and zlib.decompress(req_blob) == b"q=1"
+    assert empty == 0
+    g = fid()
+    await repo.upsert_events([ev(g)])  # empty bodies: NULL
+    with sqlite3.connect(tmp_path / "flows.db") as db:
+        assert db.execute(
+            "SELECT req_body IS NULL AND resp_body IS NULL FROM flows WHERE id = ?", (g,)
+        ).fetchone() == (1,)
+
+
+async def test_get_unknown_is_none(repo: SQLiteRepository) -> None:
+    assert await repo.get("0" * 24) is None
+
+
+# -- retention -----------------------------------------------------------------------------
+async def test_prune_by_age(repo: SQLiteRepository) -> None:
+    now_ms = int(time.time() * 1000)
+    old = [fid(now_ms - 3_600_000 - i) for i in range(4500)]  # more than one chunk
+    new = [fid(now_ms - 60_000 + i) for i in range(10)]
+    await repo.upsert_events([ev(f) for f in old + new])
+    deleted = await repo.prune(max_age_s=1800, max_count=1_000_000)
+    assert deleted == len(old)
+    assert sorted(await ids(repo)) == sorted(new)
+    assert await repo.prune(max_age_s=1800, max_count=1_000_000) == 0
+
+
+async def test_prune_by_count_keeps_the_newest(repo: SQLiteRepository) -> None:
+    now_ms = int(time.time() * 1000)
+    flows = [fid(now_ms - 10_000 + i) for i in range(5000)]
+    await repo.upsert_events([ev(f) for f in flows])
+    assert await repo.prune(max_age_s=3600, max_count=700) == 4300
+    assert sorted(await ids(repo)) == flows[-700:]
+    assert await repo.count(FlowQuery()) == 700
+
+
+async def test_database_is_wal_and_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "flows.db"
+    r = SQLiteRepository(path)
+    await r.open()
+    f = fid()
+    await r.upsert_events([ev(f)])
+    await r.close()
+    r = SQLiteRepository(path)
+    await r.open()
+    try:
+        assert await r.get(f) is not None
+    finally:
+        await r.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+# -- ingest of FLOWS payloads --------------------------------------------------------------
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_ingest_payloads(tmp_path: Path, workers: int) -> None:
+    r = SQLiteRepository(tmp_path / "flows.db", ingest_workers=workers)
+    await r.open()
+    try:
+        a, b = fid(), fid()
+        payloads = [
+            orjson.dumps([ev(a, "active", status=None)]),
+            b"\x00garbage",
+            b'{"an": "object"}',
+            orjson.dumps([ev(b, resp_body=b"x" * 100), "not an event", ev(a)]),
+        ]
+        result = await r.ingest(payloads)
+        assert result.undecodable == (1, 2)
+        assert result.events == 4 and result.bad_events == 1
+        rows, _ = await r.list(FlowQuery())
+        assert {row["id"]: row["state"] for row in rows} == {a: "completed", b: "completed"}
+        record = await r.get(b)
+        assert record is not None and record.response_body == b"x" * 100
+        assert (await r.ingest([b"[]"])).events == 0
+    finally:
+        await r.close()
+
+
+async def test_a_dead_ingest_worker_is_replaced(tmp_path: Path) -> None:
+    r = SQLiteRepository(tmp_path / "flows.db", ingest_workers=1)
+    await r.open()
+    try:
+        assert r._pool is not None
+        for proc in list(r._pool._processes.values()):  # type: ignore[attr-defined]
+            proc.kill()
+            proc.join()
+        with pytest.raises(RepositoryError, match="worker died"):
+            await r.ingest([orjson.dumps([ev(fid())])])
+        f = fid()
+        await r.ingest([orjson.dumps([ev(f)])])
+        assert await r.get(f) is not None
+    finally:
+        await r.close()
