@@ -54,7 +54,7 @@ class FlowConsumer:
         self,
         bus: Bus,
         repo: FlowRepository,
-        batch: int = 64,
+        batch: int = 32,
         ack_wait: float = 10.0,
         fetch_timeout: float = 0.5,
         durable: str = subjects.STORE_DURABLE,

@@ -48,7 +48,10 @@ class Store:
         except BusUnavailable as exc:
             raise StartupError(str(exc)) from None
         try:
-            await self.bus.ensure_streams()
+            try:
+                await self.bus.ensure_streams()
+            except Exception as exc:
+                raise StartupError(f"cannot create the JetStream streams: {exc!r}") from None
             repo = SQLiteRepository(s.db_path, ingest_workers=s.store_ingest_workers)
             try:
                 await repo.open()
@@ -64,9 +67,12 @@ class Store:
                 ack_wait=s.store_ack_wait,
                 depth=max(2, s.store_ingest_workers + 1),  # every worker busy + one fetched
             )
-            await self.consumer.start()
-            self.rpc = StoreRPC(self.bus, repo)
-            await self.rpc.start()
+            try:
+                await self.consumer.start()
+                self.rpc = StoreRPC(self.bus, repo)
+                await self.rpc.start()
+            except Exception as exc:  # JetStream refused the consumer, NATS went away, ...
+                raise StartupError(f"cannot set up ingest and queries on NATS: {exc!r}") from None
         except BaseException:
             if self.consumer is not None:
                 await self.consumer.stop(timeout=2.0)

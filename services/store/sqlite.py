@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import sqlite3
 import threading
 import time
@@ -172,7 +173,7 @@ class SQLiteRepository(FlowRepository):
             self.ingest_workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=writer.worker_init,
-            initargs=(str(self.path),),
+            initargs=(str(self.path), os.getpid()),
         )
         loop = asyncio.get_running_loop()
         try:

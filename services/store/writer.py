@@ -109,15 +109,20 @@ _worker_conn: sqlite3.Connection | None = None
 WorkerResult = tuple[int, int, list[int]]  # events, bad events, undecodable payload indexes
 
 
-def worker_init(path: str) -> None:
-    """Process-pool initializer: open this worker's connection (the schema exists)."""
+def worker_init(path: str, parent: int) -> None:
+    """Process-pool initializer: open this worker's connection (the schema exists).
+
+    ``parent`` is the store's pid, passed in rather than read here: a worker still
+    starting when the store is killed would otherwise take its new parent (init)
+    for the store and never leave.
+    """
     global _worker_conn
     # The store process decides when workers end (pool shutdown after the batch in
     # progress); a Ctrl-C sent to the whole process group must not kill them mid-batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _worker_conn = connect(path, cache_kib=16384)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     gc.freeze()  # what start-up allocated is never garbage: keep it out of collections
 
 
