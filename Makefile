@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run proxy test lint fmt bench clean
+.PHONY: setup run proxy test lint fmt bench bench-store bench-visibility clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,12 @@ test: lint
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+bench-store: setup
+	$(BIN)/python bench/store_ingest.py
+
+bench-visibility: setup
+	$(BIN)/python bench/visibility.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
