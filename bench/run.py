@@ -4,9 +4,11 @@ One run on one machine, one target after another: HTTP keep-alive through wrk (c
 HTTPS interception keep-alive through bench/tls_load.py (c=50, c=1), and a new CONNECT + TLS
 handshake per request (c=10). Prints a markdown table, ratios ours / mitmdump and added
 latency at c=1; raw results go to bench/.run/results.jsonl. See bench/README.md.
+``--tracing off,1.0,0.01`` also runs our proxy's HTTP rows once per tracing setting
+(OTLP/HTTP export to a local sink, bench/otlp_sink.py) and prints each one's cost vs off.
 
     .venv/bin/python bench/run.py [--only direct,mitm,ours] [--duration 10] [--rounds 1]
-                                  [--no-https] [--soak 1000000]
+                                  [--no-https] [--soak 1000000] [--tracing off,1.0,0.01]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,9 +246,21 @@ def start_mitm(procs: Procs, mitmdump: Path) -> tuple[int, Path] | None:
     return port, confdir / "mitmproxy-ca-cert.pem"
 
 
-def start_ours(procs: Procs, nats_url: str, upstream_ca: Path) -> tuple[int, Path] | None:
+_nats: list[str] = []  # the run's NATS URL, once started
+
+
+def run_nats(procs: Procs) -> str:
+    """The run's NATS server (started on first use, shared by every start of ours)."""
+    if not _nats or not procs.alive("nats"):
+        _nats[:] = [start_nats(procs)]
+    return _nats[0]
+
+
+def start_ours(
+    procs: Procs, nats_url: str, upstream_ca: Path, extra_env: dict[str, str] | None = None
+) -> tuple[int, Path] | None:
     port, data = free_port(), RUN / "pf"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "OTEL_"))}
     env.update(
         FLEET_NATS_URL=nats_url,
         FLEET_DATA_DIR=str(data),
@@ -252,6 +268,7 @@ def start_ours(procs: Procs, nats_url: str, upstream_ca: Path) -> tuple[int, Pat
         FLEET_UPSTREAM_CA_BUNDLE=str(upstream_ca),
         FLEET_LOG_LEVEL="WARNING",
         FLEET_DRAIN_TIMEOUT="2",  # quick stop between targets
+        **(extra_env or {}),
     )
     cmd = [str(ROOT / ".venv" / "bin" / "proxyfleet"), "proxy"]
     if not start_proxy(procs, "ours", cmd, env, port):
@@ -268,7 +285,7 @@ def start_target(name: str, procs: Procs, mitmdump: Path | None, ca: Path) -> Ta
         assert mitmdump is not None
         started = start_mitm(procs, mitmdump)
     else:
-        started = start_ours(procs, start_nats(procs), ca)
+        started = start_ours(procs, run_nats(procs), ca)
     if started is None:
         procs.stop(name)
         return None
@@ -291,6 +308,118 @@ def check_target(t: Target, https: bool) -> tuple[bool, Path | None]:
         log(f"{t.name} FAILED its HTTPS check, skipping its HTTPS rows: {problem}")
         return True, None
     return True, t.cafile
+
+
+# --- tracing cost -------------------------------------------------------------------------
+
+
+def sink_stats(port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as resp:
+        stats: dict[str, int] = json.load(resp)
+        return stats
+
+
+def dropped_spans(proxy_log: str) -> int:
+    """Spans the exporter queue dropped, from the proxy's (rate-limited) SDK warnings."""
+    found = re.finditer(r"Queue full, dropping [^\n(]*(?:\((\d+) more)?", proxy_log)
+    return sum(1 + int(m.group(1) or 0) for m in found)
+
+
+def bench_tracing(
+    args: argparse.Namespace, procs: Procs, ca: Path, sink: Callable[[Result], None]
+) -> dict[str, Results]:
+    """Our proxy's HTTP rows once per tracing ratio, exporting to a local OTLP sink."""
+    out: dict[str, Results] = {}
+    ratios = [r for r in args.tracing if r != "off"]
+    if not ratios:
+        return out
+    sink_port = free_port()
+    procs.start(
+        "otlp-sink", [sys.executable, str(BENCH / "otlp_sink.py"), "--port", str(sink_port)]
+    )
+    if not procs.wait_port("otlp-sink", sink_port, timeout=15):
+        log("otlp sink FAILED to start, skipping the tracing rows\n" + procs.log_tail("otlp-sink"))
+        return out
+    for ratio in ratios:
+        env = {
+            "FLEET_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+            "FLEET_TRACE_SAMPLE_RATIO": ratio,
+        }
+        log(f"ours with tracing, sample ratio {ratio}")
+        started = start_ours(procs, run_nats(procs), ca, env)
+        if started is None:
+            procs.stop("ours")
+            continue
+        t = Target("ours", procs.started["ours"].pid, started[0], None)  # HTTP rows only
+        ok, _ = check_target(t, https=False)
+        if ok:
+            before = sink_stats(sink_port)
+            res = bench_target(t, args, lambda r, ratio=ratio: sink({**r, "tracing": ratio}))
+            procs.stop("ours")  # shutdown flushes the spans still queued
+            after = sink_stats(sink_port)
+            logged = (procs.logs / "ours.log").read_text(errors="replace")
+            res["spans"] = {
+                "exported": after["spans"] - before["spans"],
+                "export_requests": after["requests"] - before["requests"],
+                "dropped": dropped_spans(logged),
+            }
+            sink({"target": "ours", "scenario": "tracing_spans", "tracing": ratio, **res["spans"]})
+            out[ratio] = res
+        procs.stop("ours")
+    procs.stop("otlp-sink")
+    return out
+
+
+def report_tracing(off: Results, traced: dict[str, Results]) -> None:
+    """Cost of each tracing setting vs off: throughput, latency, proxy CPU per request."""
+    head = (
+        "| tracing | req/s c=50 | p50 ms c=50 | p99 ms c=50 | proxy CPU c=50 | CPU us/req c=50 "
+        "| p50 ms c=1 | req/s c=1 | req/s vs off c=50 | CPU/req vs off | p50 c=1 vs off |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    base50, base1 = off.get("http_c50"), off.get("http_c1")
+
+    def cpu_us(r: Result) -> float:
+        return float(r["target_cpu"]) / r["rps"] * 1e6 if r["rps"] else 0.0
+
+    def pct(a: float, b: float) -> str:
+        return f"{(a / b - 1) * 100:+.1f}%" if b else "-"
+
+    for name, res in [("off", off), *traced.items()]:
+        c50, c1 = res.get("http_c50"), res.get("http_c1")
+        cells = [name]
+        cells += (
+            [
+                f"{c50['rps']:,.0f}",
+                ms(c50["p50_ms"]),
+                ms(c50["p99_ms"]),
+                f"{c50['target_cpu']:.2f}",
+                f"{cpu_us(c50):.1f}",
+            ]
+            if c50
+            else ["-"] * 5
+        )
+        cells += [ms(c1["p50_ms"]), f"{c1['rps']:,.0f}"] if c1 else ["-"] * 2
+        if name == "off":
+            cells += ["", "", ""]
+        else:
+            cells.append(pct(c50["rps"], base50["rps"]) if c50 and base50 else "-")
+            cells.append(pct(cpu_us(c50), cpu_us(base50)) if c50 and base50 else "-")
+            if c1 and base1:
+                cells.append(f"{c1['p50_ms'] - base1['p50_ms']:+.3f} ms")
+            else:
+                cells.append("-")
+        lines.append("| " + " | ".join(cells) + " |")
+    print("\nTracing cost (our proxy, HTTP keep-alive, same run):\n" + "\n".join(lines))
+    for name, res in traced.items():
+        sp = res.get("spans")
+        if sp:
+            print(
+                f"- tracing {name}: {sp['exported']:,} spans exported in "
+                f"{sp['export_requests']:,} OTLP requests; {sp['dropped']:,} spans dropped "
+                "(exporter queue full)"
+            )
+    print()
 
 
 # --- soak ---------------------------------------------------------------------------------
@@ -418,6 +547,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="discarded warm-up run, seconds")
     p.add_argument("--no-https", action="store_true", help="skip the HTTPS scenarios")
     p.add_argument("--soak", type=int, default=0, metavar="N", help="push N flows through ours")
+    p.add_argument(
+        "--tracing",
+        default="",
+        metavar="LIST",
+        help="also run ours' HTTP rows per tracing setting, e.g. off,1.0,0.01 (sample ratios)",
+    )
     args = p.parse_args()
     args.targets = [t.strip() for t in args.only.split(",") if t.strip()]
     bad = set(args.targets) - set(TARGETS)
@@ -426,6 +561,16 @@ def parse_args() -> argparse.Namespace:
     args.targets = [t for t in TARGETS if t in args.targets]
     if args.soak and "ours" not in args.targets:
         p.error("--soak needs the 'ours' target")
+    args.tracing = [t.strip() for t in args.tracing.split(",") if t.strip()]
+    for setting in args.tracing:
+        try:
+            ok = setting == "off" or 0.0 <= float(setting) <= 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            p.error(f"--tracing takes 'off' or sample ratios in [0, 1]; got {setting!r}")
+    if args.tracing and "ours" not in args.targets:
+        p.error("--tracing needs the 'ours' target (its untraced run is the 'off' baseline)")
     return args
 
 
@@ -468,7 +613,10 @@ def run(args: argparse.Namespace, procs: Procs) -> None:
                     soak(t, args.soak, rate, sink)
             if name != "direct":
                 procs.stop(name)
+        traced = bench_tracing(args, procs, ca, sink) if args.tracing else {}
     report(all_res, versions)
+    if args.tracing and "ours" in all_res:
+        report_tracing(all_res["ours"], traced)
     log(f"raw results: {(RUN / 'results.jsonl').relative_to(ROOT)}")
 
 

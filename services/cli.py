@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
-from libs.common.logs import setup_logging
+from libs.common.logs import is_json, setup_logging
 from libs.common.settings import ApiSettings, ProxySettings, SettingsError, StoreSettings, load
 from libs.common.tasks import run
+from libs.common.telemetry import SERVICE_API, SERVICE_PROXY, SERVICE_STORE, setup_tracing
+
+
+def _fail(command: str, reason: object) -> None:
+    """The one line a service prints when it cannot start (a JSON line when logging JSON)."""
+    if is_json():
+        logging.getLogger(f"proxyfleet.{command}").error("%s", reason)
+    else:
+        print(f"proxyfleet {command}: {reason}", file=sys.stderr)
 
 
 def _proxy() -> int:
     from services.proxy.main import StartupError, run_proxy
 
     settings = load(ProxySettings)
-    setup_logging(settings.log_level, "proxy")
+    setup_logging(settings.log_level, "proxy", settings.log_format)
+    setup_tracing(SERVICE_PROXY, settings.replica_id, settings)  # flushed at exit
     try:
         run(run_proxy(settings))
     except StartupError as exc:
-        print(f"proxyfleet proxy: {exc}", file=sys.stderr)
+        _fail("proxy", exc)
         return 1
     return 0
 
@@ -27,11 +39,12 @@ def _store() -> int:
     from services.store.main import StartupError, run_store
 
     settings = load(StoreSettings)
-    setup_logging(settings.log_level, "store")
+    setup_logging(settings.log_level, "store", settings.log_format)
+    setup_tracing(SERVICE_STORE, settings.replica_id, settings)  # flushed at exit
     try:
         run(run_store(settings))
     except StartupError as exc:
-        print(f"proxyfleet store: {exc}", file=sys.stderr)
+        _fail("store", exc)
         return 1
     return 0
 
@@ -40,11 +53,12 @@ def _api() -> int:
     from services.api.main import StartupError, run_api
 
     settings = load(ApiSettings)
-    setup_logging(settings.log_level, "api")
+    setup_logging(settings.log_level, "api", settings.log_format)
+    setup_tracing(SERVICE_API, settings.replica_id, settings)  # flushed at exit
     try:
         run(run_api(settings))
     except StartupError as exc:
-        print(f"proxyfleet api: {exc}", file=sys.stderr)
+        _fail("api", exc)
         return 1
     return 0
 
@@ -53,11 +67,11 @@ def _up() -> int:
     from services.up import UpError, UpSettings, run_up
 
     settings = load(UpSettings)
-    setup_logging(settings.log_level, "up")
+    setup_logging(settings.log_level, "up", settings.log_format)
     try:
         run(run_up(settings))
     except UpError as exc:
-        print(f"proxyfleet up: {exc}", file=sys.stderr)
+        _fail("up", exc)
         return 1
     return 0
 
@@ -89,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return check(args.service)
     except SettingsError as exc:
-        print(f"proxyfleet {args.command}: {exc}", file=sys.stderr)
+        if os.environ.get("FLEET_LOG_FORMAT", "").strip().lower() == "json" and not is_json():
+            setup_logging("INFO", args.command, "json")
+        _fail(args.command, exc)
         return 2
     except KeyboardInterrupt:
         return 130

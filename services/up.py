@@ -34,6 +34,14 @@ from libs.common.tasks import install_signal_handlers, spawn
 log = logging.getLogger("proxyfleet.up")
 
 
+# Metrics ports ``up`` gives its children unless FLEET_*_METRICS_LISTEN says otherwise (the
+# services alone default to none, so that several replicas on one host never clash).
+UP_METRICS = {
+    "FLEET_PROXY_METRICS_LISTEN": "127.0.0.1:9101",
+    "FLEET_STORE_METRICS_LISTEN": "127.0.0.1:9102",
+}
+
+
 class UpSettings(CommonSettings):
     """Settings of ``proxyfleet up`` itself; each service reads its own from the same env."""
 
@@ -54,6 +62,20 @@ def _check_free(what: str, address: str) -> None:
             s.bind((host, port))
         except OSError as exc:
             raise UpError(f"{what} address {address} is not available: {exc.strerror}") from None
+
+
+def _overrides(env: dict[str, str]) -> dict[str, str]:
+    """FLEET_* variables as settings-field overrides."""
+    return {k.removeprefix("FLEET_").lower(): v for k, v in env.items()}
+
+
+def _metrics_urls(proxy: ProxySettings, store: StoreSettings, api: ApiSettings) -> str:
+    where = (
+        ("proxy", proxy.proxy_metrics_listen),
+        ("store", store.store_metrics_listen),
+        ("API", api.api_listen),
+    )
+    return ", ".join(f"{name} http://{listen}/metrics" for name, listen in where if listen)
 
 
 @dataclass
@@ -96,11 +118,16 @@ async def run_up(settings: UpSettings) -> None:
     """Start NATS and the services, print where they are, run until a signal."""
     ensure_private_dir(settings.data_dir)
     # Each service's settings are checked here first, so a bad one is one line from `up`.
-    proxy = load(ProxySettings)
+    metrics_env = {k: v for k, v in UP_METRICS.items() if k not in os.environ}
+    proxy = load(ProxySettings, **_overrides(metrics_env))
     api = load(ApiSettings)
-    store = load(StoreSettings)
+    store = load(StoreSettings, **_overrides(metrics_env))
     _check_free("proxy", proxy.proxy_listen)
     _check_free("api", api.api_listen)
+    if proxy.proxy_metrics_listen:
+        _check_free("proxy metrics", proxy.proxy_metrics_listen)
+    if store.store_metrics_listen:
+        _check_free("store metrics", store.store_metrics_listen)
     nats: EmbeddedNats | None = None
     if "FLEET_NATS_URL" in os.environ:
         nats_url = settings.nats_url
@@ -115,7 +142,12 @@ async def run_up(settings: UpSettings) -> None:
         except RuntimeError as exc:
             raise UpError(str(exc).splitlines()[0]) from None
         nats_url = nats.url
-    env = {**os.environ, "FLEET_NATS_URL": nats_url, "FLEET_DATA_DIR": str(settings.data_dir)}
+    env = {
+        **os.environ,
+        **metrics_env,
+        "FLEET_NATS_URL": nats_url,
+        "FLEET_DATA_DIR": str(settings.data_dir),
+    }
     children = [
         Child(name, [sys.executable, "-m", "services.cli", name], env)
         for name in ("store", "api", "proxy")
@@ -131,6 +163,7 @@ async def run_up(settings: UpSettings) -> None:
         f"  API key: {key}\n"
         f"  CA:      {settings.data_dir / 'ca.pem'}  (trust it for HTTPS interception)\n"
         f"  store:   {store.db_path}\n"
+        f"  metrics: {_metrics_urls(proxy, store, api)}\n"
         f"  NATS:    {nats_url}{' (embedded)' if nats else ''}\n"
         f"Ctrl-C stops everything.",
         flush=True,

@@ -4,13 +4,25 @@ It owns the connection policy (retry the first connect for a bounded time, then
 reconnect forever), creates the streams and KV buckets with the retention the
 design asks for, and offers the few messaging shapes we use: JetStream publish
 with a ``Nats-Msg-Id``, request/reply, and scatter-gather to every replica.
+
+It is also the one place where W3C trace context crosses NATS (when tracing is
+on, see ``libs.common.telemetry``): every publish and request injects
+``traceparent`` into the message headers inside a ``<subject> publish`` span
+(PRODUCER for streams, CLIENT for requests), and handlers run in a
+``<subject> process`` span continuing it (``processing`` for one request,
+``processing_batch`` for a fetched batch of stream messages, with links). A batch
+message that carries many flows names their traces in a header so the consumer
+can continue each flow's trace. With tracing off none of this runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import nats
@@ -20,8 +32,10 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, Span, SpanKind
 
-from libs.common import subjects
+from libs.common import subjects, telemetry
 
 log = logging.getLogger("proxyfleet.bus")
 
@@ -29,6 +43,11 @@ FLOWS_MAX_AGE = 24 * 3600.0
 FLOWS_MAX_BYTES = 4 << 30
 EVENTS_MAX_AGE = 7 * 24 * 3600.0
 DUPLICATE_WINDOW = 120.0
+
+
+_TRACER = "proxyfleet.bus"
+_MAX_LINKS = 128  # the SDK's default limit of links per span: more would be dropped anyway
+_NOOP: AbstractContextManager[None] = contextlib.nullcontext()
 
 
 class BusUnavailable(Exception):
@@ -174,16 +193,29 @@ class Bus:
         msg_id: str | None = None,
         headers: dict[str, str] | None = None,
         timeout: float = 5.0,
+        traces: Sequence[str] = (),
     ) -> Any:
-        """Publish into a stream and wait for its ack; ``msg_id`` makes retries idempotent."""
+        """Publish into a stream and wait for its ack; ``msg_id`` makes retries idempotent.
+
+        ``traces``: ``traceparent`` values of the items a batch message carries (tracing
+        on only); the publish span links to them and they travel in the
+        ``Fleet-Flow-Traces`` header, so that ``processing_batch`` continues each one.
+        """
         hdrs = dict(headers or {})
         if msg_id is not None:
             hdrs["Nats-Msg-Id"] = msg_id
-        return await self.js.publish(subject, payload, timeout=timeout, headers=hdrs or None)
+        if not telemetry.ENABLED:
+            return await self.js.publish(subject, payload, timeout=timeout, headers=hdrs or None)
+        with _sending(subject, SpanKind.PRODUCER, hdrs, traces, msg_id):
+            return await self.js.publish(subject, payload, timeout=timeout, headers=hdrs)
 
     async def request(self, subject: str, payload: bytes, timeout: float = 2.0) -> Msg:
         """One request, one reply (raises ``nats.errors.TimeoutError`` / ``NoRespondersError``)."""
-        return await self.nc.request(subject, payload, timeout=timeout)
+        if not telemetry.ENABLED:
+            return await self.nc.request(subject, payload, timeout=timeout)
+        hdrs: dict[str, str] = {}
+        with _sending(subject, SpanKind.CLIENT, hdrs):
+            return await self.nc.request(subject, payload, timeout=timeout, headers=hdrs)
 
     async def scatter_gather(
         self, subject: str, payload: bytes, timeout: float = 1.0, expected: int | None = None
@@ -193,6 +225,23 @@ class Bus:
         Returns early once ``expected`` replies have arrived (the caller knows the
         replica count from the registry); replies arriving late are ignored.
         """
+        if not telemetry.ENABLED:
+            return await self._scatter_gather(subject, payload, timeout, expected, None)
+        hdrs: dict[str, str] = {}
+        with _sending(subject, SpanKind.CLIENT, hdrs) as span:
+            replies = await self._scatter_gather(subject, payload, timeout, expected, hdrs)
+            if span.is_recording():
+                span.set_attribute("proxyfleet.replies", len(replies))
+            return replies
+
+    async def _scatter_gather(
+        self,
+        subject: str,
+        payload: bytes,
+        timeout: float,
+        expected: int | None,
+        headers: dict[str, str] | None,
+    ) -> list[Msg]:
         inbox = self.nc.new_inbox()
         replies: list[Msg] = []
         enough = asyncio.Event()
@@ -204,7 +253,7 @@ class Bus:
 
         sub = await self.nc.subscribe(inbox, cb=on_reply)
         try:
-            await self.nc.publish(subject, payload, reply=inbox)
+            await self.nc.publish(subject, payload, reply=inbox, headers=headers)
             await self.nc.flush()
             try:
                 await asyncio.wait_for(enough.wait(), timeout)
@@ -222,3 +271,103 @@ class Bus:
             await asyncio.wait_for(self.nc.drain(), 5.0)
         except Exception:
             await self.nc.close()
+
+
+# -- trace context over NATS (only called while tracing is on) ----------------------------
+def _messaging(span: Span, subject: str, operation: str) -> None:
+    span.set_attribute("messaging.system", "nats")
+    span.set_attribute("messaging.destination.name", subject)
+    span.set_attribute("messaging.operation.type", operation)
+
+
+@contextlib.contextmanager
+def _sending(
+    subject: str,
+    kind: SpanKind,
+    headers: dict[str, str],
+    traces: Sequence[str] = (),
+    msg_id: str | None = None,
+) -> Iterator[Span]:
+    """A current ``<subject> publish`` span whose context is injected into ``headers``."""
+    links = None
+    if traces:
+        links = [lk for lk in map(telemetry.link, traces[:_MAX_LINKS]) if lk is not None]
+    with telemetry.tracer(_TRACER).start_as_current_span(
+        f"{subject} publish", kind=kind, links=links
+    ) as span:
+        if span.is_recording():
+            _messaging(span, subject, "send")
+            if msg_id is not None:
+                span.set_attribute("messaging.message.id", msg_id)
+            if traces:
+                span.set_attribute("messaging.batch.message_count", len(traces))
+        propagate.inject(headers)
+        if traces:
+            headers[subjects.FLOW_TRACES_HEADER] = ",".join(traces)
+        yield span
+
+
+def processing(msg: Msg, kind: SpanKind = SpanKind.SERVER) -> AbstractContextManager[Span | None]:
+    """Run the handler of one message in a ``<subject> process`` span that continues the
+    sender's trace (SERVER for requests); a no-op when tracing is off."""
+    if not telemetry.ENABLED:
+        return _NOOP
+    return _processing(msg, kind)
+
+
+@contextlib.contextmanager
+def _processing(msg: Msg, kind: SpanKind) -> Iterator[Span]:
+    parent = propagate.extract(msg.headers or {})
+    with telemetry.tracer(_TRACER).start_as_current_span(
+        f"{msg.subject} process", context=parent, kind=kind
+    ) as span:
+        if span.is_recording():
+            _messaging(span, msg.subject, "process")
+        yield span
+
+
+def processing_batch(destination: str, msgs: Sequence[Msg]) -> AbstractContextManager[Span | None]:
+    """Process fetched stream messages in one CONSUMER span ``<destination> process``
+    linked to each message's publish span; when the block succeeds, each item a message
+    carried in ``Fleet-Flow-Traces`` gets its own ``<subject> process`` span in the
+    item's trace (child of the item's span, linked to the publish and batch spans).
+    A no-op when tracing is off."""
+    if not telemetry.ENABLED:
+        return _NOOP
+    return _processing_batch(destination, msgs)
+
+
+@contextlib.contextmanager
+def _processing_batch(destination: str, msgs: Sequence[Msg]) -> Iterator[Span]:
+    tracer = telemetry.tracer(_TRACER)
+    producers = [
+        trace.get_current_span(propagate.extract(m.headers or {})).get_span_context() for m in msgs
+    ]
+    start = time.time_ns()
+    with tracer.start_as_current_span(
+        f"{destination} process",
+        kind=SpanKind.CONSUMER,
+        links=[Link(c) for c in producers if c.is_valid],
+        start_time=start,
+    ) as span:
+        if span.is_recording():
+            _messaging(span, destination, "process")
+            span.set_attribute("messaging.batch.message_count", len(msgs))
+        yield span
+    end = time.time_ns()
+    batch = span.get_span_context()
+    for msg, producer in zip(msgs, producers, strict=True):
+        carried = msg.headers.get(subjects.FLOW_TRACES_HEADER) if msg.headers else None
+        if not carried:
+            continue
+        links = [Link(c) for c in (producer, batch) if c.is_valid]
+        name = f"{msg.subject} process"
+        for value in carried.split(","):
+            parent = telemetry.parent_context(value)
+            if parent is not None:
+                item = tracer.start_span(
+                    name, context=parent, kind=SpanKind.CONSUMER, links=links, start_time=start
+                )
+                if item.is_recording():
+                    _messaging(item, msg.subject, "process")
+                item.end(end)

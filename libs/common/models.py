@@ -103,3 +103,22 @@ class StoreError(BaseModel):
 
     code: str
     message: str
+
+
+Severity = Literal["info", "warning", "error"]
+
+
+class SystemEvent(BaseModel):
+    """One entry of the system event log (stream EVENTS, ``fleet.events.<source>.<type>``).
+
+    ``source`` is the component the event is about (a proxy replica id, a store id, ``api``),
+    ``replica`` the process that emitted it. ``data`` never holds a secret or a body.
+    """
+
+    id: str = Field(description="unique, time-ordered")
+    type: str = Field(description="e.g. replica_started, config_rejected, audit")
+    source: str
+    time: float = Field(description="epoch seconds when the event happened")
+    severity: Severity = "info"
+    replica: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)

@@ -25,6 +25,18 @@ def _default_replica_id() -> str:
     return f"{host}-{secrets.token_hex(3)}"
 
 
+_OFF = frozenset({"", "off", "none", "false", "no", "0", "disabled"})
+
+
+def optional_listen(value: str) -> str:
+    """A ``host:port`` to listen on, or ``""`` for none (``off``, ``none``, ``false``, ...)."""
+    value = value.strip()
+    if value.lower() in _OFF:
+        return ""
+    parse_hostport(value)
+    return value
+
+
 def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` and ``:port`` allowed) into a pair."""
     host, sep, port = value.rpartition(":")
@@ -52,11 +64,37 @@ class CommonSettings(BaseSettings):
     )
     replica_id: str = Field(default_factory=_default_replica_id, description="this process's id")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per event; json: one JSON object per line"
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector base URL (e.g. http://jaeger:4318); unset: tracing off "
+        "(OTEL_EXPORTER_OTLP_ENDPOINT is honoured too)",
+    )
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="share of new traces sampled (parent-based)"
+    )
 
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _check_otlp(cls, v: str | None) -> str | None:
+        v = (v or "").strip()
+        if not v:
+            return None
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP/HTTP)")
+        return v
 
     @field_validator("replica_id")
     @classmethod
@@ -89,6 +127,9 @@ class ProxySettings(CommonSettings):
     upstream_pool_size: int = Field(64, ge=0, description="idle upstream connections kept per host")
     drain_timeout: float = Field(10.0, ge=0, description="default graceful-stop deadline, seconds")
     heartbeat_interval: float = Field(2.0, gt=0, description="seconds between registry heartbeats")
+    proxy_metrics_listen: str = Field(
+        "", description="host:port serving Prometheus /metrics ('' or 'off': none)"
+    )
 
     @field_validator("ignore_hosts", mode="before")
     @classmethod
@@ -102,6 +143,11 @@ class ProxySettings(CommonSettings):
     def _check_listen(cls, v: str) -> str:
         parse_hostport(v)
         return v
+
+    @field_validator("proxy_metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, v: str) -> str:
+        return optional_listen(v)
 
     @field_validator("proxy_mode")
     @classmethod
@@ -144,11 +190,26 @@ class StoreSettings(CommonSettings):
         gt=0,
         description="seconds before JetStream redelivers a message a store did not ack",
     )
+    store_replica_check_interval: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="seconds between checks for replicas whose registry entry expired "
+        "(replica_gone events)",
+    )
+    store_metrics_listen: str = Field(
+        "", description="host:port serving Prometheus /metrics ('' or 'off': none)"
+    )
 
     @field_validator("store_db")
     @classmethod
     def _expand_db(cls, v: Path | None) -> Path | None:
         return v.expanduser() if v is not None else None
+
+    @field_validator("store_metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, v: str) -> str:
+        return optional_listen(v)
 
     @property
     def db_path(self) -> Path:
@@ -218,6 +279,15 @@ class ApiSettings(CommonSettings):
     api_shutdown_timeout: float = Field(
         default=10.0, ge=0, le=3600, description="seconds in-flight API requests get on SIGTERM"
     )
+    api_sse_heartbeat: float = Field(
+        default=15.0, gt=0, le=3600, description="seconds between SSE heartbeat comments"
+    )
+    api_stream_queue_size: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="events queued for one SSE subscriber before it is dropped as too slow",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -277,6 +347,7 @@ __all__ = [
     "StoreSettings",
     "ensure_private_dir",
     "load",
+    "optional_listen",
     "parse_api_key",
     "parse_hostport",
 ]

@@ -10,6 +10,9 @@ from __future__ import annotations
 FLOWS_STREAM = "FLOWS"
 FLOWS_PREFIX = "fleet.flows"
 FLOWS_SUBJECTS = f"{FLOWS_PREFIX}.>"
+# NATS header of a FLOWS message: the W3C traceparents of the sampled flows it carries
+# (comma-separated), so a consumer can continue each flow's trace without decoding it.
+FLOW_TRACES_HEADER = "Fleet-Flow-Traces"
 
 # System events (lifecycle, config, audit).
 EVENTS_STREAM = "EVENTS"
@@ -73,3 +76,13 @@ def kv_stream(bucket: str) -> str:
 def kv_subject(bucket: str, key: str) -> str:
     """The stream subject of ``key`` in KV ``bucket`` (``>`` for every key)."""
     return f"$KV.{bucket}.{key}"
+
+
+def flows_filter(replica: str | None = None) -> str:
+    """Filter subject of the flow events of one replica (``None``: of every replica)."""
+    return f"{FLOWS_PREFIX}.{replica}.*" if replica else FLOWS_SUBJECTS
+
+
+def events_filter(source: str | None = None, event_type: str | None = None) -> str:
+    """Filter subject of system events of one source and/or one type (``None``: any)."""
+    return f"{EVENTS_PREFIX}.{source or '*'}.{event_type or '*'}"

@@ -8,6 +8,7 @@ NATS as a one-line error before serving anything).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,15 +16,23 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 
+from libs.common import telemetry
 from libs.common.bus import Bus
 from libs.common.settings import ApiSettings
+from services.api.audit import AuditMiddleware
 from services.api.auth import KeyRing, authorize
 from services.api.config_store import ConfigStore
 from services.api.deps import Services
 from services.api.errors import install_handlers, openapi_problem_content
+from services.api.eventlog import EventLog
 from services.api.fleet import Fleet
-from services.api.routes import ca, config, flows, health, proxy
+from services.api.metrics import ApiMetrics, MetricsMiddleware
+from services.api.metrics import router as metrics_router
+from services.api.routes import ca, config, events, flows, health, live, proxy
 from services.api.store import StoreClient
+from services.api.streams import FlowHub
+
+log = logging.getLogger("proxyfleet.api")
 
 API_VERSION = "0.1.0"
 OPENAPI_PATH = "/api/openapi.json"
@@ -51,11 +60,25 @@ async def connect_bus(settings: ApiSettings) -> Bus:
     )
 
 
+def instrument(app: FastAPI) -> None:
+    """A SERVER span per API request (OpenTelemetry FastAPI instrumentation); the NATS
+    requests a route makes inherit its context (``Bus.request`` injects it)."""
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    FastAPIInstrumentor.instrument_app(
+        app,
+        tracer_provider=telemetry.provider(),
+        excluded_urls="/healthz,/readyz,/metrics",
+        exclude_spans=["receive", "send"],
+    )
+
+
 def create_app(
     settings: ApiSettings, *, bus: Bus | None = None, keyring: KeyRing | None = None
 ) -> FastAPI:
     """Build the app. ``bus``: an open connection to adopt (the caller closes it)."""
     keys = keyring if keyring is not None else KeyRing.from_settings(settings)
+    metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -65,12 +88,19 @@ def create_app(
         app.state.services = Services(
             bus=active,
             fleet=Fleet(active, settings.api_command_timeout),
-            store=StoreClient(active, settings.api_store_timeout),
+            store=StoreClient(active, settings.api_store_timeout, metrics),
             config=ConfigStore(active),
+            events=EventLog(active),
+            flow_hub=FlowHub(active, settings.api_stream_queue_size),
         )
+        try:
+            await active.ensure_streams()  # the event log and audit records need EVENTS
+        except Exception as exc:
+            log.warning("cannot create the JetStream streams: %r", exc)
         try:
             yield
         finally:
+            await app.state.services.flow_hub.stop()
             app.state.services = None
             if bus is None:
                 await active.close()
@@ -89,10 +119,15 @@ def create_app(
     app.state.settings = settings
     app.state.keyring = keys
     app.state.services = None
+    app.state.metrics = metrics
     install_handlers(app)
+    if telemetry.ENABLED:
+        instrument(app)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(AuditMiddleware)
 
     api = APIRouter(prefix="/api", dependencies=[Depends(authorize)])
-    for module in (proxy, flows, config, ca):
+    for module in (proxy, live, flows, config, ca, events):  # live first: /flows/stream
         api.include_router(module.router)
 
     async def openapi_document(request: Request) -> dict[str, Any]:
@@ -102,4 +137,12 @@ def create_app(
     api.add_api_route(OPENAPI_PATH.removeprefix("/api"), openapi_document, include_in_schema=False)
     app.include_router(api)
     app.include_router(health.router)
+    app.include_router(metrics_router)  # /metrics: no API key, like /healthz
     return app
+
+
+def end_streams(app: FastAPI) -> None:
+    """Tell the open SSE streams to end (the server is shutting down gracefully)."""
+    services: Services | None = getattr(app.state, "services", None)
+    if services is not None:
+        services.flow_hub.close()

@@ -1,8 +1,13 @@
-"""Audit records of mutating API calls on ``fleet.events.api.audit`` (stream EVENTS).
+"""Audit records: one system event (``fleet.events.api.audit``) per mutating API call.
 
-A core publish, not a JetStream one: the record is stored when the EVENTS
-stream exists (the replicas create it), and the API call never waits for, or
-fails on, the audit trail. Records name the key id, never the key.
+``AuditMiddleware`` wraps every request whose method changes state (anything but
+GET/HEAD/OPTIONS) under ``/api``, whatever its outcome (401, 403, 422 and 500
+included), and publishes one ``SystemEvent`` of type ``audit`` after the response has
+been sent: who (the key id, never the key), what (method, path, route, action), the
+result status, when, how long, and what the route added with ``note`` (e.g. the config
+revisions before and after). Bodies are never recorded. Publishing is bounded and
+never fails the call (``libs.common.events``); safe methods pass through untouched,
+so the SSE streams are not wrapped.
 """
 
 from __future__ import annotations
@@ -11,29 +16,94 @@ import logging
 import time
 from typing import Any
 
-import orjson
+from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from libs.common import subjects
-from libs.common.bus import Bus
-from services.api.auth import Principal
+from libs.common import events, subjects
+from libs.common.models import Severity
 
 log = logging.getLogger("proxyfleet.api.audit")
 
-_SUBJECT = subjects.events_subject(subjects.API_SOURCE, subjects.AUDIT_EVENT)
+_SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+_STATE_KEY = "audit"
 
 
-async def record(
-    bus: Bus, principal: Principal | None, action: str, outcome: str, **details: Any
-) -> None:
-    """Publish one audit record (best effort)."""
-    event = {
-        "time": time.time(),
-        "action": action,
-        "outcome": outcome,
-        "key_id": principal.key_id if principal is not None else None,
-        **details,
-    }
-    try:
-        await bus.nc.publish(_SUBJECT, orjson.dumps(event, default=str))
-    except Exception as exc:
-        log.debug("audit record not published: %r", exc)
+def note(request: Request, action: str, **details: Any) -> None:
+    """Name the action of this call and add details to its audit record."""
+    request.state.audit = {"action": action, **details}
+
+
+def _severity(status: int) -> Severity:
+    if status >= 500:
+        return "error"
+    if status >= 400:
+        return "warning"
+    return "info"
+
+
+def _template(scope: Scope) -> str | None:
+    """The matched route's path template (``/api/flows/{flow_id}``), or None."""
+    if scope.get("route") is None:
+        return None
+    names = {str(v): k for k, v in (scope.get("path_params") or {}).items()}
+    return "/".join(f"{{{names[p]}}}" if p in names else p for p in scope["path"].split("/"))
+
+
+class AuditMiddleware:
+    """Pure ASGI (streaming responses pass through untouched); see the module docstring."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] in _SAFE
+            or not scope["path"].startswith("/api/")
+        ):
+            await self.app(scope, receive, send)
+            return
+        state: dict[str, Any] = scope.setdefault("state", {})
+        status = 500  # what the client gets if the app fails before answering
+        started = time.time()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            await self._record(scope, state, status, started)
+
+    @staticmethod
+    async def _record(scope: Scope, state: dict[str, Any], status: int, started: float) -> None:
+        app = scope.get("app")
+        services = getattr(getattr(app, "state", None), "services", None)
+        if services is None:
+            return
+        principal = state.get("principal")
+        details = dict(state.get(_STATE_KEY) or {})
+        data: dict[str, Any] = {
+            "action": details.pop("action", None),
+            "key_id": getattr(principal, "key_id", None),
+            "scope": getattr(principal, "scope", None),
+            "method": scope["method"],
+            "path": scope["path"],
+            "route": _template(scope),
+            "status": status,
+            "started": started,
+            "duration_ms": round((time.time() - started) * 1000, 3),
+            **details,
+        }
+        settings = getattr(app.state, "settings", None) if app is not None else None
+        await events.emit(
+            services.bus,
+            subjects.API_SOURCE,
+            events.AUDIT,
+            data,
+            _severity(status),
+            replica=getattr(settings, "replica_id", None),
+        )

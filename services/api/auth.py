@@ -163,9 +163,9 @@ async def authorize(
             else "the API key is not valid",
             headers={"WWW-Authenticate": 'Bearer realm="proxyfleet"'},
         )
+    request.state.principal = principal  # known even when refused (the audit record)
     if request.method not in READ_METHODS and principal.scope != "admin":
         raise ApiError(
             403, "AUTH_FORBIDDEN", f"key {principal.key_id!r} has scope read; this needs admin"
         )
-    request.state.principal = principal
     return principal

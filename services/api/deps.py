@@ -18,8 +18,10 @@ from libs.common.settings import ApiSettings
 from services.api.auth import Principal, authorize
 from services.api.config_store import ConfigStore
 from services.api.errors import ApiError
+from services.api.eventlog import EventLog
 from services.api.fleet import Fleet
 from services.api.store import StoreClient
+from services.api.streams import FlowHub
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,8 @@ class Services:
     fleet: Fleet
     store: StoreClient
     config: ConfigStore
+    events: EventLog
+    flow_hub: FlowHub
 
 
 async def get_services(request: Request) -> Services:
@@ -60,10 +64,20 @@ async def _config(s: Annotated[Services, Depends(get_services)]) -> ConfigStore:
     return s.config
 
 
+async def _events(s: Annotated[Services, Depends(get_services)]) -> EventLog:
+    return s.events
+
+
+async def _flow_hub(s: Annotated[Services, Depends(get_services)]) -> FlowHub:
+    return s.flow_hub
+
+
 BusDep = Annotated[Bus, Depends(_bus)]
 FleetDep = Annotated[Fleet, Depends(_fleet)]
 StoreDep = Annotated[StoreClient, Depends(_store)]
 ConfigDep = Annotated[ConfigStore, Depends(_config)]
+EventsDep = Annotated[EventLog, Depends(_events)]
+FlowHubDep = Annotated[FlowHub, Depends(_flow_hub)]
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 # Resolved once per request: the /api router already depends on ``authorize``.
 CallerDep = Annotated[Principal, Depends(authorize)]

@@ -21,7 +21,7 @@ import uvicorn
 from libs.common.bus import Bus, BusUnavailable
 from libs.common.settings import ApiSettings, parse_hostport
 from libs.common.tasks import cancel_and_wait, install_signal_handlers, spawn
-from services.api.app import connect_bus, create_app
+from services.api.app import connect_bus, create_app, end_streams
 from services.api.auth import KeyFileError, KeyRing
 
 log = logging.getLogger("proxyfleet.api")
@@ -105,6 +105,7 @@ async def _serve(settings: ApiSettings, sock: socket.socket, bus: Bus, keyring: 
     if server.started:
         print(f"proxyfleet api listening on {_url(sock)}; API key: {keyring.source}", flush=True)
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    end_streams(app)  # open SSE streams end now instead of holding the graceful shutdown
     server.should_exit = True
     await cancel_and_wait(stopping)
     await serving

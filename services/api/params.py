@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import (
+    BaseModel,
     BeforeValidator,
     Field,
     ValidationError,
@@ -120,20 +121,55 @@ class FlowListParams(FlowQuery):
         return FlowQuery.model_validate(self.model_dump())
 
 
-async def flow_list_params(request: Request) -> FlowListParams:
-    """The listing's query string, validated; errors are 422s naming ``query.<param>``."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_query(model: type[M], query: dict[str, Any]) -> M:
+    """``query`` validated as ``model``; errors are 422s naming ``query.<param>``."""
     try:
-        return FlowListParams.model_validate(dict(request.query_params))
+        return model.model_validate(query)
     except ValidationError as exc:
         raise RequestValidationError(
             [{**err, "loc": ("query", *err["loc"])} for err in exc.errors()]
         ) from None
 
 
-def openapi_parameters() -> list[dict[str, Any]]:
-    """OpenAPI parameter objects for ``FlowListParams`` (all optional, in the query)."""
+async def flow_list_params(request: Request) -> FlowListParams:
+    """The listing's query string, validated; errors are 422s naming ``query.<param>``."""
+    return validate_query(FlowListParams, dict(request.query_params))
+
+
+# Listing-only parameters: a live stream has no page, and its time is "from now on".
+STREAM_EXCLUDED = ("since", "until", "limit", "cursor")
+
+
+async def flow_stream_params(request: Request) -> FlowListParams:
+    """The filters of ``GET /api/flows/stream``: the listing's, less paging and time range."""
+    query = dict(request.query_params)
+    query.pop("last_event_id", None)  # read by the route (Last-Event-ID as a parameter)
+    bad = [name for name in STREAM_EXCLUDED if name in query]
+    if bad:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", name),
+                    "msg": "not supported on the live stream (use Last-Event-ID to resume)",
+                    "type": "extra_forbidden",
+                }
+                for name in bad
+            ]
+        )
+    return validate_query(FlowListParams, query)
+
+
+def openapi_parameters(
+    model: type[BaseModel] = FlowListParams, exclude: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """OpenAPI parameter objects for ``model``'s fields (all optional, in the query)."""
     out = []
-    for name, prop in FlowListParams.model_json_schema()["properties"].items():
+    for name, prop in model.model_json_schema()["properties"].items():
+        if name in exclude:
+            continue
         schema = dict(prop)
         description = schema.pop("description", None)
         variants = [v for v in schema.pop("anyOf", []) if v != {"type": "null"}]

@@ -7,7 +7,8 @@ reply is passed on to the client as the bytes the store sent.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import orjson
@@ -16,37 +17,52 @@ from libs.common import subjects
 from libs.common.bus import Bus
 from services.api.errors import ApiError, FieldError
 
+if TYPE_CHECKING:
+    from services.api.metrics import ApiMetrics
+
 _STATUS = {"FLOW_NOT_FOUND": 404, "BAD_QUERY": 422, "STORE_UNAVAILABLE": 503}
 
 
 class StoreClient:
     """Request/reply to the store's queue group with the API's timeout."""
 
-    def __init__(self, bus: Bus, timeout: float) -> None:
+    def __init__(self, bus: Bus, timeout: float, metrics: ApiMetrics | None = None) -> None:
         self.bus = bus
         self.timeout = timeout
+        self.metrics = metrics
 
     async def call(self, verb: str, body: dict[str, Any] | bytes) -> tuple[dict[str, Any], bytes]:
         """The decoded reply and its raw bytes; store errors raised as ``ApiError``."""
         payload = body if isinstance(body, bytes) else orjson.dumps(body)
+        start = time.perf_counter()
+        outcome = "error"
         try:
-            msg = await self.bus.request(subjects.store_subject(verb), payload, self.timeout)
-        except nats.errors.NoRespondersError:
-            raise ApiError(503, "STORE_UNAVAILABLE", "no flow store is running") from None
-        except TimeoutError:
-            raise ApiError(
-                503, "STORE_UNAVAILABLE", f"the flow store did not answer within {self.timeout:g}s"
-            ) from None
-        try:
-            reply = orjson.loads(msg.data)
-        except orjson.JSONDecodeError:
-            reply = None
-        if not isinstance(reply, dict):
-            raise ApiError(502, "STORE_ERROR", "the flow store sent an unreadable reply")
-        error = reply.get("error")
-        if error is not None:
-            raise _store_error(error)
-        return reply, msg.data
+            try:
+                msg = await self.bus.request(subjects.store_subject(verb), payload, self.timeout)
+            except nats.errors.NoRespondersError:
+                outcome = "no_store"
+                raise ApiError(503, "STORE_UNAVAILABLE", "no flow store is running") from None
+            except TimeoutError:
+                outcome = "timeout"
+                raise ApiError(
+                    503,
+                    "STORE_UNAVAILABLE",
+                    f"the flow store did not answer within {self.timeout:g}s",
+                ) from None
+            try:
+                reply = orjson.loads(msg.data)
+            except orjson.JSONDecodeError:
+                reply = None
+            if not isinstance(reply, dict):
+                raise ApiError(502, "STORE_ERROR", "the flow store sent an unreadable reply")
+            error = reply.get("error")
+            if error is not None:
+                raise _store_error(error)
+            outcome = "ok"
+            return reply, msg.data
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe_store(verb, outcome, time.perf_counter() - start)
 
     async def get_flow(self, flow_id: str) -> dict[str, Any]:
         """The full merged flow (bodies base64), or 404 FLOW_NOT_FOUND."""

@@ -15,18 +15,21 @@ import asyncio
 import logging
 import secrets
 from binascii import b2a_base64
+from bisect import bisect_left
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import orjson
 
-from libs.common import subjects
-from services.proxy.flow import ACTIVE, COMPLETED, Flow
+from libs.common import subjects, telemetry
+from services.proxy.flow import ACTIVE, COMPLETED, KILLED, Flow
 
 log = logging.getLogger("proxyfleet.capture")
 
 _RESERVED = 4096  # room for headers and the JSON array brackets within max_payload
 _SLICE = 32  # events serialised between two yields to the event loop
+_TRACEPARENT_LEN = 55
 
 
 class Publisher(Protocol):
@@ -38,7 +41,9 @@ class Publisher(Protocol):
     @property
     def max_payload(self) -> int: ...
 
-    async def js_publish(self, subject: str, payload: bytes, msg_id: str | None = None) -> Any: ...
+    async def js_publish(
+        self, subject: str, payload: bytes, msg_id: str | None = None, *, traces: Sequence[str] = ()
+    ) -> Any: ...
 
 
 def _headers(pairs: list[tuple[bytes, bytes]]) -> list[list[str]]:
@@ -112,8 +117,68 @@ def flow_event(flow: Flow, replica: str, body_limit: int | None = None) -> dict[
         "error": flow.error,
         "stats": flow.stats,
         "trace_id": flow.trace_id,
+        "traceparent": flow.traceparent,
         "tags": [],
     }
+
+
+# Label values of finished flows: index ``status // 100`` for completed flows (0: no
+# usable status), then the two final states that are not a response.
+STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx", "error", "killed")
+_ERROR_CLASS, _KILLED_CLASS = 6, 7
+# Upper bounds (seconds) of the upstream latency histogram: request sent -> first byte.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class FlowTally:
+    """Totals of finished flows, kept by the publisher as it serialises final events.
+
+    Counting there keeps metrics off the request path (the relay only appends to
+    the queue); the numbers are plain ints that the metrics collector reads at
+    scrape time. A flow is counted once, when its final event (or the coalesced
+    one) leaves the queue: flows still queued, and flows whose final event was
+    dropped on overflow, are not in here (``Capture.dropped_final`` counts those).
+    """
+
+    __slots__ = (
+        "by_class",
+        "bytes_client_to_server",
+        "bytes_server_to_client",
+        "latency_buckets",
+        "latency_sum",
+    )
+
+    def __init__(self) -> None:
+        self.by_class = [0] * len(STATUS_CLASSES)
+        self.bytes_client_to_server = 0  # request bodies, tunnel and websocket bytes
+        self.bytes_server_to_client = 0  # response bodies, tunnel and websocket bytes
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # not cumulative; last: +Inf
+        self.latency_sum = 0.0
+
+    def count(self, flow: Flow) -> None:
+        state = flow.state
+        if state == COMPLETED:
+            status = flow.status
+            self.by_class[status // 100 if 100 <= status < 600 else 0] += 1
+        else:
+            self.by_class[_KILLED_CLASS if state == KILLED else _ERROR_CLASS] += 1
+        self.bytes_client_to_server += flow.req_size
+        self.bytes_server_to_client += flow.resp_size
+        stats = flow.stats
+        if stats is not None:
+            self.bytes_client_to_server += stats.get("bytes_client_to_server", 0)
+            self.bytes_server_to_client += stats.get("bytes_server_to_client", 0)
+        sent, first = flow.t_request_sent, flow.t_first_byte
+        if sent and first:
+            wait = first - sent if first > sent else 0.0
+            self.latency_buckets[bisect_left(LATENCY_BUCKETS, wait)] += 1
+            self.latency_sum += wait
+
+    @property
+    def latency_count(self) -> int:
+        return sum(self.latency_buckets)
 
 
 class Capture:
@@ -138,13 +203,18 @@ class Capture:
         self._boot = secrets.token_hex(4)
         self._seq = 0
         self.dropped = 0
+        self.dropped_final = 0  # of ``dropped``: final events (their flow goes unrecorded)
         self.published = 0
         self.batches = 0
+        self.tally = FlowTally()
+        self._traces: list[str] = []  # traceparents of sampled flows in the batch being built
 
     def emit(self, flow: Flow) -> None:
         """Queue ``flow`` for publishing (hot path: never blocks, never awaits)."""
         if len(self._queue) >= self.queue_size:
             self.dropped += 1
+            if flow.state != ACTIVE:
+                self.dropped_final += 1
             return
         self._queue.append(flow)
         self._wakeup.set()
@@ -160,6 +230,7 @@ class Capture:
         size = 0
         q = self._queue
         count = max_count or self.batch_max
+        traces = self._traces if telemetry.ENABLED else None
         while q and len(out) < count:
             flow = q[0]
             if flow.final_sent:  # its final event already went out (coalesced)
@@ -173,6 +244,11 @@ class Capture:
             q.popleft()
             if flow.state != ACTIVE:
                 flow.final_sent = True
+                self.tally.count(flow)
+                if traces is not None:  # tracing on: this flow's store span needs its trace
+                    tp = flow.traceparent
+                    if tp is not None and telemetry.is_sampled(tp):
+                        traces.append(tp)
             out.append(data)
             size += len(data) + 1
         return out
@@ -212,19 +288,31 @@ class Capture:
                 await asyncio.sleep(self.linger)
             while not bus.connected:
                 await asyncio.sleep(0.1)
-            batch = await self._take_batch_yielding(max(bus.max_payload - _RESERVED, 64 * 1024))
+            batch = await self._take_batch_yielding(self._budget(bus))
             if not batch:
                 continue
             await self._publish(b"[" + b",".join(batch) + b"]", len(batch))
+
+    def _budget(self, bus: Publisher) -> int:
+        """Payload bytes a batch may use: ``max_payload`` less the room for headers (with
+        tracing on, the traceparents of up to ``batch_max`` flows)."""
+        reserved = _RESERVED
+        if telemetry.ENABLED:
+            reserved += (_TRACEPARENT_LEN + 1) * self.batch_max
+        return max(bus.max_payload - reserved, 64 * 1024)
 
     async def _publish(self, payload: bytes, count: int) -> None:
         assert self.bus is not None
         self._seq += 1
         msg_id = f"{self.replica}.{self._boot}.{self._seq}"
+        traces, self._traces = self._traces, []
         delay = 0.1
         while True:
             try:
-                await self.bus.js_publish(self.subject, payload, msg_id=msg_id)
+                if traces:  # tracing on: the batch span links to its flows' spans
+                    await self.bus.js_publish(self.subject, payload, msg_id=msg_id, traces=traces)
+                else:
+                    await self.bus.js_publish(self.subject, payload, msg_id=msg_id)
                 break
             except asyncio.CancelledError:
                 raise
@@ -245,7 +333,7 @@ class Capture:
             while self._queue:
                 while not bus.connected:
                     await asyncio.sleep(0.1)
-                batch = self._take_batch(max(bus.max_payload - _RESERVED, 64 * 1024))
+                batch = self._take_batch(self._budget(bus))
                 if batch:
                     await self._publish(b"[" + b",".join(batch) + b"]", len(batch))
 

@@ -16,15 +16,27 @@ import orjson
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from libs.common import subjects
-from libs.common.bus import Bus
-from libs.common.models import CommandReply, ReplicaStatus, RuntimeConfig
+from libs.common import events, subjects
+from libs.common.bus import Bus, processing
+from libs.common.models import CommandReply, ReplicaStatus, RuntimeConfig, Severity
 from libs.common.settings import ProxySettings
 from services.proxy.config import ProxyConfig
 from services.proxy.context import ProxyContext
 from services.proxy.server import ListenError, ProxyServer
 
 log = logging.getLogger("proxyfleet.control")
+
+
+def _reason(exc: Exception) -> str:
+    """One line saying why a config document was refused (field by field when validating)."""
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "document"
+            parts.append(f"{where}: {err['msg']}")
+        return "; ".join(parts)[:500]
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else type(exc).__name__
 
 
 class Control:
@@ -40,6 +52,12 @@ class Control:
         self.config_error: str | None = None
         self._subs: list[Any] = []
         self._watcher: Any = None
+        server.on_event = self.event
+
+    async def event(self, type: str, data: dict[str, Any], severity: Severity = "info") -> None:
+        """Publish a system event about this replica (bounded wait, never raises)."""
+        replica = self.ctx.replica
+        await events.emit(self.bus, replica, type, data, severity, replica=replica)
 
     # -- status -------------------------------------------------------------------------
     def status(self) -> ReplicaStatus:
@@ -70,6 +88,10 @@ class Control:
             self._subs.append(sub)
 
     async def _on_command(self, msg: Msg) -> None:
+        with processing(msg):  # continues the API request's trace (tracing on only)
+            await self._command(msg)
+
+    async def _command(self, msg: Msg) -> None:
         verb = msg.subject.rsplit(".", 1)[-1]
         try:
             body = orjson.loads(msg.data) if msg.data else {}
@@ -108,6 +130,8 @@ class Control:
             flow_id = str(body.get("flow_id", ""))
             found = self.ctx.kill(flow_id)
             data["found"] = found
+            if found:
+                await self.event(events.FLOW_KILLED, {"flow_id": flow_id})
             if not found:
                 return CommandReply(
                     replica=replica,
@@ -170,13 +194,26 @@ class Control:
             doc = RuntimeConfig.model_validate_json(raw)
             cfg = ProxyConfig.build(doc, revision, self.settings.upstream_ca_bundle)
         except (ValidationError, ValueError, OSError) as exc:
-            self.config_error = f"revision {revision} rejected: {exc}".splitlines()[0]
+            self.config_error = f"revision {revision} rejected: {_reason(exc)}"
             log.warning("config %s", self.config_error)
+            self._config_event(
+                events.CONFIG_REJECTED,
+                "warning",
+                revision=revision,
+                reason=self.config_error,
+                kept_revision=self.ctx.config.revision,
+            )
             return False
+        previous = self.ctx.config.revision
         self.ctx.apply_config(cfg)
         self.config_error = None
         log.info("config revision %d applied", revision)
+        self._config_event(events.CONFIG_APPLIED, "info", revision=revision, previous=previous)
         return True
+
+    def _config_event(self, type: str, severity: Severity, **data: Any) -> None:
+        replica = self.ctx.replica
+        events.emit_soon(self.bus, replica, type, data, severity, replica=replica)
 
     async def watch_config(self) -> None:
         """Follow the config bucket forever (the ordered consumer survives reconnects)."""

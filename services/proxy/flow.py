@@ -65,6 +65,7 @@ class Flow:
         "t_request_sent",
         "t_start",
         "trace_id",
+        "traceparent",
     )
 
     def __init__(self, client_addr: Any, kind: str = "http") -> None:
@@ -96,7 +97,8 @@ class Flow:
         self.t_end = 0.0
         self.error: str | None = None
         self.stats: dict[str, int] | None = None  # tunnel/websocket byte and message counts
-        self.trace_id: str | None = None
+        self.trace_id: str | None = None  # with ``traceparent``: set when tracing is on
+        self.traceparent: str | None = None  # W3C value naming the flow's span
         self.final_sent = False  # set by the publisher once the final event went out
 
     def finish(self, state: str = COMPLETED, error: str | None = None) -> bool:

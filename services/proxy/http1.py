@@ -33,11 +33,15 @@ from httptools import (
     parse_url,
 )
 
+from libs.common import telemetry
 from libs.common.tasks import spawn
+from services.proxy import tracing
 from services.proxy.flow import COMPLETED, ERROR, KILLED, Flow
 from services.proxy.relay import FrameCounter
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from services.proxy.context import ProxyContext
 
 log = logging.getLogger("proxyfleet.proxy")
@@ -96,6 +100,7 @@ class Exchange:
         "req_done",
         "response_started",
         "retried",
+        "span",
         "upgrade",
         "upgrade_rest",
         "upstream",
@@ -124,6 +129,7 @@ class Exchange:
         self.retried = False
         self.recorded = False
         self.refusal: bytes | None = None  # error answer owed after earlier responses
+        self.span: Span | None = None  # the flow's span, only while tracing is on
 
 
 class _Refused(Exception):
@@ -477,6 +483,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _record(self, ex: Exchange) -> None:
         ex.recorded = True
+        if telemetry.ENABLED:  # the one tracing check per flow when tracing is off
+            tracing.start_flow(ex)
         self.ctx.active[ex.flow.id] = ex
         self.ctx.capture.emit(ex.flow)
 
@@ -500,13 +508,23 @@ class ClientConnection(asyncio.Protocol):
         tls = scheme == "https"
         try:
             async with asyncio.timeout(cfg.doc.upstream_connect_timeout):
-                _, up = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self.ctx, ex.key),
-                    host,
-                    port,
-                    ssl=cfg.upstream_ssl if tls else None,
-                    server_hostname=host if tls else None,
-                )
+                if ex.span is not None:
+                    up = await tracing.connect(
+                        self.loop,
+                        lambda: UpstreamConnection(self.ctx, ex.key),
+                        host,
+                        port,
+                        cfg.upstream_ssl if tls else None,
+                        ex.span,
+                    )
+                else:
+                    _, up = await self.loop.create_connection(
+                        lambda: UpstreamConnection(self.ctx, ex.key),
+                        host,
+                        port,
+                        ssl=cfg.upstream_ssl if tls else None,
+                        server_hostname=host if tls else None,
+                    )
         except TimeoutError:
             self._upstream_error(ex, 504, f"timed out connecting to {host}:{port}")
             return
@@ -697,6 +715,8 @@ class ClientConnection(asyncio.Protocol):
             ctx = self.ctx
             ctx.active.pop(ex.flow.id, None)
             ctx.flows_total += 1
+            if ex.span is not None:
+                tracing.end_flow(ex)
             ctx.capture.emit(ex.flow)
 
     def _next(self, ex: Exchange) -> None:
@@ -828,9 +848,19 @@ class ClientConnection(asyncio.Protocol):
         _, host, port = ex.key
         try:
             async with asyncio.timeout(self.ctx.config.doc.upstream_connect_timeout):
-                _, up = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self.ctx, ex.key), host, port
-                )
+                if ex.span is not None:
+                    up = await tracing.connect(
+                        self.loop,
+                        lambda: UpstreamConnection(self.ctx, ex.key),
+                        host,
+                        port,
+                        None,
+                        ex.span,
+                    )
+                else:
+                    _, up = await self.loop.create_connection(
+                        lambda: UpstreamConnection(self.ctx, ex.key), host, port
+                    )
         except TimeoutError:
             self._upstream_error(ex, 504, f"timed out connecting to {host}:{port}")
             return

@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 from typing import Any
 
+from libs.common import events
 from libs.common.bus import Bus, BusUnavailable
+from libs.common.metrics import MetricsListenError, MetricsServer
 from libs.common.models import RuntimeConfig
 from libs.common.settings import ProxySettings
 from libs.common.tasks import cancel_and_wait, install_signal_handlers, spawn
@@ -20,6 +23,7 @@ from services.proxy.capture import Capture
 from services.proxy.config import ProxyConfig
 from services.proxy.context import ProxyContext
 from services.proxy.control import Control
+from services.proxy.metrics import registry_for
 from services.proxy.server import ListenError, ProxyServer
 from services.proxy.tls import CertificateAuthority
 
@@ -72,6 +76,8 @@ class Replica:
         self.server: ProxyServer | None = None
         self.control: Control | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self.registry = registry_for(self)  # this replica's Prometheus metrics
+        self.metrics: MetricsServer | None = None
 
     async def start(self) -> None:
         """Bring the replica up, or raise ``StartupError`` with a one-line reason."""
@@ -100,10 +106,20 @@ class Replica:
         )
         self.server = ProxyServer(self.ctx, s.proxy_listen, s.proxy_reuse_port)
         self.control = Control(self.bus, self.ctx, self.server, s)
+        if s.proxy_metrics_listen:
+            metrics = MetricsServer(self.registry, s.proxy_metrics_listen)
+            try:
+                await metrics.start()
+            except MetricsListenError as exc:
+                await self.bus.close()
+                raise StartupError(str(exc)) from None
+            self.metrics = metrics
         if s.proxy_start_listening:
             try:
                 await self.server.start()
             except ListenError as exc:
+                if self.metrics is not None:
+                    await self.metrics.stop()
                 await self.bus.close()
                 raise StartupError(str(exc)) from None
         await self.control.start()
@@ -114,6 +130,15 @@ class Replica:
             spawn(self.control.watch_config(), name="config-watch"),
         ]
         log.info("replica %s started", s.replica_id)
+        await self.control.event(
+            events.REPLICA_STARTED,
+            {
+                "listen": self.server.address,
+                "listening": self.server.state == "running",
+                "mode": s.proxy_mode,
+                "pid": os.getpid(),
+            },
+        )
 
     @property
     def address(self) -> str:
@@ -130,7 +155,17 @@ class Replica:
         await self.ctx.capture.flush(timeout=5.0)
         await self.control.close()
         await self.control.deregister()
+        await self.control.event(
+            events.REPLICA_STOPPED,
+            {
+                "flows_total": self.ctx.flows_total,
+                "events_dropped": self.ctx.capture.dropped,
+                "drain": deadline,
+            },
+        )
         await self.bus.close()
+        if self.metrics is not None:
+            await self.metrics.stop()
         log.info("replica %s stopped", self.settings.replica_id)
 
 
@@ -144,7 +179,8 @@ async def run_proxy(settings: ProxySettings) -> None:
     assert replica.ca is not None
     print(
         f"proxyfleet proxy {settings.replica_id} listening on {replica.address} "
-        f"({settings.proxy_mode}); CA certificate: {replica.ca.cert_path}",
+        f"({settings.proxy_mode}); CA certificate: {replica.ca.cert_path}"
+        + (f"; metrics: http://{replica.metrics.address}/metrics" if replica.metrics else ""),
         flush=True,
     )
     await stop.wait()

@@ -11,13 +11,19 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+from libs.common import events
 from libs.common.settings import parse_hostport
 from services.proxy.context import ProxyContext
 from services.proxy.flow import ERROR
 from services.proxy.http1 import ClientConnection
 
 log = logging.getLogger("proxyfleet.proxy")
+
+# Reports a system event (type, data); set by the replica, bounded and never raising.
+EventHook = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
 class ListenError(Exception):
@@ -35,6 +41,7 @@ class ProxyServer:
         self.started_at = time.time()
         self._server: asyncio.Server | None = None
         self._lock = asyncio.Lock()
+        self.on_event: EventHook | None = None
 
     @property
     def address(self) -> str:
@@ -70,6 +77,8 @@ class ProxyServer:
             self.ctx.draining = False
             self.state = "running"
             log.info("listener started on %s", self.address)
+            if self.on_event is not None:
+                await self.on_event(events.LISTENER_STARTED, {"address": self.address})
 
     async def stop(self, deadline: float) -> int:
         """Stop accepting, drain for up to ``deadline`` seconds; return flows aborted."""
@@ -99,4 +108,9 @@ class ProxyServer:
             self._server = None
             self.state = "stopped"
             log.info("listener on %s stopped (%d flows cut at the deadline)", address, aborted)
+            if self.on_event is not None:
+                await self.on_event(
+                    events.LISTENER_STOPPED,
+                    {"address": address, "aborted": aborted, "deadline": deadline},
+                )
             return aborted

@@ -16,13 +16,15 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
-from libs.common import subjects
-from libs.common.bus import Bus
+from libs.common import events, subjects
+from libs.common.bus import Bus, processing_batch
+from libs.common.models import Severity
 from libs.common.tasks import cancel_and_wait, spawn
 from services.store.repository import FlowRepository, RepositoryError
 
@@ -59,6 +61,7 @@ class FlowConsumer:
         fetch_timeout: float = 0.5,
         durable: str = subjects.STORE_DURABLE,
         depth: int = 2,
+        source: str = "store",
     ) -> None:
         self.bus = bus
         self.repo = repo
@@ -67,6 +70,8 @@ class FlowConsumer:
         self.fetch_timeout = fetch_timeout
         self.durable = durable
         self.stats = IngestStats()
+        self.source = source  # the store's id, as the source of its system events
+        self._throttle = events.Throttle(5.0)  # a failing database must not flood EVENTS
         self._sub: JetStreamContext.PullSubscription | None = None
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(depth)
@@ -152,7 +157,8 @@ class FlowConsumer:
     async def _commit(self, msgs: list[Msg]) -> None:
         t0 = time.monotonic()
         try:
-            result = await self.repo.ingest([m.data for m in msgs])
+            with processing_batch(subjects.FLOWS_SUBJECTS, msgs):  # no-op unless tracing
+                result = await self.repo.ingest([m.data for m in msgs])
         except Exception as exc:  # RepositoryError, or a bug: never ack, never stop ingest
             self.stats.ingest_errors += 1
             log.error(
@@ -160,6 +166,13 @@ class FlowConsumer:
                 len(msgs),
                 RETRY_DELAY,
                 exc if isinstance(exc, RepositoryError) else repr(exc),
+            )
+            self._event(
+                events.INGEST_ERROR,
+                "error",
+                messages=len(msgs),
+                error=str(exc) if isinstance(exc, RepositoryError) else repr(exc),
+                redelivery_in=RETRY_DELAY,
             )
             for msg in msgs:
                 with contextlib.suppress(Exception):
@@ -187,11 +200,27 @@ class FlowConsumer:
         if result.bad_events:
             s.bad_events += result.bad_events
             log.warning("%d malformed flow events skipped", result.bad_events)
+        if undecodable or result.bad_events:
+            self._event(
+                events.INGEST_DECODE_ERROR,
+                "warning",
+                messages_dropped=len(undecodable),
+                stream_seqs=[_seq(msgs[i]) for i in sorted(undecodable)][:20],
+                events_skipped=result.bad_events,
+            )
         s.last_commit_ms = (time.monotonic() - t0) * 1000.0
         with contextlib.suppress(Exception):
             meta = msgs[-1].metadata
             s.last_lag_s = max(0.0, time.time() - meta.timestamp.timestamp())
             s.pending = meta.num_pending
+
+    def _event(self, type: str, severity: Severity, **data: Any) -> None:
+        held = self._throttle.allow(type)
+        if held is None:
+            return
+        if held:
+            data["suppressed"] = held  # like events held back in the last few seconds
+        events.emit_soon(self.bus, self.source, type, data, severity, replica=self.source)
 
 
 def _seq(msg: Msg) -> str:

@@ -12,9 +12,12 @@ import asyncio
 import logging
 
 from libs.common.bus import Bus, BusUnavailable
+from libs.common.metrics import MetricsListenError, MetricsServer
 from libs.common.settings import StoreSettings
 from libs.common.tasks import cancel_and_wait, install_signal_handlers, spawn
 from services.store.consumer import FlowConsumer
+from services.store.metrics import StoreCollector, registry_for
+from services.store.replicas import RegistryWatch
 from services.store.repository import FlowRepository, RepositoryError
 from services.store.rpc import StoreRPC
 from services.store.sqlite import SQLiteRepository
@@ -36,7 +39,12 @@ class Store:
         self.consumer: FlowConsumer | None = None
         self.rpc: StoreRPC | None = None
         self._pruner: asyncio.Task[None] | None = None
+        self.registry_watch: RegistryWatch | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._stopped = False
+        self.collector = StoreCollector(self)  # this store's Prometheus metrics
+        self.registry = registry_for(self.collector)
+        self.metrics: MetricsServer | None = None
 
     async def start(self) -> None:
         """Bring the store up, or raise ``StartupError`` with a one-line reason."""
@@ -66,6 +74,7 @@ class Store:
                 batch=s.store_fetch_batch,
                 ack_wait=s.store_ack_wait,
                 depth=max(2, s.store_ingest_workers + 1),  # every worker busy + one fetched
+                source=s.replica_id,
             )
             try:
                 await self.consumer.start()
@@ -73,12 +82,23 @@ class Store:
                 await self.rpc.start()
             except Exception as exc:  # JetStream refused the consumer, NATS went away, ...
                 raise StartupError(f"cannot set up ingest and queries on NATS: {exc!r}") from None
+            if s.store_metrics_listen:
+                metrics = MetricsServer(
+                    self.registry, s.store_metrics_listen, refresh=self.collector.refresh
+                )
+                try:
+                    await metrics.start()
+                except MetricsListenError as exc:
+                    raise StartupError(str(exc)) from None
+                self.metrics = metrics
         except BaseException:
             if self.consumer is not None:
                 await self.consumer.stop(timeout=2.0)
             await self._release()
             raise
         self._pruner = spawn(self._prune_loop(), name="store-prune")
+        self.registry_watch = RegistryWatch(self.bus, s.replica_id, s.store_replica_check_interval)
+        self._watcher = spawn(self.registry_watch.run(), name="store-registry-watch")
         log.info("store %s started", s.replica_id)
 
     async def stop(self) -> None:
@@ -91,8 +111,10 @@ class Store:
             await self.consumer.stop()
         if self.rpc is not None:
             await self.rpc.stop()
-        await cancel_and_wait(self._pruner)
+        await cancel_and_wait(self._pruner, self._watcher)
         await self._release()
+        if self.metrics is not None:
+            await self.metrics.stop()
         log.info("store %s stopped", self.settings.replica_id)
 
     async def _release(self) -> None:
@@ -137,7 +159,8 @@ async def run_store(settings: StoreSettings) -> None:
         starting.result()  # raises StartupError
     print(
         f"proxyfleet store {settings.replica_id}: database {settings.db_path}, "
-        f"NATS {settings.nats_url}",
+        f"NATS {settings.nats_url}"
+        + (f"; metrics: http://{store.metrics.address}/metrics" if store.metrics else ""),
         flush=True,
     )
     await stopping

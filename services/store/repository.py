@@ -123,6 +123,10 @@ class FlowRepository(abc.ABC):
         Returns the number of flows deleted.
         """
 
+    async def estimate_rows(self) -> int | None:
+        """About how many flows are stored, cheaply (for metrics); None if unknown."""
+        return None
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Finish pending writes and release the database."""

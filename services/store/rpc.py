@@ -21,7 +21,7 @@ from nats.aio.subscription import Subscription
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from libs.common import subjects
-from libs.common.bus import Bus
+from libs.common.bus import Bus, processing
 from libs.common.models import FlowQuery, StoreError
 from libs.common.tasks import spawn
 from services.store.repository import FlowRepository, QueryError, RepositoryError
@@ -131,7 +131,8 @@ class StoreRPC:
         if not msg.reply:
             return
         async with self._slots:
-            reply = await self._answer(handler, msg.data)
+            with processing(msg):  # continues the API request's trace (tracing on only)
+                reply = await self._answer(handler, msg.data)
         with contextlib.suppress(Exception):
             await msg.respond(reply)
 

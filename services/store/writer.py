@@ -109,14 +109,19 @@ _worker_conn: sqlite3.Connection | None = None
 WorkerResult = tuple[int, int, list[int]]  # events, bad events, undecodable payload indexes
 
 
-def worker_init(path: str, parent: int) -> None:
+def worker_init(path: str, parent: int, log_config: tuple[str, str, str] | None = None) -> None:
     """Process-pool initializer: open this worker's connection (the schema exists).
 
     ``parent`` is the store's pid, passed in rather than read here: a worker still
     starting when the store is killed would otherwise take its new parent (init)
-    for the store and never leave.
+    for the store and never leave. ``log_config``: the store's logging set-up, so a
+    (spawned) worker logs in the same format.
     """
     global _worker_conn
+    if log_config is not None:
+        from libs.common.logs import setup_logging
+
+        setup_logging(*log_config)
     # The store process decides when workers end (pool shutdown after the batch in
     # progress); a Ctrl-C sent to the whole process group must not kill them mid-batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class System:
     proxy: str
     api: str
     key: str
+    metrics: dict[str, str] = field(default_factory=dict)  # service -> host:port
 
     def child(self, name: str) -> psutil.Process:
         for c in psutil.Process(self.proc.pid).children():
@@ -61,11 +62,14 @@ def system(
 ) -> Iterator[System]:
     data = tmp_path_factory.mktemp("up")
     proxy, api = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    metrics = {"proxy": f"127.0.0.1:{free_port()}", "store": f"127.0.0.1:{free_port()}"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(
         FLEET_DATA_DIR=str(data),
         FLEET_PROXY_LISTEN=proxy,
         FLEET_API_LISTEN=api,
+        FLEET_PROXY_METRICS_LISTEN=metrics["proxy"],  # not up's 9101/9102: tests run in parallel
+        FLEET_STORE_METRICS_LISTEN=metrics["store"],
         FLEET_UPSTREAM_CA_BUNDLE=str(upstream_ca.cert_path),
         FLEET_HEARTBEAT_INTERVAL="0.5",
     )
@@ -89,7 +93,14 @@ def system(
             return running and flows.status_code == 200
 
         _wait(ready, 30, "proxyfleet up")
-        yield System(proc, data, f"http://{proxy}", f"http://{api}", key_file.read_text().strip())
+        yield System(
+            proc,
+            data,
+            f"http://{proxy}",
+            f"http://{api}",
+            key_file.read_text().strip(),
+            metrics,
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -306,3 +317,22 @@ async def test_config_change_applies_without_restart(
     assert detail["request"]["size"] == 100
     assert detail["request"]["truncated"] is True
     assert detail["request"]["body"] == "A" * 16
+
+
+async def test_up_serves_prometheus_metrics(system: System, upstream: Upstream) -> None:
+    code, _, err = await run_curl("-x", system.proxy, f"{upstream.http}/echo/e2e-metrics")
+    assert code == 0, err
+
+    async def scraped(address: str, needle: str) -> str | None:
+        async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+            text = (await client.get(f"http://{address}/metrics")).text
+        return text if needle in text and f"{needle} 0.0" not in text else None
+
+    await _eventually(
+        lambda: scraped(system.metrics["proxy"], "proxyfleet_proxy_flows_finished_total")
+    )
+    await _eventually(
+        lambda: scraped(system.metrics["store"], "proxyfleet_store_events_ingested_total")
+    )
+    api = system.api.removeprefix("http://")
+    assert await _eventually(lambda: scraped(api, "proxyfleet_api_requests_in_flight"))

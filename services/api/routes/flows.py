@@ -11,12 +11,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, Path, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
+from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field
 
+from libs.common import telemetry
 from services.api import audit
 from services.api.bodies import Part, header, raw_body, render_flow
-from services.api.deps import BusDep, CallerDep, FleetDep, StoreDep
+from services.api.deps import FleetDep, StoreDep
 from services.api.errors import ApiError, problem_responses
 from services.api.params import FlowListParams, flow_list_params, openapi_parameters
 
@@ -108,7 +110,10 @@ class FlowDetail(BaseModel):
         None, description="epoch seconds: start, request_sent, first_byte, end"
     )
     error: str | None = None
-    trace_id: str | None = None
+    trace_id: str | None = Field(
+        None, description="the flow's trace in the tracing backend (null when tracing is off)"
+    )
+    traceparent: str | None = Field(None, description="W3C traceparent of the flow's span")
     tags: list[str] | None = None
 
 
@@ -141,6 +146,10 @@ async def list_flows(
 )
 async def get_flow(flow_id: FlowId, store: StoreDep) -> Response:
     flow = await store.get_flow(flow_id)
+    if telemetry.ENABLED and isinstance(flow.get("traceparent"), str):
+        found = telemetry.link(flow["traceparent"], {"proxyfleet.flow.id": flow_id})
+        if found is not None:  # this request's span points at the flow's trace
+            trace.get_current_span().add_link(found.context, found.attributes)
     return Response(orjson.dumps(render_flow(flow)), media_type=_JSON)
 
 
@@ -224,17 +233,16 @@ def _safe(value: str | None) -> str | None:
     ),
 )
 async def kill_flow(
-    flow_id: FlowId, fleet: FleetDep, store: StoreDep, bus: BusDep, caller: CallerDep
+    request: Request, flow_id: FlowId, fleet: FleetDep, store: StoreDep
 ) -> KillResult:
+    audit.note(request, "flow.kill", flow=flow_id)
     registered = await fleet.replicas()
     silent: list[str] = []
     if registered:
         replies = await fleet.broadcast("kill", {"flow_id": flow_id}, expected=len(registered))
         for reply in replies:
             if reply.ok:
-                await audit.record(
-                    bus, caller, "flow.kill", "ok", flow=flow_id, replica=reply.replica
-                )
+                audit.note(request, "flow.kill", flow=flow_id, replica=reply.replica)
                 return KillResult(killed=True, id=flow_id, replica=reply.replica)
         answered = {r.replica for r in replies}
         silent = [s.id for s in registered if s.id not in answered]

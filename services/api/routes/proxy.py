@@ -12,12 +12,12 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from libs.common.models import CommandReply, ReplicaStatus
 from services.api import audit
-from services.api.deps import BusDep, CallerDep, FleetDep
+from services.api.deps import FleetDep
 from services.api.errors import ApiError, problem_responses
 from services.api.fleet import Fleet
 
@@ -161,11 +161,12 @@ async def proxy_status(fleet: FleetDep) -> FleetStatus:
     ),
 )
 async def proxy_start(
-    fleet: FleetDep, bus: BusDep, caller: CallerDep, body: Annotated[Target | None, Body()] = None
+    request: Request, fleet: FleetDep, body: Annotated[Target | None, Body()] = None
 ) -> LifecycleResult:
     target = body or Target()
+    audit.note(request, "proxy.start", replica=target.replica)
     result = await _lifecycle(fleet, "start", target.replica, {}, fleet.command_timeout)
-    await audit.record(bus, caller, "proxy.start", _outcome(result), replica=target.replica)
+    audit.note(request, "proxy.start", outcome=_outcome(result), replica=target.replica)
     return result
 
 
@@ -177,17 +178,22 @@ async def proxy_start(
     ),
 )
 async def proxy_stop(
+    request: Request,
     fleet: FleetDep,
-    bus: BusDep,
-    caller: CallerDep,
     body: Annotated[StopRequest | None, Body()] = None,
 ) -> LifecycleResult:
     req = body or StopRequest()
+    audit.note(request, "proxy.stop", replica=req.replica, deadline=req.deadline)
     result = await _lifecycle(
         fleet, "stop", req.replica, {"deadline": req.deadline}, req.deadline + fleet.command_timeout
     )
-    await audit.record(
-        bus, caller, "proxy.stop", _outcome(result), replica=req.replica, deadline=req.deadline
+    audit.note(
+        request,
+        "proxy.stop",
+        outcome=_outcome(result),
+        replica=req.replica,
+        deadline=req.deadline,
+        aborted={o.id: o.aborted for o in result.replicas if o.aborted},
     )
     return result
 
