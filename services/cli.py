@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from libs.common.logs import is_json, setup_logging
-from libs.common.settings import ApiSettings, ProxySettings, SettingsError, StoreSettings, load
+from libs.common.settings import SettingsError, load
 from libs.common.tasks import run
 from libs.common.telemetry import SERVICE_API, SERVICE_PROXY, SERVICE_STORE, setup_tracing
 
@@ -21,57 +24,70 @@ def _fail(command: str, reason: object) -> None:
         print(f"proxyfleet {command}: {reason}", file=sys.stderr)
 
 
-def _proxy() -> int:
-    from services.proxy.main import StartupError, run_proxy
+@dataclass(frozen=True)
+class _Service:
+    """How one long-running subcommand starts: its settings, runner and start-up error."""
 
-    settings = load(ProxySettings)
-    setup_logging(settings.log_level, "proxy", settings.log_format)
-    setup_tracing(SERVICE_PROXY, settings.replica_id, settings)  # flushed at exit
+    help: str
+    settings: str  # "module:Class"
+    module: str  # holds ``runner`` and ``error`` (imported only when the command runs)
+    runner: str
+    error: str
+    trace_name: str | None = None
+
+
+_SERVICES = {
+    "proxy": _Service(
+        "run one proxy replica",
+        "libs.common.settings:ProxySettings",
+        "services.proxy.main",
+        "run_proxy",
+        "StartupError",
+        SERVICE_PROXY,
+    ),
+    "store": _Service(
+        "run the flow store",
+        "libs.common.settings:StoreSettings",
+        "services.store.main",
+        "run_store",
+        "StartupError",
+        SERVICE_STORE,
+    ),
+    "api": _Service(
+        "run the management API",
+        "libs.common.settings:ApiSettings",
+        "services.api.main",
+        "run_api",
+        "StartupError",
+        SERVICE_API,
+    ),
+    "up": _Service(
+        "run everything locally (embedded NATS, SQLite)",
+        "services.up:UpSettings",
+        "services.up",
+        "run_up",
+        "UpError",
+    ),
+}
+
+
+def _load(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _serve(name: str) -> int:
+    """Load settings, set up logs (and tracing), run until a signal; 1 if it cannot start."""
+    svc = _SERVICES[name]
+    settings = load(_load(svc.settings))
+    setup_logging(settings.log_level, name, settings.log_format)
+    if svc.trace_name is not None:
+        setup_tracing(svc.trace_name, settings.replica_id, settings)  # flushed at exit
+    module = importlib.import_module(svc.module)
     try:
-        run(run_proxy(settings))
-    except StartupError as exc:
-        _fail("proxy", exc)
-        return 1
-    return 0
-
-
-def _store() -> int:
-    from services.store.main import StartupError, run_store
-
-    settings = load(StoreSettings)
-    setup_logging(settings.log_level, "store", settings.log_format)
-    setup_tracing(SERVICE_STORE, settings.replica_id, settings)  # flushed at exit
-    try:
-        run(run_store(settings))
-    except StartupError as exc:
-        _fail("store", exc)
-        return 1
-    return 0
-
-
-def _api() -> int:
-    from services.api.main import StartupError, run_api
-
-    settings = load(ApiSettings)
-    setup_logging(settings.log_level, "api", settings.log_format)
-    setup_tracing(SERVICE_API, settings.replica_id, settings)  # flushed at exit
-    try:
-        run(run_api(settings))
-    except StartupError as exc:
-        _fail("api", exc)
-        return 1
-    return 0
-
-
-def _up() -> int:
-    from services.up import UpError, UpSettings, run_up
-
-    settings = load(UpSettings)
-    setup_logging(settings.log_level, "up", settings.log_format)
-    try:
-        run(run_up(settings))
-    except UpError as exc:
-        _fail("up", exc)
+        run(getattr(module, svc.runner)(settings))
+    except getattr(module, svc.error) as exc:
+        _fail(name, exc)
         return 1
     return 0
 
@@ -83,22 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         "Settings come from FLEET_* environment variables (see README).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("proxy", help="run one proxy replica")
-    sub.add_parser("store", help="run the flow store")
-    sub.add_parser("api", help="run the management API")
-    sub.add_parser("up", help="run everything locally (embedded NATS, SQLite)")
+    for name, svc in _SERVICES.items():
+        sub.add_parser(name, help=svc.help)
     health = sub.add_parser("health", help="exit 0 if a service answers (container healthcheck)")
     health.add_argument("service", choices=["proxy", "store", "api"])
     args = parser.parse_args(argv)
     try:
-        if args.command == "proxy":
-            return _proxy()
-        if args.command == "store":
-            return _store()
-        if args.command == "api":
-            return _api()
-        if args.command == "up":
-            return _up()
+        if args.command in _SERVICES:
+            return _serve(args.command)
         from services.health import check
 
         return check(args.service)
