@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -54,6 +55,12 @@ _NOISY_LOGGERS = (
 
 _provider: TracerProvider | None = None
 _owned = False  # the provider was built by setup_tracing (and is shut down by us)
+# Root sampling decided before the SDK is asked (``sample_root``): the TraceIdRatioBased
+# bound and the id generator that hands the SDK the trace id decided on. None: the
+# provider is not ours (tests), every root goes to the SDK.
+_root_bound: int | None = None
+_ids: Any = None
+_MASK64 = (1 << 64) - 1
 _tracers: dict[str, trace.Tracer] = {}
 W3C = TraceContextTextMapPropagator()
 
@@ -97,9 +104,12 @@ def setup_tracing(service: str, replica_id: str, settings: CommonSettings) -> bo
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     ratio = settings.trace_sample_ratio
+    root = TraceIdRatioBased(ratio)
+    ids = _preset_ids()
     provider = TracerProvider(
         resource=Resource.create({SERVICE_NAME: service, SERVICE_INSTANCE_ID: replica_id}),
-        sampler=ParentBased(TraceIdRatioBased(ratio)),
+        sampler=ParentBased(root),
+        id_generator=ids,
         shutdown_on_exit=False,  # ours below is bounded
     )
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
@@ -107,8 +117,9 @@ def setup_tracing(service: str, replica_id: str, settings: CommonSettings) -> bo
         logging.getLogger(name).addFilter(_RateLimit())
     trace.set_tracer_provider(provider)  # for third-party instrumentation in this process
     install(provider)
-    global _owned
+    global _owned, _root_bound, _ids
     _owned = True
+    _root_bound, _ids = root.bound, ids
     atexit.register(shutdown_tracing)
     log.info("tracing on: %s to %s, sample ratio %g", service, endpoint, ratio)
     return True
@@ -140,19 +151,21 @@ class _RateLimit(logging.Filter):
 
 def install(provider: TracerProvider) -> None:
     """Use ``provider`` for our spans and turn the switch on (``setup_tracing``; tests)."""
-    global ENABLED, _provider, _owned
+    global ENABLED, _provider, _owned, _root_bound, _ids
     _provider = provider
     _owned = False
+    _root_bound = _ids = None
     _tracers.clear()
     ENABLED = True
 
 
 def uninstall() -> None:
     """Turn tracing off again (tests); the provider is left to its owner."""
-    global ENABLED, _provider, _owned
+    global ENABLED, _provider, _owned, _root_bound, _ids
     ENABLED = False
     _provider = None
     _owned = False
+    _root_bound = _ids = None
     _tracers.clear()
 
 
@@ -182,6 +195,41 @@ def tracer(name: str) -> trace.Tracer:
             return trace.NoOpTracer()
         found = _tracers[name] = _provider.get_tracer(name)
     return found
+
+
+def sample_root() -> tuple[int, bool]:
+    """Decide on a new trace before creating its root span, the way the installed
+    ParentBased(TraceIdRatioBased) sampler would: a random trace id, and whether a root
+    span with it is sampled.
+
+    A hot path uses this to skip the SDK for the traces it will not sample (they still
+    get ids, to propagate). When the answer is True the id is handed to the SDK: the
+    next root span started in this process gets it, so call ``start_span`` right away.
+    With a provider that ``setup_tracing`` did not build (tests) the answer is
+    ``(0, True)``: leave everything to the SDK.
+    """
+    bound = _root_bound
+    if bound is None:
+        return 0, True
+    trace_id = random.getrandbits(128) or 1
+    if trace_id & _MASK64 < bound:
+        _ids.preset = trace_id
+        return trace_id, True
+    return trace_id, False
+
+
+def _preset_ids() -> Any:
+    """The SDK's random id generator, except that a preset trace id is used once."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class PresetIds(RandomIdGenerator):
+        preset = 0
+
+        def generate_trace_id(self) -> int:
+            trace_id, self.preset = self.preset, 0
+            return trace_id or super().generate_trace_id()
+
+    return PresetIds()
 
 
 # -- W3C trace context -------------------------------------------------------------------
@@ -221,5 +269,8 @@ def link(value: str, attributes: dict[str, Any] | None = None) -> Link | None:
 
 
 def is_sampled(value: str) -> bool:
-    """Whether a ``traceparent`` value has the sampled flag (our own formatting)."""
-    return len(value) == 55 and int(value[53:], 16) & TraceFlags.SAMPLED == TraceFlags.SAMPLED
+    """Whether a ``traceparent`` value (as our services write them) has the sampled flag."""
+    return value[-1:] in _ODD_HEX  # the flags' low bit
+
+
+_ODD_HEX = frozenset("13579bdf")

@@ -10,18 +10,21 @@ head to its end, continuing the client's trace when the request carries a
 ``traceparent`` naming the flow's span instead of the client's. A fresh upstream
 connection adds ``upstream connect`` (TCP) and ``tls handshake`` child spans.
 The flow keeps its ``trace_id`` and ``traceparent`` for its event: the publisher
-links its batch span to them and the store continues each flow's trace.
+links its batch span to them and the store continues each flow's trace. Sampling
+is decided before the SDK is asked: a flow whose trace is not sampled only gets
+ids (propagated upstream and recorded), no span.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from random import getrandbits
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, StatusCode
+from opentelemetry.trace import Span, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from libs.common import telemetry
 from services.proxy.flow import COMPLETED
@@ -33,19 +36,33 @@ if TYPE_CHECKING:
 
 TRACER = "proxyfleet.proxy"
 _TRACE_HEADERS = (b"traceparent:", b"tracestate:")
+_ROOT = Context()  # a flow without a client trace starts a new one, whatever is current
+_UNSAMPLED_ROOT = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
 
 
-def _client_context(headers: list[tuple[bytes, bytes]]) -> tuple[Context | None, bool]:
-    """The client's trace context from its request headers, and whether it sent any."""
-    carrier: dict[str, str] = {}
+def _client_context(headers: list[tuple[bytes, bytes]]) -> Context | None:
+    """The client's trace context from its request headers (None if it sent none)."""
+    carrier: dict[str, str] | None = None
     for name, value in headers:
-        if len(name) in (10, 11):
+        if 9 < len(name) < 12:
             lname = name.lower()
             if lname == b"traceparent" or lname == b"tracestate":
+                if carrier is None:
+                    carrier = {}
                 carrier[lname.decode()] = value.decode("latin-1")
-    if not carrier:
-        return None, False
-    return telemetry.W3C.extract(carrier), True
+    return None if carrier is None else telemetry.W3C.extract(carrier)
+
+
+_names: dict[bytes, str] = {}  # span name by request method
+
+
+def _span_name(method: bytes) -> str:
+    name = _names.get(method)
+    if name is None:
+        name = f"proxy {method.decode('latin-1')}" if method else "proxy"
+        if len(_names) < 64:  # methods come from a small fixed set (llhttp)
+            _names[method] = name
+    return name
 
 
 def _strip_trace_headers(head: bytes) -> bytes:
@@ -53,26 +70,48 @@ def _strip_trace_headers(head: bytes) -> bytes:
     return b"\r\n".join(ln for ln in lines if not ln.lower().startswith(_TRACE_HEADERS))
 
 
+def _unsampled(parent: Context | None, trace_id: int) -> SpanContext:
+    """The ids of a flow whose trace is not sampled (no SDK span: nothing is recorded)."""
+    span_id = getrandbits(64) or 1
+    if parent is None:  # a new trace; flags as the SDK sets them (random trace id)
+        return SpanContext(trace_id, span_id, False, _UNSAMPLED_ROOT)
+    pctx = trace.get_current_span(parent).get_span_context()
+    return SpanContext(pctx.trace_id, span_id, False, pctx.trace_flags, pctx.trace_state)
+
+
 def start_flow(ex: Exchange) -> None:
-    """Open the flow's span, name it in the flow, and put it in the upstream head."""
+    """Open the flow's span, name it in the flow, and put it in the upstream head.
+
+    Sampling is decided first, so that a flow whose trace is not sampled never reaches
+    the SDK (the common case at low ratios): it only gets ids, to propagate upstream.
+    """
     flow = ex.flow
-    parent, had_context = _client_context(flow.req_headers)
-    method = flow.method.decode("latin-1")
-    span = telemetry.tracer(TRACER).start_span(
-        f"proxy {method}" if method else "proxy",
-        context=parent,
-        kind=SpanKind.SERVER,
-        start_time=int(flow.t_start * 1e9),
-    )
-    ex.span = span
-    ctx = span.get_span_context()
-    trace_id = flow.trace_id = f"{ctx.trace_id:032x}"
-    flow.traceparent = f"00-{trace_id}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
-    if span.is_recording():
+    parent = _client_context(flow.req_headers)
+    if parent is None:
+        trace_id, sampled = telemetry.sample_root()
+    else:
+        trace_id = 0
+        pctx = trace.get_current_span(parent).get_span_context()
+        sampled = not pctx.is_valid or pctx.trace_flags.sampled
+    if sampled:
+        span = telemetry.tracer(TRACER).start_span(
+            _span_name(flow.method),
+            context=parent if parent is not None else _ROOT,
+            kind=SpanKind.SERVER,
+            start_time=int(flow.t_start * 1e9),
+        )
+        ex.span = span
+        ctx = span.get_span_context()
+    else:
+        span = None
+        ctx = _unsampled(parent, trace_id)
+    trace_hex = flow.trace_id = f"{ctx.trace_id:032x}"
+    traceparent = flow.traceparent = f"00-{trace_hex}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+    if span is not None and span.is_recording():
         # few attributes: the exporter's cost grows with each one (the flow record has it all)
         span.set_attributes(
             {
-                "http.request.method": method,
+                "http.request.method": flow.method.decode("latin-1"),
                 "url.scheme": flow.scheme,
                 "url.path": flow.path.split(b"?", 1)[0].decode("latin-1"),  # no query: secrets
                 "server.address": flow.host,
@@ -82,11 +121,11 @@ def start_flow(ex: Exchange) -> None:
         )
     head = ex.head
     if head[-4:] == b"\r\n\r\n":  # an HTTP request head (not CONNECT, not a refusal)
-        if had_context:
+        extra = b"traceparent: %s\r\n" % traceparent.encode()
+        if parent is not None:  # the client's trace headers are replaced by ours
             head = _strip_trace_headers(head)
-        extra = b"traceparent: " + flow.traceparent.encode() + b"\r\n"
-        if ctx.trace_state:
-            extra += b"tracestate: " + ctx.trace_state.to_header().encode() + b"\r\n"
+            if ctx.trace_state:
+                extra += b"tracestate: %s\r\n" % ctx.trace_state.to_header().encode()
         ex.head = head[:-2] + extra + b"\r\n"
 
 

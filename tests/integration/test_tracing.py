@@ -246,6 +246,52 @@ async def test_new_trace_and_upstream_tls_handshake_span(
     assert named(spans, "proxy GET", trace2) and not named(spans, "upstream connect", trace2)
 
 
+async def test_unsampled_flows_propagate_ids_without_spans(
+    spans: InMemorySpanExporter,
+    make_proxy: MakeProxy,
+    upstream: Upstream,
+    nats_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At a sample ratio of 0 a flow never reaches the SDK, yet its ids are propagated and
+    recorded; a sampled client trace is still followed (parent-based)."""
+    monkeypatch.setattr(telemetry, "_root_bound", 0)  # as setup_tracing does for ratio 0
+    proxy = await make_proxy()
+    events = FlowEvents()
+    await events.start(nats_url, proxy.id)
+    try:
+        unsampled_tp, unsampled_trace, _ = client_traceparent()
+        unsampled_tp = unsampled_tp[:-2] + "00"
+        sampled_tp, sampled_trace, client_span = client_traceparent()
+        async with httpx.AsyncClient(proxy=proxy.url, timeout=10) as client:
+            root = await client.get(f"{upstream.http}/echo/root")
+            child = await client.get(
+                f"{upstream.http}/echo/child", headers={"traceparent": unsampled_tp}
+            )
+            followed = await client.get(
+                f"{upstream.http}/echo/followed", headers={"traceparent": sampled_tp}
+            )
+        (seen_root,) = seen_upstream(root)
+        assert seen_root.endswith("-02")  # not sampled (random trace id flag, as the SDK)
+        (seen_child,) = seen_upstream(child)
+        assert seen_child.split("-")[1] == unsampled_trace and seen_child.endswith("-00")
+        assert seen_child != unsampled_tp  # a span id of the proxy's own
+        event = await events.final_for("/echo/root")
+        assert event["traceparent"] == seen_root
+        assert event["trace_id"] == seen_root.split("-")[1]
+        assert not named(spans, "proxy GET", seen_root.split("-")[1])
+        assert not named(spans, "proxy GET", unsampled_trace)
+        (flow,) = named(spans, "proxy GET", sampled_trace)
+        assert parent_sid(flow) == client_span
+        assert seen_upstream(followed) == [f"00-{sampled_trace}-{sid(flow)}-01"]
+        await events.final_for("/echo/followed")
+        for msg in events.messages:  # only the sampled flow is named for the store
+            carried = (msg.headers or {}).get(subjects.FLOW_TRACES_HEADER, "")
+            assert unsampled_trace not in carried and seen_root not in carried
+    finally:
+        await events.stop()
+
+
 async def test_api_requests_continue_into_the_store_and_the_replicas(
     spans: InMemorySpanExporter,
     store: Store,

@@ -103,6 +103,22 @@ out = {
     "resource": {k: str(v) for k, v in p.resource.attributes.items()},
     "sampler": p.sampler.get_description(),
 }
+# roots decided before the SDK is asked: the same decision, the same trace id
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace.sampling import Decision
+tracer = telemetry.tracer("t")
+agree = kept = 0
+for _ in range(2000):
+    trace_id, sampled = telemetry.sample_root()
+    if sampled:
+        span = tracer.start_span("x", context=Context())
+        kept += 1
+        agree += span.is_recording() and span.get_span_context().trace_id == trace_id
+        span.end()
+    else:
+        decision = p.sampler.should_sample(Context(), trace_id, "x").decision
+        agree += decision == Decision.DROP
+out["agree"], out["kept"] = agree, kept
 telemetry.shutdown_tracing(2.0)
 out["after"] = telemetry.ENABLED
 print(json.dumps(out))
@@ -117,6 +133,7 @@ print(json.dumps(out))
     assert out["resource"]["service.name"] == "proxyfleet-store"
     assert out["resource"]["service.instance.id"] == "r1"
     assert out["sampler"].startswith("ParentBased{root:TraceIdRatioBased{0.25}")
+    assert out["agree"] == 2000 and 350 < out["kept"] < 650  # ~25% of 2000
 
 
 def test_repeated_sdk_warnings_are_rate_limited() -> None:
