@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -430,3 +431,46 @@ class RawClient:
                 resp.body = bytes(self.buf)
                 self.buf.clear()
             return resp
+
+
+# -- the CLI as a process ----------------------------------------------------------------
+PROXYFLEET = Path(sys.executable).parent / "proxyfleet"
+
+
+def cli_env(tmp_path: Path, **values: str) -> dict[str, str]:
+    """This environment without FLEET_* variables, plus a data dir and ``values``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(FLEET_DATA_DIR=str(tmp_path / "data"), FLEET_NATS_CONNECT_TIMEOUT="5")
+    env.update(values)
+    return env
+
+
+async def run_cli_to_exit(
+    command: str, env: dict[str, str], timeout: float = 15.0
+) -> tuple[int, str]:
+    """Run ``proxyfleet <command>`` until it exits; (exit code, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(PROXYFLEET),
+        command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+def reason_line(command: str, stderr: str) -> str:
+    """The one line the CLI prints on a start-up failure (the last one on stderr)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    reasons = [line for line in lines if line.startswith(f"proxyfleet {command}:")]
+    assert reasons == [lines[-1]], stderr
+    return lines[-1]

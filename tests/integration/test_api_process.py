@@ -4,56 +4,24 @@ one-line reasons it refuses to start for."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import stat
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
 from libs.common.natsserver import EmbeddedNats
-from tests.integration.harness import free_port
+from tests.integration.harness import (
+    PROXYFLEET,
+    cli_env,
+    free_port,
+    reason_line,
+    run_cli_to_exit,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-PROXYFLEET = Path(sys.executable).parent / "proxyfleet"
-
-
-def cli_env(tmp_path: Path, **values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update(FLEET_DATA_DIR=str(tmp_path / "data"), FLEET_NATS_CONNECT_TIMEOUT="5")
-    env.update(values)
-    return env
-
-
-async def run_to_exit(env: dict[str, str], timeout: float = 15.0) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        str(PROXYFLEET),
-        "api",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
-
-
-def reason_line(stderr: str) -> str:
-    """The one line the CLI prints on a start-up failure (the last one on stderr)."""
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    reasons = [line for line in lines if line.startswith("proxyfleet api:")]
-    assert reasons == [lines[-1]], stderr
-    return lines[-1]
 
 
 async def test_start_line_generated_key_and_sigterm(
@@ -115,9 +83,9 @@ async def test_port_taken(restartable_nats: EmbeddedNats, tmp_path: Path) -> Non
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
         env = cli_env(tmp_path, FLEET_NATS_URL=restartable_nats.url, FLEET_API_LISTEN=address)
-        code, err = await run_to_exit(env)
+        code, err = await run_cli_to_exit("api", env)
     assert code == 1
-    assert address in reason_line(err) and "cannot listen" in err
+    assert address in reason_line("api", err) and "cannot listen" in err
 
 
 async def test_nats_unreachable(tmp_path: Path) -> None:
@@ -127,9 +95,9 @@ async def test_nats_unreachable(tmp_path: Path) -> None:
         FLEET_NATS_CONNECT_TIMEOUT="1",
         FLEET_API_LISTEN=f"127.0.0.1:{free_port()}",
     )
-    code, err = await run_to_exit(env, timeout=10)
+    code, err = await run_cli_to_exit("api", env, timeout=10)
     assert code == 1
-    assert "NATS unreachable" in reason_line(err)
+    assert "NATS unreachable" in reason_line("api", err)
 
 
 @pytest.mark.parametrize(
@@ -137,7 +105,7 @@ async def test_nats_unreachable(tmp_path: Path) -> None:
     [("FLEET_API_KEYS", "ops:admin:tooshort"), ("FLEET_API_LISTEN", "nonsense")],
 )
 async def test_bad_settings(tmp_path: Path, name: str, value: str) -> None:
-    code, err = await run_to_exit(cli_env(tmp_path, **{name: value}))
+    code, err = await run_cli_to_exit("api", cli_env(tmp_path, **{name: value}))
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and name in lines[0], err

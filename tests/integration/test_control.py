@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import os
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,12 +25,20 @@ from libs.common.models import CommandReply, ReplicaStatus, RuntimeConfig
 from libs.common.natsserver import EmbeddedNats
 from libs.common.tasks import cancel_and_wait
 from tests.integration.conftest import MakeProxy
-from tests.integration.harness import FlowEvents, ProxyUnderTest, Upstream, free_port
+from tests.integration.harness import (
+    PROXYFLEET,
+    FlowEvents,
+    ProxyUnderTest,
+    Upstream,
+    cli_env,
+    free_port,
+    reason_line,
+    run_cli_to_exit,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
 HEARTBEAT = 0.5  # heartbeat_interval in the harness settings; registry TTL is 3x that
-PROXYFLEET = Path(sys.executable).parent / "proxyfleet"
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -547,51 +553,17 @@ async def test_capture_queue_overflow_drops_and_counts(
 
 
 # -- the proxyfleet proxy process -----------------------------------------------------------
-def cli_env(tmp_path: Path, **values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update(
-        FLEET_DATA_DIR=str(tmp_path / "data"),
-        FLEET_HEARTBEAT_INTERVAL=str(HEARTBEAT),
-        FLEET_NATS_CONNECT_TIMEOUT="5",
-    )
-    env.update(values)
-    return env
-
-
-async def run_cli_to_exit(env: dict[str, str], timeout: float = 15.0) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        str(PROXYFLEET),
-        "proxy",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
-
-
-def reason_line(stderr: str) -> str:
-    """The one line the CLI prints on a start-up failure (the last one on stderr)."""
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert lines, "nothing on stderr"
-    reasons = [line for line in lines if line.startswith("proxyfleet proxy:")]
-    assert reasons == [lines[-1]], stderr
-    return lines[-1]
-
-
 async def test_process_prints_its_address_and_drains_on_sigterm(
     nats_url: str, upstream: Upstream, tmp_path: Path
 ) -> None:
     listen = f"127.0.0.1:{free_port()}"
     replica = f"cli-{free_port()}"
-    env = cli_env(tmp_path, FLEET_NATS_URL=nats_url, FLEET_PROXY_LISTEN=listen)
+    env = cli_env(
+        tmp_path,
+        FLEET_NATS_URL=nats_url,
+        FLEET_PROXY_LISTEN=listen,
+        FLEET_HEARTBEAT_INTERVAL=str(HEARTBEAT),
+    )
     env["FLEET_REPLICA_ID"] = replica
     with (tmp_path / "stderr.log").open("wb") as errlog:
         proc = await asyncio.create_subprocess_exec(
@@ -634,9 +606,9 @@ async def test_process_exits_when_its_port_is_taken(nats_url: str, tmp_path: Pat
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
         env = cli_env(tmp_path, FLEET_NATS_URL=nats_url, FLEET_PROXY_LISTEN=address)
-        code, err = await run_cli_to_exit(env)
+        code, err = await run_cli_to_exit("proxy", env)
     assert code != 0
-    assert address in reason_line(err)
+    assert address in reason_line("proxy", err)
 
 
 async def test_process_exits_when_nats_is_unreachable(tmp_path: Path) -> None:
@@ -646,14 +618,14 @@ async def test_process_exits_when_nats_is_unreachable(tmp_path: Path) -> None:
         FLEET_NATS_CONNECT_TIMEOUT="1",
         FLEET_PROXY_LISTEN=f"127.0.0.1:{free_port()}",
     )
-    code, err = await run_cli_to_exit(env, timeout=6)  # 1 s to give up, the rest start-up
+    code, err = await run_cli_to_exit("proxy", env, timeout=6)  # 1 s to give up, the rest start-up
     assert code != 0
-    assert "NATS" in reason_line(err)
+    assert "NATS" in reason_line("proxy", err)
 
 
 async def test_process_exits_on_a_bad_setting(tmp_path: Path) -> None:
     env = cli_env(tmp_path, FLEET_PROXY_LISTEN="nonsense")
-    code, err = await run_cli_to_exit(env)
+    code, err = await run_cli_to_exit("proxy", env)
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
