@@ -152,6 +152,15 @@ def _error_response(status: int, message: str, close: bool = True) -> bytes:
     )
 
 
+def _keep(chunks: list[bytes], body: bytes, room: int) -> int:
+    """Record what fits of ``body`` in ``room`` bytes of capture; return how much was kept."""
+    if room <= 0:
+        return 0
+    piece = body if len(body) <= room else body[:room]
+    chunks.append(piece)
+    return len(piece)
+
+
 def _conn_tokens(value: bytes) -> set[bytes]:
     return {t.strip() for t in value.lower().split(b",")}
 
@@ -372,12 +381,9 @@ class ClientConnection(asyncio.Protocol):
         flow = ex.flow
         n = len(body)
         flow.req_size += n
-        room = self.ctx.config.doc.capture_body_limit - ex.captured_req
-        if room > 0:
-            piece = body if n <= room else body[:room]
-            flow.req_body.append(piece)
-            ex.captured_req += len(piece)
-        if n > room:
+        kept = _keep(flow.req_body, body, self.ctx.config.doc.capture_body_limit - ex.captured_req)
+        ex.captured_req += kept
+        if kept < n:
             flow.req_truncated = True
         self._send_upstream(ex, b"%x\r\n%s\r\n" % (n, body) if ex.req_chunked else body)
 
@@ -664,12 +670,11 @@ class ClientConnection(asyncio.Protocol):
         flow = ex.flow
         n = len(body)
         flow.resp_size += n
-        room = self.ctx.config.doc.capture_body_limit - ex.captured_resp
-        if room > 0:
-            piece = body if n <= room else body[:room]
-            flow.resp_body.append(piece)
-            ex.captured_resp += len(piece)
-        if n > room:
+        kept = _keep(
+            flow.resp_body, body, self.ctx.config.doc.capture_body_limit - ex.captured_resp
+        )
+        ex.captured_resp += kept
+        if kept < n:
             flow.resp_truncated = True
         if ex.out_chunked:
             self.send(b"%x\r\n%s\r\n" % (n, body))
