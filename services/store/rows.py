@@ -49,25 +49,7 @@ COLUMNS = (
 )
 
 # What a listing returns per flow (no headers, no bodies), in SELECT order.
-SUMMARY_COLUMNS = (
-    "id",
-    "replica",
-    "state",
-    "kind",
-    "scheme",
-    "method",
-    "host",
-    "port",
-    "path",
-    "status",
-    "started_at",
-    "ended_at",
-    "req_size",
-    "resp_size",
-    "req_truncated",
-    "resp_truncated",
-    "error",
-)
+SUMMARY_COLUMNS = tuple(c for c in COLUMNS if c not in ("rhost", "doc", "req_body", "resp_body"))
 
 Row = tuple[Any, ...]
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 63) - 1
