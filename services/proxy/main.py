@@ -53,15 +53,8 @@ class StartupError(Exception):
 
 def initial_config(settings: ProxySettings) -> ProxyConfig:
     """The config a replica starts with, from its settings (revision 0)."""
-    doc = RuntimeConfig(
-        capture_body_limit=settings.capture_body_limit,
-        ignore_hosts=settings.ignore_hosts,
-        intercept_tls=settings.intercept_tls,
-        upstream_verify_tls=settings.upstream_verify_tls,
-        upstream_connect_timeout=settings.upstream_connect_timeout,
-        upstream_read_timeout=settings.upstream_read_timeout,
-        client_idle_timeout=settings.client_idle_timeout,
-    )
+    # every runtime-config field has a process setting of the same name (its default)
+    doc = RuntimeConfig(**{name: getattr(settings, name) for name in RuntimeConfig.model_fields})
     return ProxyConfig.build(doc, 0, settings.upstream_ca_bundle)
 
 
