@@ -6,11 +6,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from services.proxy.main import Replica
 from services.proxy.tls import CertificateAuthority
 from tests.integration.harness import FlowEvents, ProxyUnderTest, Upstream, proxy_settings
+from tests.unit.test_api_support import api_client, api_settings
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +59,14 @@ async def make_proxy(
 async def proxy(make_proxy: MakeProxy) -> ProxyUnderTest:
     """One replica with default settings."""
     return await make_proxy()
+
+
+@pytest.fixture
+async def api(nats_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """A management API app (in-process, lifespan run) on ``nats_url``, with an admin key."""
+    settings = api_settings(nats_url, tmp_path / "api", api_config_apply_wait=3.0)
+    async with api_client(settings) as client:
+        yield client
 
 
 @pytest.fixture

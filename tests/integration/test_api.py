@@ -23,8 +23,6 @@ from tests.unit.test_api_support import (
     ADMIN,
     ADMIN_KEY,
     READ,
-    api_client,
-    api_settings,
     eventually,
 )
 
@@ -35,13 +33,6 @@ pytestmark = pytest.mark.timeout(60)
 def nats_url(restartable_nats: EmbeddedNats) -> str:
     """A NATS of this test's own (config writes and the registry stay inside the test)."""
     return restartable_nats.url
-
-
-@pytest.fixture
-async def api(nats_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    settings = api_settings(nats_url, tmp_path / "api", api_config_apply_wait=3.0)
-    async with api_client(settings) as client:
-        yield client
 
 
 @pytest.fixture

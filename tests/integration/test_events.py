@@ -25,8 +25,6 @@ from tests.unit.test_api_support import (
     ADMIN_KEY,
     READ,
     READ_KEY,
-    api_client,
-    api_settings,
     eventually,
 )
 
@@ -39,13 +37,6 @@ MakeStore = Callable[..., Awaitable[Store]]
 def nats_url(restartable_nats: EmbeddedNats) -> str:
     """A NATS of this test's own: the EVENTS stream holds only this test's events."""
     return restartable_nats.url
-
-
-@pytest.fixture
-async def api(nats_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    settings = api_settings(nats_url, tmp_path / "api", api_config_apply_wait=3.0)
-    async with api_client(settings) as client:
-        yield client
 
 
 @pytest.fixture
