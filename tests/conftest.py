@@ -14,6 +14,12 @@ picked in this order:
 Streams live for the whole session on the shared server, so tests that create them
 must use their own names or tolerate streams that already exist.
 
+Every server the tests start requires a user and password, as every deployment does
+(DESIGN: "NATS requires credentials"), and ``nats_url`` carries them
+(``nats://user:password@host:port``), so whatever connects with that URL is tested
+against an authenticated server. A ``NATS_URL`` from the environment should carry the
+credentials of that server the same way.
+
 ``restartable_nats`` is always a fresh ``EmbeddedNats`` of the test's own, started;
 the test may ``stop()``, ``kill()`` and ``start()`` it (same port, same data).
 """
@@ -30,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from libs.common.natsserver import EmbeddedNats
+from libs.common.natsserver import Credentials, EmbeddedNats
 
 _MAX_PAYLOAD = 8 << 20  # the EmbeddedNats default, so every mode accepts the same messages
 
@@ -64,12 +70,16 @@ def _docker_answers() -> bool:
         return False
 
 
-def _start_container(conf_dir: Path) -> Any | None:
-    """A started NATS container, or None if it cannot start (no image, offline, ...)."""
+def _start_container(conf_dir: Path, creds: Credentials) -> Any | None:
+    """A started NATS container requiring ``creds``, or None if it cannot start (no image,
+    offline, ...)."""
     from testcontainers.community.nats import NatsContainer
 
     conf = conf_dir / "nats.conf"
-    conf.write_text(f"max_payload: {_MAX_PAYLOAD}\njetstream {{ store_dir: /data }}\n")
+    conf.write_text(
+        f"max_payload: {_MAX_PAYLOAD}\njetstream {{ store_dir: /data }}\n"
+        f'authorization {{ user: "{creds.user}", password: "{creds.password}" }}\n'
+    )
     image = os.environ.get("NATS_IMAGE", "nats:latest")
     container = NatsContainer(image=image, jetstream=True, ready_timeout_secs=30)
     container.with_volume_mapping(conf, "/etc/nats/fleet.conf", "ro")
@@ -91,10 +101,12 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsHandle
         yield NatsHandle(url, "env")
         return
     if _docker_answers():
-        container = _start_container(tmp_path_factory.mktemp("nats-docker"))
+        creds = Credentials.generate()
+        container = _start_container(tmp_path_factory.mktemp("nats-docker"), creds)
         if container is not None:
+            uri = container.nats_uri().replace("://", f"://{creds.user}:{creds.password}@", 1)
             try:
-                yield NatsHandle(container.nats_uri(), "docker")
+                yield NatsHandle(uri, "docker")
             finally:
                 container.stop()
             return

@@ -35,7 +35,7 @@ from nats.js.kv import KeyValue
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Span, SpanKind
 
-from libs.common import subjects, telemetry
+from libs.common import natsurl, subjects, telemetry
 
 log = logging.getLogger("proxyfleet.bus")
 
@@ -54,12 +54,24 @@ class BusUnavailable(Exception):
     """NATS could not be reached within the start-up deadline."""
 
 
+def _is_auth_error(exc: BaseException) -> bool:
+    """The server refused our credentials (or their absence)."""
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text
+
+
 class Bus:
-    """A connected NATS client plus its JetStream context."""
+    """A connected NATS client plus its JetStream context.
+
+    ``last_reconnect`` is the ``time.monotonic()`` of the last time the connection came
+    back after an outage (None: it never dropped), so that a service can tell data it
+    could not see while away (the store's replica registry check) from real silence.
+    """
 
     def __init__(self, nc: NATS) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
+        self.last_reconnect: float | None = None
 
     @classmethod
     async def connect(
@@ -71,6 +83,10 @@ class Bus:
     ) -> Bus:
         """Connect, retrying for up to ``timeout`` seconds; then reconnect forever.
 
+        ``url``: comma-separated servers; credentials, if any, in the URL
+        (``nats://user:password@host:port`` or ``nats://token@host:port``, percent-encoded,
+        see ``libs.common.natsurl``). They are handed to the client apart from the
+        servers, and only ``natsurl.redact(url)`` is ever logged or put in an error.
         ``on_state(connected)`` is called on every disconnect/reconnect so that a
         service can report (not block on) the bus state.
         """
@@ -88,20 +104,37 @@ class Bus:
             await _notify(False)
 
         async def reconnected() -> None:
+            if bus_ref:
+                bus_ref[0].last_reconnect = time.monotonic()
             log.info("nats reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
             await _notify(True)
 
         async def error(exc: Exception) -> None:
-            log.debug("nats error: %r", exc)
+            last_error[:] = [exc]
+            if _is_auth_error(exc):
+                # every retry fails the same way: say it once, at warning level
+                log.log(logging.DEBUG if auth_warned else logging.WARNING, "nats: %s", exc)
+                auth_warned.append(True)
+            else:
+                log.debug("nats error: %r", exc)
 
         nc_ref: list[NATS] = []
-        servers = [s.strip() for s in url.split(",") if s.strip()]
+        bus_ref: list[Bus] = []
+        last_error: list[Exception] = []
+        auth_warned: list[bool] = []
+        target = natsurl.parse(url)
+        shown = natsurl.redact(url)
+        credentials: dict[str, Any] = {}
+        if target.password is not None:
+            credentials = {"user": target.user, "password": target.password}
+        elif target.user is not None:
+            credentials = {"token": target.user}
         # With max_reconnect_attempts=-1 nats-py keeps retrying the first connect
         # itself, so the start-up deadline is enforced around the whole call.
         try:
             nc = await asyncio.wait_for(
                 nats.connect(
-                    servers,
+                    target.servers,
                     name=name,
                     connect_timeout=max(1, min(5, int(timeout))),
                     max_reconnect_attempts=-1,
@@ -110,17 +143,29 @@ class Bus:
                     disconnected_cb=disconnected,
                     reconnected_cb=reconnected,
                     error_cb=error,
+                    **credentials,
                 ),
                 timeout,
             )
         except Exception as exc:  # TimeoutError, OSError, NoServersError, auth errors...
-            reason = "no answer" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+            if last_error and _is_auth_error(last_error[0]):
+                how = "wrong" if credentials else "missing"
+                reason = (
+                    f"authorization violation ({how} credentials: set them in the URL or "
+                    "FLEET_NATS_USER and FLEET_NATS_PASSWORD[_FILE])"
+                )
+            elif isinstance(exc, TimeoutError):
+                reason = "no answer"
+            else:
+                reason = str(exc) or repr(exc)
             raise BusUnavailable(
-                f"NATS unreachable at {url} after {timeout:g}s: {reason}"
+                f"NATS unreachable at {shown} after {timeout:g}s: {reason}"
             ) from None
         nc_ref.append(nc)
-        log.info("nats connected to %s", url)
-        return cls(nc)
+        log.info("nats connected to %s", shown)
+        bus = cls(nc)
+        bus_ref.append(bus)
+        return bus
 
     @property
     def connected(self) -> bool:

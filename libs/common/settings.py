@@ -14,10 +14,21 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from libs.common.models import parse_destination
+
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 
 
 def _default_replica_id() -> str:
@@ -52,7 +63,15 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
 
     nats_url: str = Field(
-        "nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated"
+        "nats://127.0.0.1:4222",
+        description="NATS server URL(s), comma-separated; may carry credentials "
+        "(nats://user:password@host:port)",
+        repr=False,  # holds the password once the credentials are folded in
+    )
+    nats_user: str | None = Field(None, description="NATS user (with a password)")
+    nats_password: SecretStr | None = Field(None, description="NATS password (or token alone)")
+    nats_password_file: Path | None = Field(
+        None, description="file holding the NATS password (a Docker secret, or up's nats-password)"
     )
     nats_connect_timeout: float = Field(
         15.0,
@@ -103,6 +122,34 @@ class CommonSettings(BaseSettings):
             raise ValueError("must be 1-64 characters of A-Z a-z 0-9 _ - (and not 'all')")
         return v
 
+    @model_validator(mode="after")
+    def _nats_credentials(self) -> CommonSettings:
+        """Fold FLEET_NATS_USER / _PASSWORD / _PASSWORD_FILE into ``nats_url``.
+
+        Every service connects with ``nats_url`` alone (``Bus.connect`` takes the
+        credentials back out of it), so the separate settings reach every client
+        without each one handling them. Credentials already in the URL win.
+        """
+        from libs.common import natsurl
+
+        password = self.nats_password.get_secret_value() if self.nats_password else None
+        if self.nats_password_file is not None:
+            if password is not None:
+                raise ValueError("set FLEET_NATS_PASSWORD or FLEET_NATS_PASSWORD_FILE, not both")
+            path = self.nats_password_file.expanduser()
+            try:
+                password = path.read_text().strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"FLEET_NATS_PASSWORD_FILE: cannot read {path}: {exc.strerror}"
+                ) from None
+            if not password:
+                raise ValueError(f"FLEET_NATS_PASSWORD_FILE: {path} is empty")
+        if self.nats_user and not password:
+            raise ValueError("FLEET_NATS_USER needs FLEET_NATS_PASSWORD or _PASSWORD_FILE")
+        self.nats_url = natsurl.with_credentials(self.nats_url, self.nats_user, password)
+        return self
+
 
 class ProxySettings(CommonSettings):
     """Settings of one proxy replica (``proxyfleet proxy``)."""
@@ -130,12 +177,46 @@ class ProxySettings(CommonSettings):
     proxy_metrics_listen: str = Field(
         "", description="host:port serving Prometheus /metrics ('' or 'off': none)"
     )
+    destination_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated CIDRs, IPs or host globs (optional :port) exempt from "
+        "the private-range refusal",
+    )
+    destination_deny: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated CIDRs, IPs or host globs (optional :port) always refused",
+    )
+    protected_endpoints: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1:8081"],
+        description="comma-separated host:port of other fleet services (the API, the store's "
+        "metrics) never reachable through the proxy",
+    )
 
-    @field_validator("ignore_hosts", mode="before")
+    @field_validator(
+        "ignore_hosts",
+        "destination_allow",
+        "destination_deny",
+        "protected_endpoints",
+        mode="before",
+    )
     @classmethod
     def _split_hosts(cls, v: object) -> object:
         if isinstance(v, str):
             return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("destination_allow", "destination_deny")
+    @classmethod
+    def _check_destinations(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            parse_destination(entry)
+        return v
+
+    @field_validator("protected_endpoints")
+    @classmethod
+    def _check_endpoints(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            parse_hostport(entry)
         return v
 
     @field_validator("proxy_listen")
@@ -200,6 +281,25 @@ class StoreSettings(CommonSettings):
     store_metrics_listen: str = Field(
         "", description="host:port serving Prometheus /metrics ('' or 'off': none)"
     )
+    store_claim_ttl: float = Field(
+        15.0,
+        ge=1,
+        le=3600,
+        description="seconds a store's claim on the FLOWS stream outlives its last heartbeat "
+        "(a store with another database is refused while the claim holds)",
+    )
+
+    @field_validator("store_db", mode="before")
+    @classmethod
+    def _no_db_url(cls, v: object) -> object:
+        """A URL is refused, naming only its scheme: the rest may hold a password, and
+        taken as a path it would silently become a SQLite file named after the URL."""
+        if isinstance(v, str) and (m := _URL_SCHEME.match(v.strip())):
+            raise ValueError(
+                f"{m.group(1)}:// URLs are not supported yet (only a SQLite file path; "
+                "the PostgreSQL backend is not built)"
+            )
+        return v
 
     @field_validator("store_db")
     @classmethod
@@ -327,8 +427,10 @@ def load(cls: type[S], **overrides: Any) -> S:
         prefix = cls.model_config.get("env_prefix", "")
         parts = []
         for err in exc.errors():
-            name = str(err["loc"][0]).upper() if err["loc"] else "?"
-            parts.append(f"{prefix}{name}: {err['msg']}")
+            if err["loc"]:
+                parts.append(f"{prefix}{str(err['loc'][0]).upper()}: {err['msg']}")
+            else:  # a check across fields: its message names the variables
+                parts.append(str(err["msg"]).removeprefix("Value error, "))
         raise SettingsError("bad settings: " + "; ".join(parts)) from None
 
 

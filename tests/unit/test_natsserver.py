@@ -47,7 +47,9 @@ async def test_jetstream_survives_stop_and_restart(tmp_path: Path) -> None:
     server = EmbeddedNats(tmp_path / "store", log_file=tmp_path / "nats.log")
     assert server.port != 4222 and not server.running
     with server:
-        assert server.running and server.url == f"nats://127.0.0.1:{server.port}"
+        assert server.running and server.address == f"nats://127.0.0.1:{server.port}"
+        c = server.credentials
+        assert server.url == f"nats://{c.user}:{c.password}@127.0.0.1:{server.port}"
         nc = await _connect(server.url)
         js = nc.jetstream()
         await js.add_stream(StreamConfig(name="KEEP", subjects=["keep.>"]))
