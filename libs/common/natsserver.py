@@ -18,8 +18,8 @@ import ctypes.util
 import json
 import os
 import secrets
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
