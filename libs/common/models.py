@@ -4,11 +4,69 @@ builds flow events as plain dicts, see ``services.proxy.capture.flow_event``).
 
 from __future__ import annotations
 
+import ipaddress
+import re
+import socket
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ReplicaState = Literal["running", "stopped", "starting", "stopping"]
+
+_GLOB_OK = re.compile(r"^[a-z0-9_*?-]+(?:\.[a-z0-9_*?-]+)*$")
+
+
+def parse_destination(
+    entry: str,
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network | str, int | None]:
+    """A ``destination_allow``/``destination_deny`` entry -> (network or host glob, port).
+
+    Forms: a CIDR or IP (``10.0.0.0/8``, ``10.1.2.3``, ``::1``, ``fc00::/7``), a host
+    glob (``*.internal.example``), each optionally with ``:port`` (``10.0.0.5:8080``,
+    ``[fc00::/7]:443``, ``*.corp.example:8443``; an IPv6 entry with a port needs brackets,
+    so one colon always means a port). IPv4-mapped IPv6 (``::ffff:10.0.0.0/104``) is
+    taken as the IPv4 it names. Numeric host names that ``inet_aton`` reads as an IPv4
+    address (``127.1``, ``2130706433``, ``0x7f000001``) are refused as ambiguous: a glob
+    would match only that spelling, while the address it means would slip by.
+    Raises ``ValueError`` naming the entry.
+    """
+    text = entry.strip().lower()
+    target, port_text = text, None
+    if text.startswith("["):
+        inner, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"invalid destination {entry!r}: expected [IPv6] or [IPv6]:port")
+        target, port_text = inner, rest[1:] if rest else None
+    elif text.count(":") == 1:
+        target, _, port_text = text.partition(":")
+    port = None
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+            raise ValueError(f"invalid destination {entry!r}: bad port {port_text!r}")
+        port = int(port_text)
+    if "%" in target:  # a scope names an interface, not a destination
+        raise ValueError(f"invalid destination {entry!r}: no %scope in an address")
+    try:
+        net = ipaddress.ip_network(target)
+    except ValueError as exc:
+        if "/" in target or ":" in target:
+            raise ValueError(f"invalid destination {entry!r}: {exc}") from None
+        glob = target.removesuffix(".")
+        if not glob or len(glob) > 253 or not _GLOB_OK.match(glob):
+            raise ValueError(
+                f"invalid destination {entry!r}: not a CIDR, an IP address or a host glob"
+            ) from None
+        try:
+            socket.inet_aton(glob)
+        except OSError:
+            return glob, port
+        raise ValueError(
+            f"invalid destination {entry!r}: ambiguous IPv4 form, write it as a.b.c.d"
+        ) from None
+    mapped = net.network_address.ipv4_mapped if net.version == 6 else None
+    if mapped is not None and net.prefixlen >= 96:
+        net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+    return net, port
 
 
 class RuntimeConfig(BaseModel):
@@ -29,6 +87,22 @@ class RuntimeConfig(BaseModel):
     upstream_connect_timeout: float = Field(10.0, gt=0, le=300)
     upstream_read_timeout: float = Field(60.0, gt=0, le=3600)
     client_idle_timeout: float = Field(60.0, gt=0, le=3600)
+    destination_allow: list[str] = Field(
+        default_factory=list,
+        description="CIDRs, IPs or host globs (optional :port) exempt from the private-range "
+        "refusal; fleet endpoints stay refused",
+    )
+    destination_deny: list[str] = Field(
+        default_factory=list,
+        description="CIDRs, IPs or host globs (optional :port) always refused (beats allow)",
+    )
+
+    @field_validator("destination_allow", "destination_deny")
+    @classmethod
+    def _destinations(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            parse_destination(entry)
+        return [entry.strip().lower() for entry in v]
 
     @field_validator("ignore_hosts")
     @classmethod

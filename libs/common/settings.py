@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from libs.common.models import parse_destination
+
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 
@@ -175,12 +177,46 @@ class ProxySettings(CommonSettings):
     proxy_metrics_listen: str = Field(
         "", description="host:port serving Prometheus /metrics ('' or 'off': none)"
     )
+    destination_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated CIDRs, IPs or host globs (optional :port) exempt from "
+        "the private-range refusal",
+    )
+    destination_deny: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated CIDRs, IPs or host globs (optional :port) always refused",
+    )
+    protected_endpoints: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1:8081"],
+        description="comma-separated host:port of other fleet services (the API, the store's "
+        "metrics) never reachable through the proxy",
+    )
 
-    @field_validator("ignore_hosts", mode="before")
+    @field_validator(
+        "ignore_hosts",
+        "destination_allow",
+        "destination_deny",
+        "protected_endpoints",
+        mode="before",
+    )
     @classmethod
     def _split_hosts(cls, v: object) -> object:
         if isinstance(v, str):
             return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("destination_allow", "destination_deny")
+    @classmethod
+    def _check_destinations(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            parse_destination(entry)
+        return v
+
+    @field_validator("protected_endpoints")
+    @classmethod
+    def _check_endpoints(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            parse_hostport(entry)
         return v
 
     @field_validator("proxy_listen")
