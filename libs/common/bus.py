@@ -222,6 +222,10 @@ class Bus:
             KeyValueConfig(bucket=subjects.REPLICAS_BUCKET, history=1, ttl=ttl)
         )
 
+    async def keys_kv(self) -> KeyValue:
+        """The API-key digests (written by the API at start-up, watched by the proxies)."""
+        return await self._ensure_kv(KeyValueConfig(bucket=subjects.KEYS_BUCKET, history=1))
+
     async def _ensure_kv(self, config: KeyValueConfig) -> KeyValue:
         try:
             return await self.js.key_value(config.bucket)

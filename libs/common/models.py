@@ -15,6 +15,16 @@ ReplicaState = Literal["running", "stopped", "starting", "stopping"]
 
 _GLOB_OK = re.compile(r"^[a-z0-9_*?-]+(?:\.[a-z0-9_*?-]+)*$")
 
+# Headers masked in recorded flows unless the config says otherwise (``redact_headers``).
+DEFAULT_REDACT_HEADERS = (
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+)
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]{1,256}")  # an RFC 9110 field name, lowercased
+
 
 def parse_destination(
     entry: str,
@@ -96,6 +106,25 @@ class RuntimeConfig(BaseModel):
         default_factory=list,
         description="CIDRs, IPs or host globs (optional :port) always refused (beats allow)",
     )
+    redact_headers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REDACT_HEADERS),
+        max_length=256,
+        description="header names (any case) whose values are masked in recorded flows, "
+        "requests and responses; Proxy-Authorization is never recorded, and the fleet's own "
+        "API keys are masked wherever an X-API-Key or Bearer token carries them",
+    )
+
+    @field_validator("redact_headers")
+    @classmethod
+    def _header_names(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for name in v:
+            name = name.strip().lower()
+            if not _FIELD_NAME.fullmatch(name):
+                raise ValueError(f"invalid header name {name!r}")
+            if name not in out:
+                out.append(name)
+        return out
 
     @field_validator("destination_allow", "destination_deny")
     @classmethod
@@ -128,6 +157,7 @@ class ReplicaStatus(BaseModel):
     flows_total: int = 0
     events_published: int = 0
     events_dropped: int = 0
+    events_undeliverable: int = 0  # taken for publishing but refused by NATS, or lost at stop
     events_queued: int = 0
     config_revision: int = 0
     config_error: str | None = None

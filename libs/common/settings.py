@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from libs.common.models import parse_destination
+from libs.common.models import DEFAULT_REDACT_HEADERS, parse_destination
 
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
@@ -166,6 +166,15 @@ class ProxySettings(CommonSettings):
     capture_queue_size: int = Field(100_000, gt=0, description="flow events held while NATS lags")
     capture_batch_max: int = Field(256, gt=0, description="most flow events in one NATS message")
     capture_linger_ms: float = Field(5.0, ge=0, description="wait to fill a batch before publish")
+    capture_queue_bytes: int = Field(
+        128 << 20,
+        gt=0,
+        description="body and header bytes the capture queue holds while NATS lags",
+    )
+    redact_headers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_REDACT_HEADERS),
+        description="comma-separated header names masked in recorded flows",
+    )
     upstream_verify_tls: bool = Field(True, description="verify upstream certificates")
     upstream_ca_bundle: Path | None = Field(None, description="extra CA bundle for upstream TLS")
     upstream_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect upstream")
@@ -197,6 +206,7 @@ class ProxySettings(CommonSettings):
         "destination_allow",
         "destination_deny",
         "protected_endpoints",
+        "redact_headers",
         mode="before",
     )
     @classmethod

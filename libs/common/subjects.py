@@ -25,6 +25,9 @@ CONFIG_KEY = "proxy"
 CA_CERT_KEY = "ca_cert"  # the proxies' CA certificate (PEM), for client onboarding via the API
 CONFIG_HISTORY = 64
 REPLICAS_BUCKET = "fleet_replicas"
+# SHA-256 digests of the management API's keys (key: the hex digest, value: JSON with the
+# key's id and scope): proxies mask these keys wherever they see them in recorded traffic.
+KEYS_BUCKET = "fleet_keys"
 
 # Commands (request/reply).
 CMD_PREFIX = "fleet.cmd"

@@ -26,6 +26,7 @@ from services.api.deps import Services
 from services.api.errors import install_handlers, openapi_problem_content
 from services.api.eventlog import EventLog
 from services.api.fleet import Fleet
+from services.api.keyshare import publish_key_digests
 from services.api.metrics import ApiMetrics, MetricsMiddleware
 from services.api.metrics import router as metrics_router
 from services.api.routes import ca, config, events, flows, health, live, proxy
@@ -97,6 +98,8 @@ def create_app(
             await active.ensure_streams()  # the event log and audit records need EVENTS
         except Exception as exc:
             log.warning("cannot create the JetStream streams: %r", exc)
+        # proxies mask these keys in recorded traffic (bounded, never fails start-up)
+        await publish_key_digests(active, keys._keys)
         try:
             yield
         finally:

@@ -1,12 +1,27 @@
 """Flow capture: a bounded in-memory queue drained by one publisher task.
 
-The request path only calls ``emit(flow)`` (a deque append). The publisher
-turns queued flows into JSON events at drain time, which gives coalescing for
-free: a flow that finished before its ``started`` entry was drained is sent
-once, as its final event. Events go out in batches, one JetStream message per
-batch with a ``Nats-Msg-Id`` so a retried batch is stored once. When NATS is
-down or slow the queue fills up to its bound, then new events are dropped and
-counted; publishing resumes by itself when NATS is back.
+The request path only calls ``emit(flow)`` (a deque append and a few integer
+operations). The publisher turns queued flows into JSON events at drain time,
+which gives coalescing for free: a flow that finished before its ``started``
+entry was drained is sent once, as its final event. Serialising there is also
+where secrets are taken out (``services.proxy.redact``): nothing the relay does
+per request depends on it.
+
+Events go out in batches, one JetStream message per batch with a ``Nats-Msg-Id``
+so a retried batch is stored once. Every batch fits the server's real
+``max_payload`` (from the connection's INFO); an event that could not fit in one
+message on its own is shrunk (bodies first, then headers) and marked truncated.
+
+The queue is bounded twice: by events (``queue_size``) and by the bytes of the
+bodies and headers its entries hold (``queue_bytes``), so NATS being down costs
+a bounded amount of memory whatever the traffic. Over either bound new events
+are dropped and counted; publishing resumes by itself when NATS is back.
+
+A publish that fails for a reason retrying cannot fix (a message over the
+server's limits, a request the server rejects) is split or dropped and counted
+as undeliverable, never retried unchanged; timeouts and disconnects are retried
+with the same message id. At shutdown what is still queued, or the batch being
+published, is counted as undeliverable when it cannot go out in time.
 """
 
 from __future__ import annotations
@@ -18,18 +33,29 @@ from binascii import b2a_base64
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
+import nats.errors
+import nats.js.errors
 import orjson
 
 from libs.common import subjects, telemetry
+from services.proxy import redact
 from services.proxy.flow import ACTIVE, COMPLETED, KILLED, Flow
+from services.proxy.redact import Redaction
+
+if TYPE_CHECKING:
+    from services.proxy.config import ProxyConfig
 
 log = logging.getLogger("proxyfleet.capture")
 
 _RESERVED = 4096  # room for headers and the JSON array brackets within max_payload
 _SLICE = 32  # events serialised between two yields to the event loop
 _TRACEPARENT_LEN = 55
+_SHRINK_SLACK = 256  # bytes kept free when sizing trimmed bodies (JSON fields that grow)
+_UNKNOWN_RETRIES = 8  # attempts before an unrecognised publish error counts as permanent
+DEFAULT_QUEUE_BYTES = 128 << 20
 
 
 class Publisher(Protocol):
@@ -46,51 +72,99 @@ class Publisher(Protocol):
     ) -> Any: ...
 
 
-def _headers(pairs: list[tuple[bytes, bytes]]) -> list[list[str]]:
-    return [[n.decode("latin-1"), v.decode("latin-1")] for n, v in pairs]
-
-
 def _addr(addr: Any) -> list[Any] | None:
     return [addr[0], addr[1]] if addr else None
 
 
 def _body(chunks: list[bytes], limit: int) -> str:
-    if not chunks:
+    if not chunks or limit <= 0:
         return ""
     data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     return b2a_base64(data[:limit] if len(data) > limit else data, newline=False).decode("ascii")
 
 
-def flow_event(flow: Flow, replica: str, body_limit: int | None = None) -> dict[str, Any]:
+def _captured(chunks: list[bytes]) -> int:
+    return sum(map(len, chunks))
+
+
+def head_bytes(pairs: list[tuple[bytes, bytes]]) -> int:
+    """Bytes of names and values in a header list (what a queued entry holds for it)."""
+    return sum([len(n) + len(v) for n, v in pairs])
+
+
+def _trim_headers(headers: list[list[str]], budget: int) -> tuple[list[list[str]], bool]:
+    """Keep headers in order while their names and values fit ``budget`` characters;
+    the one that straddles the budget keeps the start of its value."""
+    out: list[list[str]] = []
+    left = budget
+    for name, value in headers:
+        need = len(name) + len(value)
+        if need <= left:
+            out.append([name, value])
+            left -= need
+            continue
+        if left > len(name):
+            out.append([name, value[: left - len(name)]])
+        return out, True
+    return out, False
+
+
+def flow_event(
+    flow: Flow,
+    replica: str,
+    body_limit: int | tuple[int, int] | None = None,
+    *,
+    redaction: Redaction = redact.DEFAULT,
+    header_budget: int | None = None,
+) -> dict[str, Any]:
     """The wire form of a flow: ``started`` while active, else its final state.
 
-    ``body_limit`` trims captured bodies further (only used when an event would
-    not fit in one NATS message); trimmed bodies are marked truncated.
+    ``redaction`` removes or masks secret headers (request and response). The
+    other two only serve events that would not fit in one NATS message:
+    ``body_limit`` trims captured bodies further (one limit, or one per
+    direction), ``header_budget`` keeps at most that many characters of header
+    names and values per direction. Whatever they cut is marked truncated.
     """
     final = flow.state != ACTIVE
-    limit = body_limit if body_limit is not None else 1 << 62
+    req_headers = redaction.headers(flow.req_headers)
+    req_cut = resp_cut = False
+    if header_budget is not None:
+        req_headers, req_cut = _trim_headers(req_headers, header_budget)
     request: dict[str, Any] = {
-        "headers": _headers(flow.req_headers),
+        "headers": req_headers,
         "size": flow.req_size,
-        "truncated": flow.req_truncated,
+        "truncated": flow.req_truncated or req_cut,
     }
+    if req_cut:
+        request["headers_truncated"] = True
     response: dict[str, Any] | None = None
     if flow.status:
+        resp_headers = redaction.headers(flow.resp_headers)
+        if header_budget is not None:
+            resp_headers, resp_cut = _trim_headers(resp_headers, header_budget)
         response = {
             "status": flow.status,
             "reason": flow.reason.decode("latin-1"),
             "http_version": flow.resp_http_version,
-            "headers": _headers(flow.resp_headers),
+            "headers": resp_headers,
             "size": flow.resp_size,
-            "truncated": flow.resp_truncated,
+            "truncated": flow.resp_truncated or resp_cut,
         }
+        if resp_cut:
+            response["headers_truncated"] = True
     if final:
-        request["body_b64"] = _body(flow.req_body, limit)
-        if body_limit is not None and flow.req_size > body_limit:
+        if body_limit is None:
+            req_limit = resp_limit = 1 << 62
+        elif isinstance(body_limit, tuple):
+            req_limit, resp_limit = body_limit
+        else:
+            req_limit = resp_limit = body_limit
+        request["body_b64"] = _body(flow.req_body, req_limit)
+        if flow.req_size > req_limit:
             request["truncated"] = True
         if response is not None:
-            response["body_b64"] = _body(flow.resp_body, limit)
-            if body_limit is not None and flow.resp_size > body_limit:
+            response["body_b64"] = _body(flow.resp_body, resp_limit)
+            if flow.resp_size > resp_limit:
                 response["truncated"] = True
     return {
         "event": ("completed" if flow.state == COMPLETED else flow.state) if final else "started",
@@ -181,6 +255,69 @@ class FlowTally:
         return sum(self.latency_buckets)
 
 
+# What a failed publish means for its batch.
+_TRANSIENT = "transient"  # retry the same message (same id) later
+_TOO_LARGE = "too_large"  # the message is over a server limit: split it, or drop one event
+_PERMANENT = "permanent"  # the server refuses this message: drop it, counted
+_UNKNOWN = "unknown"  # retried a few times, then treated as permanent
+
+_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError,  # nats.errors.TimeoutError is one too
+    nats.errors.NoRespondersError,  # no stream listening yet (JetStream starting, stream gone)
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.UnexpectedEOF,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+    ConnectionError,
+)
+_MSG_TOO_LARGE = 10054  # JetStream err_code: message size exceeds maximum allowed
+
+
+def publish_verdict(exc: BaseException) -> str:
+    """Classify a publish failure: may the same message succeed if it is sent again?"""
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return _TOO_LARGE
+    if isinstance(exc, nats.js.errors.APIError) and not isinstance(
+        exc, nats.js.errors.ServiceUnavailableError
+    ):
+        if exc.err_code == _MSG_TOO_LARGE or exc.code == 413:
+            return _TOO_LARGE
+        if exc.code is not None and 400 <= exc.code < 500:
+            return _PERMANENT  # bad request: the same bytes will be refused again
+        return _TRANSIENT  # 5xx: the server's trouble, not the message's
+    if isinstance(exc, _TRANSIENT_ERRORS):
+        return _TRANSIENT
+    if isinstance(exc, (nats.errors.BadSubjectError, nats.errors.BadHeaderError, ValueError)):
+        return _PERMANENT
+    return _UNKNOWN
+
+
+@dataclass(slots=True)
+class Batch:
+    """Serialised events on their way to the stream as one message."""
+
+    msg_id: str
+    events: list[bytes] = field(default_factory=list)
+    finals: int = 0  # how many of ``events`` are a flow's final event
+    final_flags: list[bool] = field(default_factory=list)
+    traces: list[str] = field(default_factory=list)  # traceparents of sampled flows
+
+    def payload(self) -> bytes:
+        return b"[" + b",".join(self.events) + b"]"
+
+
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """What could not be published before shutdown."""
+
+    events: int
+    flows: int  # flows whose final state was never published
+
+
 class Capture:
     """The bounded event queue and its single publisher task."""
 
@@ -191,96 +328,219 @@ class Capture:
         queue_size: int = 100_000,
         batch_max: int = 256,
         linger: float = 0.005,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
     ) -> None:
         self.replica = replica
         self.bus = bus
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
         self.batch_max = batch_max
         self.linger = linger
         self.subject = subjects.flows_subject(replica)
-        self._queue: deque[Flow] = deque()
+        # entries: (flow, bytes accounted for it when queued); see ``emit``
+        self._queue: deque[tuple[Flow, int]] = deque()
+        self.queued_bytes = 0
+        self._outbox: deque[Batch] = deque()  # taken off the queue, not yet delivered
         self._wakeup = asyncio.Event()
         self._boot = secrets.token_hex(4)
         self._seq = 0
-        self.dropped = 0
+        self.body_limit = 1 << 20  # the config's capture_body_limit (``configure``)
+        self._names = redact.DEFAULT
+        self._key_digests: frozenset[bytes] = frozenset()
+        self.redaction = redact.DEFAULT
+        self.dropped = 0  # events refused by a full queue (by count or by bytes)
         self.dropped_final = 0  # of ``dropped``: final events (their flow goes unrecorded)
+        self.undeliverable = 0  # events taken but never published (refused, or at shutdown)
+        self.undeliverable_final = 0  # of ``undeliverable``: final events
+        self.truncated = 0  # events shrunk to fit one NATS message
         self.published = 0
         self.batches = 0
         self.tally = FlowTally()
-        self._traces: list[str] = []  # traceparents of sampled flows in the batch being built
 
+    # -- configuration (control plane) ---------------------------------------------------
+    def configure(self, config: ProxyConfig) -> None:
+        """Take up a config revision: its body limit and header redaction."""
+        self.body_limit = config.doc.capture_body_limit
+        self._names = config.redact
+        self.redaction = Redaction(config.redact.names, self._key_digests)
+
+    def set_key_digests(self, digests: frozenset[bytes]) -> None:
+        """The SHA-256 digests of the fleet's API keys (masked wherever they are seen)."""
+        self._key_digests = digests
+        self.redaction = Redaction(self._names.names, digests)
+
+    # -- the hot path ----------------------------------------------------------------------
     def emit(self, flow: Flow) -> None:
-        """Queue ``flow`` for publishing (hot path: never blocks, never awaits)."""
-        if len(self._queue) >= self.queue_size:
-            self.dropped += 1
-            if flow.state != ACTIVE:
-                self.dropped_final += 1
+        """Queue ``flow`` for publishing (hot path: never blocks, never awaits).
+
+        Each entry is accounted the bytes its event will need from the flow: the
+        request headers for a ``started`` entry; headers and captured bodies for a
+        final one (captured body = the size up to the body limit, no walk over the
+        chunks). A final event that does not fit is dropped and the flow lets go of
+        its bodies and response headers, since a queued ``started`` entry still
+        references the flow (it then goes out with the final state, marked truncated).
+        """
+        if flow.state == ACTIVE:
+            n = head_bytes(flow.req_headers)
+        else:
+            lim = self.body_limit
+            a, b = flow.req_size, flow.resp_size
+            n = (
+                (a if a < lim else lim)
+                + (b if b < lim else lim)
+                + head_bytes(flow.req_headers)
+                + head_bytes(flow.resp_headers)
+            )
+        q = self._queue
+        if len(q) >= self.queue_size or self.queued_bytes + n > self.queue_bytes:
+            self._drop(flow)
             return
-        self._queue.append(flow)
+        q.append((flow, n))
+        self.queued_bytes += n
         self._wakeup.set()
+
+    def _drop(self, flow: Flow) -> None:
+        self.dropped += 1
+        if flow.state != ACTIVE:
+            self.dropped_final += 1
+            if flow.req_body:
+                flow.req_body = []
+                flow.req_truncated = True
+            if flow.resp_body or flow.resp_headers:
+                flow.resp_body = []
+                flow.resp_headers = []
+                flow.resp_truncated = True
 
     @property
     def pending(self) -> int:
         return len(self._queue)
 
-    def _take_batch(self, max_bytes: int, max_count: int | None = None) -> list[bytes]:
-        """Serialise queued flows into events, up to ``max_count`` (default ``batch_max``)
-        and ``max_bytes``."""
-        out: list[bytes] = []
-        size = 0
+    # -- taking batches --------------------------------------------------------------------
+    def _new_batch(self) -> Batch:
+        self._seq += 1
+        return Batch(f"{self.replica}.{self._boot}.{self._seq}")
+
+    def _fill(self, batch: Batch, room: int, limit: int, count: int) -> int:
+        """Move up to ``count`` queued events into ``batch`` while they fit in ``room``
+        bytes; ``limit`` is what one message may hold. Returns the room left.
+
+        The budget holds for the whole batch however it is taken (one slice or many):
+        an event that does not fit in what is left waits for the next batch, and one
+        that would not fit in any message is shrunk here.
+        """
         q = self._queue
-        count = max_count or self.batch_max
-        traces = self._traces if telemetry.ENABLED else None
-        while q and len(out) < count:
-            flow = q[0]
+        events = batch.events
+        red = self.redaction
+        traces = batch.traces if telemetry.ENABLED else None
+        end = len(events) + count
+        while q and len(events) < end:
+            flow, n = q[0]
             if flow.final_sent:  # its final event already went out (coalesced)
                 q.popleft()
+                self.queued_bytes -= n
                 continue
-            data = orjson.dumps(flow_event(flow, self.replica))
-            if len(data) > max_bytes:
-                data = self._shrink(flow, max_bytes)
-            if out and size + len(data) + 1 > max_bytes:
-                break
+            data: bytes | None = orjson.dumps(flow_event(flow, self.replica, redaction=red))
+            assert data is not None
+            if len(data) + 1 > limit:
+                data = self._shrink(flow, limit - 1)
+            if data is not None and len(data) + 1 > room and events:
+                break  # the next batch starts with it
             q.popleft()
-            if flow.state != ACTIVE:
+            self.queued_bytes -= n
+            final = flow.state != ACTIVE
+            if final:
                 flow.final_sent = True
                 self.tally.count(flow)
+            if data is None:  # not even its bare head fits in one message
+                self.undeliverable += 1
+                self.undeliverable_final += final
+                log.warning("flow %s: event cannot fit in one NATS message; dropped", flow.id)
+                continue
+            if final:
+                batch.finals += 1
                 if traces is not None:  # tracing on: this flow's store span needs its trace
                     tp = flow.traceparent
                     if tp is not None and telemetry.is_sampled(tp):
                         traces.append(tp)
-            out.append(data)
-            size += len(data) + 1
-        return out
+            events.append(data)
+            batch.final_flags.append(final)
+            room -= len(data) + 1
+        return room
 
-    async def _take_batch_yielding(self, max_bytes: int) -> list[bytes]:
+    def _take_batch(self, budget: int, max_count: int | None = None) -> Batch:
+        """One batch of up to ``max_count`` (default ``batch_max``) events in ``budget`` bytes."""
+        batch = self._new_batch()
+        self._fill(batch, budget, budget, max_count or self.batch_max)
+        return batch
+
+    async def _take_batch_yielding(self, budget: int) -> Batch:
         """``_take_batch`` in slices, letting the relay run in between: serialising a
         full batch at once would hold every connection up for a millisecond or two."""
-        out: list[bytes] = []
-        while len(out) < self.batch_max and self._queue:
-            part = self._take_batch(max_bytes, min(_SLICE, self.batch_max - len(out)))
-            if not part:
-                break
-            out += part
-            max_bytes -= sum(len(p) + 1 for p in part)
-            if self._queue and len(out) < self.batch_max:
+        batch = self._new_batch()
+        room = budget
+        while len(batch.events) < self.batch_max and self._queue:
+            before = len(batch.events)
+            room = self._fill(batch, room, budget, min(_SLICE, self.batch_max - before))
+            if len(batch.events) == before and (not self._queue or batch.events):
+                break  # full (the next event waits), or nothing left
+            if self._queue and len(batch.events) < self.batch_max:
                 await asyncio.sleep(0)
-        return out
+        return batch
 
-    def _shrink(self, flow: Flow, max_bytes: int) -> bytes:
-        """Re-serialise a flow whose bodies do not fit in one message, trimming them."""
-        limit = max(0, (max_bytes - 16_384) * 3 // 8)  # base64 grows 4/3, two bodies
-        while True:
-            data = orjson.dumps(flow_event(flow, self.replica, body_limit=limit))
-            if len(data) <= max_bytes or limit == 0:
+    def _shrink(self, flow: Flow, limit: int) -> bytes | None:
+        """The event of ``flow`` trimmed to at most ``limit`` bytes, or None if impossible.
+
+        Bodies go first: the room left by the event without bodies is shared between
+        them (a small one keeps all of it, the other gets the rest). If headers alone
+        are too big, they are cut too (per direction, halving until it fits).
+        """
+        self.truncated += 1
+        red = self.redaction
+        replica = self.replica
+        bare = orjson.dumps(flow_event(flow, replica, 0, redaction=red))
+        if len(bare) <= limit:
+            if flow.state == ACTIVE:
+                return bare  # a started event carries no bodies: nothing else to cut
+            room = max(0, (limit - len(bare) - _SHRINK_SLACK) * 3 // 4)  # base64: 4/3
+            req_have, resp_have = _captured(flow.req_body), _captured(flow.resp_body)
+            half = room // 2
+            if req_have <= half:
+                limits = (req_have, room - req_have)
+            elif resp_have <= half:
+                limits = (room - resp_have, resp_have)
+            else:
+                limits = (half, room - half)
+            while True:
+                data = orjson.dumps(flow_event(flow, replica, limits, redaction=red))
+                if len(data) <= limit or limits == (0, 0):
+                    return data if len(data) <= limit else bare
+                limits = (limits[0] // 2, limits[1] // 2)
+        budget = limit // 2
+        while budget > 0:
+            data = orjson.dumps(flow_event(flow, replica, 0, redaction=red, header_budget=budget))
+            if len(data) <= limit:
                 return data
-            limit //= 2
+            budget //= 2
+        data = orjson.dumps(flow_event(flow, replica, 0, redaction=red, header_budget=0))
+        return data if len(data) <= limit else None
 
+    def _budget(self, bus: Publisher) -> int:
+        """Payload bytes a batch may use: ``max_payload`` less the room for headers (with
+        tracing on, the traceparents of up to ``batch_max`` flows)."""
+        reserved = _RESERVED
+        if telemetry.ENABLED:
+            reserved += (_TRACEPARENT_LEN + 1) * self.batch_max
+        max_payload = bus.max_payload
+        return max(max_payload - reserved, max_payload // 2)
+
+    # -- publishing ------------------------------------------------------------------------
     async def run(self) -> None:
-        """Publish until cancelled; a failed batch is retried with the same message id."""
+        """Publish until cancelled (see ``_deliver`` for what a failure does)."""
         assert self.bus is not None
         bus = self.bus
         while True:
+            if self._outbox:  # left over from a cancelled delivery
+                await self._deliver()
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -289,55 +549,126 @@ class Capture:
             while not bus.connected:
                 await asyncio.sleep(0.1)
             batch = await self._take_batch_yielding(self._budget(bus))
-            if not batch:
-                continue
-            await self._publish(b"[" + b",".join(batch) + b"]", len(batch))
+            if batch.events:
+                self._outbox.append(batch)
+                await self._deliver()
 
-    def _budget(self, bus: Publisher) -> int:
-        """Payload bytes a batch may use: ``max_payload`` less the room for headers (with
-        tracing on, the traceparents of up to ``batch_max`` flows)."""
-        reserved = _RESERVED
-        if telemetry.ENABLED:
-            reserved += (_TRACEPARENT_LEN + 1) * self.batch_max
-        return max(bus.max_payload - reserved, 64 * 1024)
-
-    async def _publish(self, payload: bytes, count: int) -> None:
+    async def _deliver(self) -> None:
+        """Publish the outbox in order. Transient failures are retried with the same
+        message id (the stream deduplicates); a message over a server limit is split in
+        two (one event alone: dropped); a message the server refuses is dropped. Drops
+        are counted in ``undeliverable``. Cancelling leaves the current batch in the
+        outbox, so ``flush`` can still send it (same id) or count it."""
         assert self.bus is not None
-        self._seq += 1
-        msg_id = f"{self.replica}.{self._boot}.{self._seq}"
-        traces, self._traces = self._traces, []
+        bus = self.bus
         delay = 0.1
-        while True:
+        unknown = 0
+        while self._outbox:
+            batch = self._outbox[0]
+            while not bus.connected:
+                await asyncio.sleep(0.1)
             try:
-                if traces:  # tracing on: the batch span links to its flows' spans
-                    await self.bus.js_publish(self.subject, payload, msg_id=msg_id, traces=traces)
+                if batch.traces:  # tracing on: the batch span links to its flows' spans
+                    await bus.js_publish(
+                        self.subject, batch.payload(), msg_id=batch.msg_id, traces=batch.traces
+                    )
                 else:
-                    await self.bus.js_publish(self.subject, payload, msg_id=msg_id)
-                break
+                    await bus.js_publish(self.subject, batch.payload(), msg_id=batch.msg_id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("flow batch publish failed (%d events, retrying): %r", count, exc)
+                verdict = publish_verdict(exc)
+                if verdict == _UNKNOWN:
+                    unknown += 1
+                    if unknown >= _UNKNOWN_RETRIES:
+                        verdict = _PERMANENT
+                if verdict == _TOO_LARGE and len(batch.events) > 1:
+                    self._outbox.popleft()
+                    first, second = self._split(batch)
+                    self._outbox.appendleft(second)
+                    self._outbox.appendleft(first)
+                    log.info("flow batch over a server limit (%r): split in two", exc)
+                    continue
+                if verdict in (_TOO_LARGE, _PERMANENT):
+                    self._outbox.popleft()
+                    self._give_up(batch)
+                    log.warning(
+                        "flow batch refused (%d events dropped, not retried): %r",
+                        len(batch.events),
+                        exc,
+                    )
+                    unknown = 0
+                    continue
+                log.warning(
+                    "flow batch publish failed (%d events, retrying): %r", len(batch.events), exc
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        self.published += count
-        self.batches += 1
+                continue
+            self._outbox.popleft()
+            self.published += len(batch.events)
+            self.batches += 1
+            delay = 0.1
+            unknown = 0
 
-    async def flush(self, timeout: float) -> None:
-        """Publish what is queued (used on shutdown), giving up after ``timeout``."""
+    def _split(self, batch: Batch) -> tuple[Batch, Batch]:
+        """Two batches (new message ids: the refused one was never stored)."""
+        mid = len(batch.events) // 2
+        halves = (self._new_batch(), self._new_batch())
+        for half, sl in zip(halves, (slice(None, mid), slice(mid, None)), strict=True):
+            half.events = batch.events[sl]
+            half.final_flags = batch.final_flags[sl]
+            half.finals = sum(half.final_flags)
+        halves[0].traces = batch.traces  # links only: the consumer continues each one once
+        return halves
+
+    def _give_up(self, batch: Batch) -> None:
+        self.undeliverable += len(batch.events)
+        self.undeliverable_final += batch.finals
+
+    async def flush(self, timeout: float) -> bool:
+        """Publish what is queued (and a batch a cancelled publisher left), giving up
+        after ``timeout`` seconds; True if nothing is left. Used on shutdown."""
         if self.bus is None:
-            return
+            return not self._queue
         bus = self.bus
 
         async def _drain() -> None:
+            await self._deliver()
             while self._queue:
                 while not bus.connected:
                     await asyncio.sleep(0.1)
                 batch = self._take_batch(self._budget(bus))
-                if batch:
-                    await self._publish(b"[" + b",".join(batch) + b"]", len(batch))
+                if batch.events:
+                    self._outbox.append(batch)
+                    await self._deliver()
 
         try:
-            await asyncio.wait_for(_drain(), timeout)
+            async with asyncio.timeout(timeout):
+                await _drain()
         except TimeoutError:
-            log.warning("shutdown: %d flow events not published", len(self._queue))
+            pass
+        return not self._queue and not self._outbox
+
+    def abandon(self) -> Abandoned:
+        """Count what is still queued or unsent as undeliverable and let go of it (the
+        replica is stopping). ``flows``: flows whose final state is lost with it."""
+        events = finals = 0
+        for batch in self._outbox:  # their flows are marked final_sent: not seen below
+            events += len(batch.events)
+            finals += batch.finals
+        lost_flows = finals
+        seen: set[str] = set()
+        for flow, _ in self._queue:
+            if flow.final_sent or flow.id in seen:
+                continue  # one event per flow would have gone out (coalescing)
+            seen.add(flow.id)
+            events += 1
+            lost_flows += 1
+            finals += flow.state != ACTIVE
+        self._outbox.clear()
+        self._queue.clear()
+        self.queued_bytes = 0
+        self.undeliverable += events
+        self.undeliverable_final += finals
+        return Abandoned(events, lost_flows)

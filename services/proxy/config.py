@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from libs.common.models import RuntimeConfig
+from services.proxy.redact import DEFAULT as DEFAULT_REDACTION
+from services.proxy.redact import Redaction
 from services.proxy.tls import upstream_context
 
 
@@ -33,6 +35,7 @@ class ProxyConfig:
     revision: int
     upstream_ssl: ssl.SSLContext
     ignore_re: re.Pattern[str] | None = field(default=None)
+    redact: Redaction = field(default=DEFAULT_REDACTION)  # capture's header redaction
 
     @classmethod
     def build(cls, doc: RuntimeConfig, revision: int, ca_bundle: Path | None) -> ProxyConfig:
@@ -41,6 +44,7 @@ class ProxyConfig:
             revision=revision,
             upstream_ssl=upstream_context(doc.upstream_verify_tls, ca_bundle),
             ignore_re=compile_host_globs(doc.ignore_hosts),
+            redact=Redaction.compile(doc.redact_headers),
         )
 
     def tunnel_untouched(self, host: str, port: int) -> bool:

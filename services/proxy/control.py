@@ -39,6 +39,16 @@ def _reason(exc: Exception) -> str:
     return text.splitlines()[0][:500] if text else type(exc).__name__
 
 
+def key_digest(kv_key: str) -> bytes | None:
+    """The SHA-256 digest a ``fleet_keys`` entry names (its key is the hex digest)."""
+    if len(kv_key) != 64:
+        return None
+    try:
+        return bytes.fromhex(kv_key)
+    except ValueError:
+        return None
+
+
 class Control:
     """Serves ``fleet.cmd.<replica|all>.<verb>`` and keeps the registry entry fresh."""
 
@@ -52,6 +62,7 @@ class Control:
         self.config_error: str | None = None
         self._subs: list[Any] = []
         self._watcher: Any = None
+        self._keys_watcher: Any = None
         server.on_event = self.event
 
     async def event(self, type: str, data: dict[str, Any], severity: Severity = "info") -> None:
@@ -72,6 +83,7 @@ class Control:
             flows_total=ctx.flows_total,
             events_published=ctx.capture.published,
             events_dropped=ctx.capture.dropped,
+            events_undeliverable=ctx.capture.undeliverable,
             events_queued=ctx.capture.pending,
             config_revision=ctx.config.revision,
             config_error=self.config_error,
@@ -206,6 +218,7 @@ class Control:
             return False
         previous = self.ctx.config.revision
         self.ctx.apply_config(cfg)
+        self.ctx.capture.configure(cfg)  # body limit (queue accounting) and redaction
         self.config_error = None
         log.info("config revision %d applied", revision)
         self._config_event(events.CONFIG_APPLIED, "info", revision=revision, previous=previous)
@@ -233,14 +246,45 @@ class Control:
                 log.warning("config watch interrupted: %r", exc)
                 await asyncio.sleep(1.0)
 
+    # -- API-key digests ------------------------------------------------------------------
+    async def watch_keys(self) -> None:
+        """Follow KV ``fleet_keys`` (the API's key digests) and hand the set to capture,
+        which masks those keys wherever they appear in recorded headers.
+
+        The bucket is created here if no API has started yet, so that a replica started
+        first still learns the keys as soon as an API publishes them.
+        """
+        digests: dict[str, bytes] = {}
+        while True:
+            try:
+                kv = await self.bus.keys_kv()
+                self._keys_watcher = await kv.watchall()
+                async for entry in self._keys_watcher:
+                    if entry is None:  # initial values delivered
+                        continue
+                    if entry.operation:  # DEL or PURGE
+                        digests.pop(entry.key, None)
+                    else:
+                        digest = key_digest(entry.key)
+                        if digest is None:
+                            continue
+                        digests[entry.key] = digest
+                    self.ctx.capture.set_key_digests(frozenset(digests.values()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("API key digest watch interrupted: %r", exc)
+                await asyncio.sleep(1.0)
+
     async def close(self) -> None:
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
             except Exception:
                 pass
-        if self._watcher is not None:
-            try:
-                await self._watcher.stop()
-            except Exception:
-                pass
+        for watcher in (self._watcher, self._keys_watcher):
+            if watcher is not None:
+                try:
+                    await watcher.stop()
+                except Exception:
+                    pass

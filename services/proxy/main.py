@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import os
+from collections.abc import Awaitable
 from typing import Any
 
 from libs.common import events
@@ -71,6 +72,7 @@ class Replica:
         self._tasks: list[asyncio.Task[Any]] = []
         self.registry = registry_for(self)  # this replica's Prometheus metrics
         self.metrics: MetricsServer | None = None
+        self.stopped: dict[str, Any] | None = None  # the replica_stopped data, once stopped
 
     async def start(self) -> None:
         """Bring the replica up, or raise ``StartupError`` with a one-line reason."""
@@ -93,7 +95,9 @@ class Replica:
             queue_size=s.capture_queue_size,
             batch_max=s.capture_batch_max,
             linger=s.capture_linger_ms / 1000,
+            queue_bytes=s.capture_queue_bytes,
         )
+        capture.configure(config)
         self.ctx = ProxyContext(
             s.replica_id, config, capture, self.ca, s.proxy_mode, s.upstream_pool_size
         )
@@ -121,6 +125,7 @@ class Replica:
             spawn(capture.run(), name="capture"),
             spawn(self.control.heartbeat_loop(), name="heartbeat"),
             spawn(self.control.watch_config(), name="config-watch"),
+            spawn(self.control.watch_keys(), name="keys-watch"),
         ]
         log.info("replica %s started", s.replica_id)
         await self.control.event(
@@ -138,28 +143,66 @@ class Replica:
         assert self.server is not None
         return self.server.address
 
-    async def stop(self, drain: float | None = None) -> None:
-        """Drain the listener, publish what was captured, deregister, disconnect."""
+    async def stop(self, drain: float | None = None) -> dict[str, Any]:
+        """Drain the listener, publish what was captured, deregister, disconnect.
+
+        Never hangs or raises because NATS is down: captured flows get
+        ``FLUSH_TIMEOUT`` seconds to go out (the batch a publisher was sending
+        included), what is left is counted as undeliverable (one log line, and the
+        ``replica_stopped`` event's data, which this returns), and every NATS step
+        after that is bounded. Calling it again returns the same summary.
+        """
+        if self.stopped is not None:
+            return self.stopped
         assert self.server and self.ctx and self.control and self.bus
+        rid = self.settings.replica_id
         deadline = self.settings.drain_timeout if drain is None else drain
-        log.info("replica %s stopping: draining up to %gs", self.settings.replica_id, deadline)
+        log.info("replica %s stopping: draining up to %gs", rid, deadline)
         await self.server.stop(deadline)
         await cancel_and_wait(*self._tasks)
-        await self.ctx.capture.flush(timeout=5.0)
-        await self.control.close()
-        await self.control.deregister()
-        await self.control.event(
-            events.REPLICA_STOPPED,
-            {
-                "flows_total": self.ctx.flows_total,
-                "events_dropped": self.ctx.capture.dropped,
-                "drain": deadline,
-            },
-        )
-        await self.bus.close()
+        capture = self.ctx.capture
+        await capture.flush(timeout=FLUSH_TIMEOUT)
+        lost = capture.abandon()
+        if lost.events:
+            why = "NATS unreachable" if not self.bus.connected else "NATS too slow"
+            log.warning(
+                "replica %s: %d flows not recorded (%d flow events undeliverable: %s)",
+                rid,
+                lost.flows,
+                lost.events,
+                why,
+            )
+        await _bounded(self.control.close(), "unsubscribe")
+        await _bounded(self.control.deregister(), "deregister")
+        data: dict[str, Any] = {
+            "flows_total": self.ctx.flows_total,
+            "events_dropped": capture.dropped,
+            "events_undeliverable": capture.undeliverable,
+            "flows_undeliverable": lost.flows,
+            "drain": deadline,
+        }
+        self.stopped = data
+        await self.control.event(events.REPLICA_STOPPED, data)  # bounded, never raises
+        await _bounded(self.bus.close(), "disconnect", BUS_CLOSE_TIMEOUT)
         if self.metrics is not None:
             await self.metrics.stop()
-        log.info("replica %s stopped", self.settings.replica_id)
+        log.info("replica %s stopped", rid)
+        return data
+
+
+FLUSH_TIMEOUT = 5.0  # seconds captured flows get to reach NATS on stop
+STEP_TIMEOUT = 2.0  # each later NATS step of stopping (unsubscribe, deregister)
+BUS_CLOSE_TIMEOUT = 6.0  # Bus.close drains for up to 5 s
+
+
+async def _bounded(step: Awaitable[Any], what: str, timeout: float = STEP_TIMEOUT) -> None:
+    """Run one NATS step of stopping: at most ``timeout`` seconds, never raising (NATS
+    may be down; the replica must still stop cleanly)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await step
+    except Exception as exc:  # TimeoutError, or nats-py failing on a dead connection
+        log.debug("stop: %s failed: %r", what, exc)
 
 
 async def run_proxy(settings: ProxySettings) -> None:

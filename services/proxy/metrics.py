@@ -120,9 +120,10 @@ class ProxyCollector(Collector):
         )
         dropped = CounterMetricFamily(
             PREFIX + "flow_events_dropped",
-            "Flow events dropped because the capture queue was full (NATS down or slow). "
-            "final: the flow goes unrecorded, unless its started event was still queued "
-            "(then that one is published with the final state)",
+            "Flow events dropped because the capture queue was full, by events or by bytes "
+            "(NATS down or slow). final: the flow goes unrecorded, unless its started event "
+            "was still queued (then that one is published with the final state, its bodies "
+            "and response headers let go of and marked truncated)",
             labels=["event"],
         )
         dropped.add_metric(["started"], cap.dropped - cap.dropped_final)
@@ -137,6 +138,32 @@ class ProxyCollector(Collector):
             PREFIX + "flow_events_queue_capacity",
             "Most flow events the capture queue holds (FLEET_CAPTURE_QUEUE_SIZE)",
             value=cap.queue_size,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "flow_events_queued_bytes",
+            "Body and header bytes held by the flow events in the capture queue",
+            value=cap.queued_bytes,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "flow_events_queue_bytes_capacity",
+            "Most body and header bytes the capture queue holds (FLEET_CAPTURE_QUEUE_BYTES)",
+            value=cap.queue_bytes,
+        )
+        undeliverable = CounterMetricFamily(
+            PREFIX + "flow_events_undeliverable",
+            "Flow events taken for publishing that never reached the FLOWS stream: refused by "
+            "NATS for a reason retrying cannot fix (over a size limit, a bad request), or still "
+            "unsent when the replica stopped. final: the flow's final state is lost",
+            labels=["event"],
+        )
+        undeliverable.add_metric(["started"], cap.undeliverable - cap.undeliverable_final)
+        undeliverable.add_metric(["final"], cap.undeliverable_final)
+        yield undeliverable
+        yield CounterMetricFamily(
+            PREFIX + "flow_events_truncated",
+            "Flow events shrunk to fit one NATS message (bodies, then headers, cut; the event "
+            "says truncated)",
+            value=cap.truncated,
         )
         yield GaugeMetricFamily(
             PREFIX + "config_revision",
