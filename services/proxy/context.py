@@ -1,28 +1,42 @@
 """State shared by every connection of one proxy replica.
 
-The relay reads from here on its hot path (``config``, ``capture``, ``pool``)
-and keeps the live bookkeeping here (``active`` flows, ``connections``,
-counters) that status, heartbeats and kill commands read.
+The relay reads from here on its hot path (``config``, ``chain``,
+``destinations``, ``capture``, ``pool``) and keeps the live bookkeeping here
+(``active`` exchanges, ``connections``, counters) that status, heartbeats and
+kill commands read. Everything derived from a config revision (the addon chain,
+the destination policy) is rebuilt once in ``apply_config``, never per request.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
+from services.proxy.addons import build_chain
 from services.proxy.capture import Capture
 from services.proxy.config import ProxyConfig
+from services.proxy.destinations import DestinationPolicy, ProtectedEndpoints
 from services.proxy.pool import UpstreamPool
 from services.proxy.tls import CertificateAuthority
 
 if TYPE_CHECKING:
-    from services.proxy.http1 import ClientConnection, Exchange
+    from services.proxy.exchange import Exchange
+
+
+class Connection(Protocol):
+    """What the replica's lifecycle needs of a client connection."""
+
+    ex: Exchange | None
+
+    def shutdown(self) -> None: ...
+
+    def end(self, ex: Exchange, state: str, error: str | None = None) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 def parse_reverse(mode: str) -> tuple[str, str, int, bytes] | None:
-    """``reverse:https://host:port`` -> (scheme, host, port, Host header); None if regular."""
+    """``reverse:https://host:port`` -> (scheme, host, port, Host header); None if not."""
     if not mode.startswith("reverse:"):
         return None
     u = urlsplit(mode.removeprefix("reverse:"))
@@ -30,6 +44,15 @@ def parse_reverse(mode: str) -> tuple[str, str, int, bytes] | None:
     port = u.port or (443 if u.scheme == "https" else 80)
     host_header = u.hostname if u.port is None else f"{u.hostname}:{u.port}"
     return u.scheme, u.hostname.lower(), port, host_header.encode("idna")
+
+
+def parse_upstream(mode: str) -> tuple[str, int] | None:
+    """``upstream:http://host:port`` -> (host, port) of the proxy to chain through."""
+    if not mode.startswith("upstream:"):
+        return None
+    u = urlsplit(mode.removeprefix("upstream:"))
+    assert u.hostname is not None
+    return u.hostname.lower(), u.port or 8080
 
 
 class ProxyContext:
@@ -43,36 +66,49 @@ class ProxyContext:
         ca: CertificateAuthority,
         mode: str = "regular",
         pool_size: int = 64,
+        endpoint_names: list[tuple[str, int]] | None = None,
+        restrict_private: bool = False,
     ) -> None:
         self.replica = replica
-        self.config = config
         self.capture = capture
         self.ca = ca
         self.mode = mode
         self.reverse = parse_reverse(mode)
+        self.upstream_proxy = parse_upstream(mode)
         self.pool = UpstreamPool(pool_size)
+        # the fleet's own (host, port) endpoints, never reachable through the proxy
+        self.endpoint_names = list(endpoint_names or ())
+        self.endpoints = ProtectedEndpoints.resolve(self.endpoint_names)
         self.listen_port = -1
-        self.local_names: frozenset[str] = frozenset({"localhost", socket.gethostname().lower()})
+        self.restrict_private = restrict_private
+        # RFC 9110 Via: our received-by pseudonym names the replica, so a request that
+        # comes back through it (a loop, even via other proxies) is recognised.
+        self.via_token = f"proxyfleet-{replica}".encode()
+        self.via = b"1.1 " + self.via_token
         self.active: dict[str, Exchange] = {}
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[Connection] = set()
         self.flows_total = 0
         self.draining = False
-
-    def is_local(self, host: str) -> bool:
-        """True if ``host`` names this machine (used to refuse proxy loops)."""
-        if host in self.local_names:
-            return True
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return ip.is_loopback or ip.is_unspecified
+        self.apply_config(config)
 
     def apply_config(self, config: ProxyConfig) -> None:
         """Switch to a new config revision; live connections keep going, idle upstream
-        connections are recycled (they were opened under the old TLS settings)."""
+        connections are recycled (they were opened under the old settings)."""
+        doc = config.doc
+        allow = list(doc.destination_allow)
+        if self.reverse is not None:  # the operator named this upstream: it may be private
+            allow.append(self.reverse[1])
+        self.destinations = DestinationPolicy.build(
+            allow, doc.destination_deny, self.endpoints, self.restrict_private
+        )
+        self.chain = build_chain(config)
         self.config = config
         self.pool.clear()
+
+    def protect(self, endpoints: ProtectedEndpoints) -> None:
+        """Replace the protected endpoints (e.g. once the listener's real port is known)."""
+        self.endpoints = endpoints
+        self.apply_config(self.config)
 
     def kill(self, flow_id: str, reason: str = "killed by operator") -> bool:
         """Abort the active flow ``flow_id``; False if this replica does not hold it."""

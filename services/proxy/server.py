@@ -16,9 +16,10 @@ from typing import Any
 
 from libs.common import events
 from libs.common.settings import parse_hostport
+from services.proxy.client import ClientConnection
 from services.proxy.context import ProxyContext
+from services.proxy.destinations import ProtectedEndpoints
 from services.proxy.flow import ERROR
-from services.proxy.http1 import ClientConnection
 
 log = logging.getLogger("proxyfleet.proxy")
 
@@ -74,6 +75,9 @@ class ProxyServer:
             sock = self._server.sockets[0]
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.ctx.listen_port = sock.getsockname()[1]
+            # the listener's real address (port 0 asked for one) is a fleet endpoint too
+            bound = [tuple(s.getsockname()[:2]) for s in self._server.sockets]
+            self.ctx.protect(ProtectedEndpoints.resolve([*self.ctx.endpoint_names, *bound]))
             self.ctx.draining = False
             self.state = "running"
             log.info("listener started on %s", self.address)
@@ -97,11 +101,9 @@ class ProxyServer:
             aborted = 0
             for conn in list(self.ctx.connections):
                 if conn.ex is not None:
-                    conn._finish(conn.ex, ERROR, "proxy stopped before the flow finished")
+                    conn.end(conn.ex, ERROR, "proxy stopped before the flow finished")
                     aborted += 1
                 conn.abort()
-                if conn.relay_peer is not None:
-                    conn.relay_peer.abort()
             self.ctx.connections.clear()
             self.ctx.pool.clear()
             await self._server.wait_closed()

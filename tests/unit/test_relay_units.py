@@ -10,7 +10,7 @@ import pytest
 from libs.common.settings import ProxySettings, SettingsError, load
 from services.proxy.config import compile_host_globs
 from services.proxy.flow import new_flow_id
-from services.proxy.relay import FrameCounter
+from services.proxy.tunnel import FrameCounter
 
 
 def _frame(payload: bytes, fin: bool = True, opcode: int = 1, mask: bool = True) -> bytes:

@@ -1,8 +1,8 @@
-"""Spans of proxied flows; the relay calls into here only while tracing is on.
+"""Tracing, the first addon: spans of proxied flows.
 
-With tracing off the relay checks ``telemetry.ENABLED`` once per flow (when it
-records the flow) and ``Exchange.span is None`` where a flow ends or connects
-upstream; nothing in this module runs and request heads are relayed untouched.
+With tracing off this addon is not in the chain (``addons.build_chain``) and the
+relay only checks ``Exchange.span is None`` where it connects upstream; nothing
+in this module runs and request heads are relayed untouched.
 
 With tracing on, a flow is one SERVER span ``proxy <method>`` from its request
 head to its end, continuing the client's trace when the request carries a
@@ -17,8 +17,8 @@ ids (propagated upstream and recorded), no span.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
 from random import getrandbits
 from typing import TYPE_CHECKING, Any
 
@@ -28,14 +28,13 @@ from opentelemetry.trace import Span, SpanContext, SpanKind, StatusCode, TraceFl
 
 from libs.common import telemetry
 from services.proxy.flow import COMPLETED
+from services.proxy.hooks import Addon
 
 if TYPE_CHECKING:
-    import ssl
-
-    from services.proxy.http1 import Exchange, UpstreamConnection
+    from services.proxy.exchange import Exchange
 
 TRACER = "proxyfleet.proxy"
-_TRACE_HEADERS = (b"traceparent:", b"tracestate:")
+_TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
 _ROOT = Context()  # a flow without a client trace starts a new one, whatever is current
 _UNSAMPLED_ROOT = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
 
@@ -63,11 +62,6 @@ def _span_name(method: bytes) -> str:
         if len(_names) < 64:  # methods come from a small fixed set (llhttp)
             _names[method] = name
     return name
-
-
-def _strip_trace_headers(head: bytes) -> bytes:
-    lines = head.split(b"\r\n")
-    return b"\r\n".join(ln for ln in lines if not ln.lower().startswith(_TRACE_HEADERS))
 
 
 def _unsampled(parent: Context | None, trace_id: int) -> SpanContext:
@@ -119,14 +113,14 @@ def start_flow(ex: Exchange) -> None:
                 "proxyfleet.flow.id": flow.id,
             }
         )
-    head = ex.head
-    if head[-4:] == b"\r\n\r\n":  # an HTTP request head (not CONNECT, not a refusal)
-        extra = b"traceparent: %s\r\n" % traceparent.encode()
-        if parent is not None:  # the client's trace headers are replaced by ours
-            head = _strip_trace_headers(head)
-            if ctx.trace_state:
-                extra += b"tracestate: %s\r\n" % ctx.trace_state.to_header().encode()
-        ex.head = head[:-2] + extra + b"\r\n"
+    if flow.method == b"CONNECT":
+        return
+    headers = flow.req_headers
+    if parent is not None:  # the client's trace headers are replaced by ours
+        headers[:] = [(n, v) for n, v in headers if n.lower() not in _TRACE_HEADERS]
+    headers.append((b"traceparent", traceparent.encode()))
+    if parent is not None and ctx.trace_state:
+        headers.append((b"tracestate", ctx.trace_state.to_header().encode()))
 
 
 def end_flow(ex: Exchange) -> None:
@@ -149,41 +143,53 @@ def end_flow(ex: Exchange) -> None:
     span.end(int(flow.t_end * 1e9) if flow.t_end else None)
 
 
-async def connect(
-    loop: asyncio.AbstractEventLoop,
-    factory: Callable[[], UpstreamConnection],
-    host: str,
-    port: int,
-    sslctx: ssl.SSLContext | None,
-    flow_span: Span,
-) -> UpstreamConnection:
-    """``loop.create_connection`` for a traced flow, with the TCP connect and the TLS
-    handshake (``start_tls``) as two child spans of the flow's span."""
-    tracer = telemetry.tracer(TRACER)
-    parent = trace.set_span_in_context(flow_span)
-    target: dict[str, Any] = {"server.address": host, "server.port": port}
-    with tracer.start_as_current_span(
-        "upstream connect", context=parent, kind=SpanKind.CLIENT, attributes=target
-    ) as span:
-        transport, up = await loop.create_connection(factory, host, port)
-        if span.is_recording() and up.server_addr:
-            span.set_attribute("network.peer.address", str(up.server_addr[0]))
-    if sslctx is None:
-        return up
-    try:
-        with tracer.start_as_current_span(
-            "tls handshake", context=parent, kind=SpanKind.CLIENT, attributes=target
+class Tracing(Addon):
+    """One span per flow: opened at the request head, closed when the flow ends."""
+
+    name = "tracing"
+
+    def request_head(self, ex: Exchange) -> None:
+        start_flow(ex)
+
+    def response_end(self, ex: Exchange) -> None:
+        end_flow(ex)
+
+    def error(self, ex: Exchange) -> None:
+        end_flow(ex)
+
+
+class ConnectSpans:
+    """The ``upstream connect`` and ``tls handshake`` child spans of a flow's span."""
+
+    def __init__(self, flow_span: Span, host: str, port: int) -> None:
+        self.tracer = telemetry.tracer(TRACER)
+        self.parent = trace.set_span_in_context(flow_span)
+        self.target: dict[str, Any] = {"server.address": host, "server.port": port}
+        self.span: Span | None = None
+
+    @contextlib.contextmanager
+    def tcp(self) -> Iterator[None]:
+        with self.tracer.start_as_current_span(
+            "upstream connect", context=self.parent, kind=SpanKind.CLIENT, attributes=self.target
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def tls(self) -> Iterator[None]:
+        with self.tracer.start_as_current_span(
+            "tls handshake", context=self.parent, kind=SpanKind.CLIENT, attributes=self.target
         ) as span:
-            tls = await loop.start_tls(transport, up, sslctx, server_hostname=host)
-            if tls is None:
-                raise ConnectionResetError("upstream closed the connection during TLS handshake")
-            if span.is_recording():
-                ssl_object = tls.get_extra_info("ssl_object")
-                if ssl_object is not None:
-                    span.set_attribute("tls.protocol.version", str(ssl_object.version()))
-                    span.set_attribute("tls.cipher", str(ssl_object.cipher()[0]))
-    except BaseException:
-        transport.abort()
-        raise
-    up.transport = tls
-    return up
+            self.span = span
+            yield
+
+    def tls_done(self, transport: Any) -> None:
+        span = self.span
+        if span is not None and span.is_recording():
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                span.set_attribute("tls.protocol.version", str(ssl_object.version()))
+                span.set_attribute("tls.cipher", str(ssl_object.cipher()[0]))
+
+
+def connect_spans(flow_span: Span, host: str, port: int) -> ConnectSpans:
+    return ConnectSpans(flow_span, host, port)

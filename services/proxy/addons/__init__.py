@@ -1,0 +1,24 @@
+"""Features on the hook seam, one small module each, in the order they run.
+
+``build_chain`` is called once per config revision: an addon whose config is
+empty or off is not in the chain at all, so it costs nothing per request.
+"""
+
+from __future__ import annotations
+
+from libs.common import telemetry
+from services.proxy.addons.ignore_hosts import IgnoreHosts
+from services.proxy.addons.tracing import Tracing
+from services.proxy.config import ProxyConfig
+from services.proxy.hooks import Addon, AddonChain
+
+
+def build_chain(config: ProxyConfig) -> AddonChain:
+    """The addons of ``config``, in the order they run."""
+    addons: list[Addon] = []
+    if telemetry.ENABLED:  # first: later addons' decisions end up in the flow's span
+        addons.append(Tracing())
+    ignore = IgnoreHosts.configure(config)
+    if ignore is not None:
+        addons.append(ignore)
+    return AddonChain(addons)
