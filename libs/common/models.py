@@ -97,6 +97,12 @@ class RuntimeConfig(BaseModel):
     upstream_connect_timeout: float = Field(10.0, gt=0, le=300)
     upstream_read_timeout: float = Field(60.0, gt=0, le=3600)
     client_idle_timeout: float = Field(60.0, gt=0, le=3600)
+    client_body_timeout: float = Field(
+        30.0, gt=0, le=3600, description="seconds of grace before a request body's minimum rate"
+    )
+    client_body_min_rate: float = Field(
+        1024.0, gt=0, description="bytes/s a request body must average after the grace period"
+    )
     destination_allow: list[str] = Field(
         default_factory=list,
         description="CIDRs, IPs or host globs (optional :port) exempt from the private-range "

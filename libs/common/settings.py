@@ -155,7 +155,9 @@ class ProxySettings(CommonSettings):
     """Settings of one proxy replica (``proxyfleet proxy``)."""
 
     proxy_listen: str = Field("127.0.0.1:8080", description="address the proxy listens on")
-    proxy_mode: str = Field("regular", description="regular, or reverse:http[s]://host:port")
+    proxy_mode: str = Field(
+        "regular", description="regular, reverse:http[s]://host:port or upstream:http://host:port"
+    )
     proxy_reuse_port: bool = Field(False, description="SO_REUSEPORT: several replicas on one port")
     proxy_start_listening: bool = Field(True, description="open the listener at start")
     intercept_tls: bool = Field(True, description="decrypt CONNECT tunnels (else tunnel all)")
@@ -180,6 +182,12 @@ class ProxySettings(CommonSettings):
     upstream_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect upstream")
     upstream_read_timeout: float = Field(60.0, gt=0, description="seconds of upstream silence")
     client_idle_timeout: float = Field(60.0, gt=0, description="keep-alive idle seconds (client)")
+    client_body_timeout: float = Field(
+        30.0, gt=0, description="seconds of grace before a request body's minimum rate applies"
+    )
+    client_body_min_rate: float = Field(
+        1024.0, gt=0, description="bytes/s a request body must average (else 408)"
+    )
     upstream_pool_size: int = Field(64, ge=0, description="idle upstream connections kept per host")
     drain_timeout: float = Field(10.0, ge=0, description="default graceful-stop deadline, seconds")
     heartbeat_interval: float = Field(2.0, gt=0, description="seconds between registry heartbeats")
@@ -251,7 +259,15 @@ class ProxySettings(CommonSettings):
             u = urlsplit(v.removeprefix("reverse:"))
             if u.scheme in ("http", "https") and u.hostname:
                 return v
-        raise ValueError("must be 'regular' or 'reverse:http[s]://host[:port]'")
+        if v.startswith("upstream:"):
+            from urllib.parse import urlsplit
+
+            u = urlsplit(v.removeprefix("upstream:"))
+            if u.scheme == "http" and u.hostname and not u.username:
+                return v
+        raise ValueError(
+            "must be 'regular', 'reverse:http[s]://host[:port]' or 'upstream:http://host[:port]'"
+        )
 
 
 class StoreSettings(CommonSettings):

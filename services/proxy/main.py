@@ -24,6 +24,7 @@ from services.proxy.capture import Capture
 from services.proxy.config import ProxyConfig
 from services.proxy.context import ProxyContext
 from services.proxy.control import Control
+from services.proxy.destinations import fleet_endpoints, restricts_private
 from services.proxy.metrics import registry_for
 from services.proxy.server import ListenError, ProxyServer
 from services.proxy.tls import CertificateAuthority
@@ -99,7 +100,14 @@ class Replica:
         )
         capture.configure(config)
         self.ctx = ProxyContext(
-            s.replica_id, config, capture, self.ca, s.proxy_mode, s.upstream_pool_size
+            s.replica_id,
+            config,
+            capture,
+            self.ca,
+            s.proxy_mode,
+            s.upstream_pool_size,
+            endpoint_names=fleet_endpoints(s),
+            restrict_private=restricts_private(s.proxy_listen),
         )
         self.server = ProxyServer(self.ctx, s.proxy_listen, s.proxy_reuse_port)
         self.control = Control(self.bus, self.ctx, self.server, s)
