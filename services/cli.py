@@ -1,4 +1,5 @@
-"""The ``proxyfleet`` command: ``proxy``, ``store``, ``api`` and ``up``."""
+"""The ``proxyfleet`` command: ``proxy``, ``store``, ``api``, ``up``, ``health`` and
+``nats-auth``."""
 
 from __future__ import annotations
 
@@ -6,14 +7,56 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from libs.common.logs import is_json, setup_logging
 from libs.common.settings import SettingsError, load
 from libs.common.tasks import run
 from libs.common.telemetry import SERVICE_API, SERVICE_PROXY, SERVICE_STORE, setup_tracing
+
+# Set by ``proxyfleet up`` in each child's environment to its own pid. A service started
+# with it ends itself (SIGTERM to itself: a graceful stop) once its parent is another
+# process, i.e. ``up`` died without stopping it; the portable fallback to PDEATHSIG.
+PARENT_PID_ENV = "PROXYFLEET_PARENT_PID"
+_PARENT_POLL_S = 0.5
+_PARENT_GRACE_S = 30.0  # after the SIGTERM, how long a graceful stop may take
+
+
+def _watch_parent() -> None:
+    """Start the parent watchdog when ``PARENT_PID_ENV`` names our parent."""
+    try:
+        parent = int(os.environ.get(PARENT_PID_ENV, ""))
+    except ValueError:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_S)
+        logging.getLogger("proxyfleet").warning("parent %d is gone: stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(_PARENT_GRACE_S)
+        os._exit(1)  # the graceful stop hung
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _nats_auth(folder: Path) -> int:
+    """``proxyfleet nats-auth DIR``: the NATS password of a deployment and the server's
+    ``authorization`` include (see ``natsserver.write_auth_files``)."""
+    from libs.common.natsserver import PASSWORD_FILE, write_auth_files
+
+    creds = write_auth_files(folder)
+    print(
+        f"NATS credentials: user {creds.user}, password in {folder / PASSWORD_FILE}, "
+        f"server include {folder / 'auth.conf'}"
+    )
+    return 0
 
 
 def _fail(command: str, reason: object) -> None:
@@ -79,6 +122,7 @@ def _load(ref: str) -> Any:
 def _serve(name: str) -> int:
     """Load settings, set up logs (and tracing), run until a signal; 1 if it cannot start."""
     svc = _SERVICES[name]
+    _watch_parent()
     settings = load(_load(svc.settings))
     setup_logging(settings.log_level, name, settings.log_format)
     if svc.trace_name is not None:
@@ -103,10 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=svc.help)
     health = sub.add_parser("health", help="exit 0 if a service answers (container healthcheck)")
     health.add_argument("service", choices=["proxy", "store", "api"])
+    auth = sub.add_parser(
+        "nats-auth", help="create a NATS password and server auth include in DIR (compose)"
+    )
+    auth.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
     try:
         if args.command in _SERVICES:
             return _serve(args.command)
+        if args.command == "nats-auth":
+            return _nats_auth(args.dir)
         from services.health import check
 
         return check(args.service)

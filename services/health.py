@@ -11,8 +11,12 @@ import urllib.request
 
 import nats
 
-from libs.common import subjects
+from libs.common import natsurl, subjects
 from libs.common.settings import ApiSettings, CommonSettings, ProxySettings, load, parse_hostport
+
+
+async def _quiet(_: Exception) -> None:
+    """nats-py's default error callback prints a traceback per failed attempt."""
 
 
 def _local(address: str) -> tuple[str, int]:
@@ -33,8 +37,13 @@ def _api() -> None:
 
 
 async def _store() -> None:
+    target = natsurl.parse(load(CommonSettings).nats_url)
     nc = await nats.connect(
-        load(CommonSettings).nats_url, connect_timeout=2, max_reconnect_attempts=0
+        target.servers,
+        connect_timeout=2,
+        max_reconnect_attempts=0,
+        error_cb=_quiet,
+        **target.options(),
     )
     try:
         await nc.request(subjects.store_subject("count"), b"{}", timeout=2)

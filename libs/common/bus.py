@@ -124,11 +124,7 @@ class Bus:
         auth_warned: list[bool] = []
         target = natsurl.parse(url)
         shown = natsurl.redact(url)
-        credentials: dict[str, Any] = {}
-        if target.password is not None:
-            credentials = {"user": target.user, "password": target.password}
-        elif target.user is not None:
-            credentials = {"token": target.user}
+        credentials = target.options()
         # With max_reconnect_attempts=-1 nats-py keeps retrying the first connect
         # itself, so the start-up deadline is enforced around the whole call.
         try:
@@ -220,6 +216,13 @@ class Bus:
         """The replica registry: an entry disappears ``ttl`` seconds after its last heartbeat."""
         return await self._ensure_kv(
             KeyValueConfig(bucket=subjects.REPLICAS_BUCKET, history=1, ttl=ttl)
+        )
+
+    async def store_claim_kv(self, ttl: float) -> KeyValue:
+        """The flow store's claim on FLOWS: the entry expires ``ttl`` seconds after its
+        last heartbeat (``services.store.claim``)."""
+        return await self._ensure_kv(
+            KeyValueConfig(bucket=subjects.STORE_CLAIM_BUCKET, history=1, ttl=ttl)
         )
 
     async def keys_kv(self) -> KeyValue:

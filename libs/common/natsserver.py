@@ -51,6 +51,7 @@ def find_binary() -> str:
 # ``nats://user:password@host`` URL as is: nats-py does not percent-decode the URL.
 _PASSWORD_BYTES = 24
 DEFAULT_USER = "fleet"
+PASSWORD_FILE = "nats-password"  # the name `up` and the compose secret volume use
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,23 @@ class Credentials:
         password_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_private(password_file, creds.password + "\n")
         return creds
+
+
+def write_auth_files(folder: Path, user: str = DEFAULT_USER) -> Credentials:
+    """``folder/nats-password`` (created once) and ``folder/auth.conf``, the nats-server
+    ``authorization`` block with that password, for a server config to ``include``.
+
+    What the compose file's one-shot ``nats-auth`` service runs (``proxyfleet nats-auth``):
+    each deployment gets its own password, never one written in the repository.
+    """
+    folder = Path(folder)
+    creds = Credentials.load_or_create(folder / PASSWORD_FILE, user)
+    write_private(folder / "auth.conf", _authorization(creds))
+    return creds
+
+
+def _authorization(c: Credentials) -> str:
+    return f"authorization {{ user: {json.dumps(c.user)}, password: {json.dumps(c.password)} }}\n"
 
 
 def write_private(path: Path, text: str) -> None:
@@ -194,7 +212,6 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
         listen = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        c = self.credentials
         # The file holds the password: 0600, like the password file itself.
         write_private(
             conf,
@@ -202,7 +219,7 @@ class EmbeddedNats:
             f"server_name: {json.dumps(self.server_name)}\n"
             f"max_payload: {self.max_payload}\n"
             f"jetstream {{ store_dir: {json.dumps(self.store_dir.as_posix())} }}\n"
-            f"authorization {{ user: {json.dumps(c.user)}, password: {json.dumps(c.password)} }}\n",
+            + _authorization(self.credentials),
         )
         return conf
 

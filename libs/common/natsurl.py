@@ -24,6 +24,14 @@ class Target:
     user: str | None = None
     password: str | None = field(default=None, repr=False)  # None with a user: user is a token
 
+    def options(self) -> dict[str, str]:
+        """The credentials as ``nats.connect`` keyword arguments (decoded)."""
+        if self.user is None:
+            return {}
+        if self.password is None:
+            return {"token": self.user}
+        return {"user": self.user, "password": self.password}
+
 
 def _servers(url: str) -> list[str]:
     return [s.strip() for s in url.split(",") if s.strip()]

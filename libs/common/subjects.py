@@ -28,6 +28,10 @@ REPLICAS_BUCKET = "fleet_replicas"
 # SHA-256 digests of the management API's keys (key: the hex digest, value: JSON with the
 # key's id and scope): proxies mask these keys wherever they see them in recorded traffic.
 KEYS_BUCKET = "fleet_keys"
+# The flow store's claim on the FLOWS stream: key ``STORE_CLAIM_KEY`` holds the identity of
+# the database that ingests it (entries expire with the bucket's TTL unless heartbeated).
+STORE_CLAIM_BUCKET = "fleet_store"
+STORE_CLAIM_KEY = "flows"
 
 # Commands (request/reply).
 CMD_PREFIX = "fleet.cmd"

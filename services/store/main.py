@@ -1,9 +1,11 @@
 """``proxyfleet store``: the flow store, its parts wired together.
 
 ``Store`` is what the CLI runs and what integration tests start in-process:
-``start()`` connects to NATS, opens the database and starts ingest, queries and
-retention; ``stop()`` stops fetching, commits and acks the batch in progress,
-closes the database and drains the NATS connection.
+``start()`` connects to NATS, opens the database, claims the FLOWS stream for it
+(``claim``: a second database is refused) and starts ingest, queries, retention and
+the registry watch (``replicas``: a gone replica's open flows are ended); ``stop()``
+stops fetching, commits and acks the batch in progress, releases the claim, closes
+the database and drains the NATS connection.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from libs.common import natsurl
 from libs.common.bus import Bus, BusUnavailable
 from libs.common.metrics import MetricsListenError, MetricsServer
 from libs.common.settings import StoreSettings
 from libs.common.tasks import cancel_and_wait, install_signal_handlers, spawn
+from services.store.claim import ClaimRefused, StreamClaim
 from services.store.consumer import FlowConsumer
 from services.store.metrics import StoreCollector, registry_for
-from services.store.replicas import RegistryWatch
+from services.store.replicas import RegistryWatch, gone_reason
 from services.store.repository import FlowRepository, RepositoryError
 from services.store.rpc import StoreRPC
 from services.store.sqlite import SQLiteRepository
@@ -41,6 +45,10 @@ class Store:
         self._pruner: asyncio.Task[None] | None = None
         self.registry_watch: RegistryWatch | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self.claim: StreamClaim | None = None
+        self._claim_task: asyncio.Task[None] | None = None
+        self.failed = asyncio.Event()  # set with ``failure`` when the store must stop
+        self.failure = ""
         self._stopped = False
         self.collector = StoreCollector(self)  # this store's Prometheus metrics
         self.registry = registry_for(self.collector)
@@ -68,6 +76,16 @@ class Store:
                 raise StartupError(str(exc)) from None
             self.repo = repo
             log.info("database %s open (%d ingest workers)", s.db_path, s.store_ingest_workers)
+            claim = StreamClaim(
+                self.bus, await repo.identity(), s.replica_id, s.db_path, s.store_claim_ttl
+            )
+            try:
+                await claim.acquire()
+            except ClaimRefused as exc:
+                raise StartupError(str(exc)) from None
+            except Exception as exc:
+                raise StartupError(f"cannot claim the FLOWS stream: {exc!r}") from None
+            self.claim = claim
             self.consumer = FlowConsumer(
                 self.bus,
                 repo,
@@ -94,10 +112,20 @@ class Store:
         except BaseException:
             if self.consumer is not None:
                 await self.consumer.stop(timeout=2.0)
+            if self.claim is not None:
+                await self.claim.release()
             await self._release()
             raise
         self._pruner = spawn(self._prune_loop(), name="store-prune")
-        self.registry_watch = RegistryWatch(self.bus, s.replica_id, s.store_replica_check_interval)
+        self._claim_task = spawn(self._keep_claim(), name="store-claim")
+        self.registry_watch = RegistryWatch(
+            self.bus,
+            s.replica_id,
+            s.store_replica_check_interval,
+            on_gone=self._end_flows_of,
+            # started events of the gone replica may still be on their way (redelivery)
+            sweep_window=max(30.0, 3 * s.store_ack_wait),
+        )
         self._watcher = spawn(self.registry_watch.run(), name="store-registry-watch")
         log.info("store %s started", s.replica_id)
 
@@ -111,7 +139,9 @@ class Store:
             await self.consumer.stop()
         if self.rpc is not None:
             await self.rpc.stop()
-        await cancel_and_wait(self._pruner, self._watcher)
+        await cancel_and_wait(self._pruner, self._watcher, self._claim_task)
+        if self.claim is not None and not self.failure:
+            await self.claim.release()
         await self._release()
         if self.metrics is not None:
             await self.metrics.stop()
@@ -122,6 +152,20 @@ class Store:
             await self.repo.close()
         if self.bus is not None:
             await self.bus.close()
+
+    async def _keep_claim(self) -> None:
+        assert self.claim is not None
+        reason = await self.claim.run()
+        log.error("%s", reason)
+        self.failure = reason
+        self.failed.set()
+
+    async def _end_flows_of(self, replica: str) -> None:
+        """End the open flows of a replica that is gone (``RegistryWatch``)."""
+        assert self.repo is not None
+        ended = await self.repo.end_active_flows(replica, gone_reason(replica))
+        if ended:
+            log.warning("%d active flows of gone replica %s ended as error", ended, replica)
 
     async def _prune_loop(self) -> None:
         """Apply retention now and then every ``store_prune_interval`` seconds."""
@@ -159,9 +203,13 @@ async def run_store(settings: StoreSettings) -> None:
         starting.result()  # raises StartupError
     print(
         f"proxyfleet store {settings.replica_id}: database {settings.db_path}, "
-        f"NATS {settings.nats_url}"
+        f"NATS {natsurl.redact(settings.nats_url)}"
         + (f"; metrics: http://{store.metrics.address}/metrics" if store.metrics else ""),
         flush=True,
     )
-    await stopping
+    failing = asyncio.ensure_future(store.failed.wait())
+    await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+    await cancel_and_wait(stopping, failing)
     await store.stop()
+    if store.failure:
+        raise StartupError(store.failure)

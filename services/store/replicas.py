@@ -8,6 +8,18 @@ was purged (a server TTL marker or an explicit purge), is reported once as
 ``replica_gone``. Every store replica watches; the event's ``Nats-Msg-Id`` is
 ``gone-<replica>-<last revision>``, so JetStream keeps one per expiry however many
 stores noticed it.
+
+A gone replica's flows that are still ``active`` will never be ended by it, so the store
+ends them (``error``, "replica gone: <id>") in its database; every store that notices
+does so (idempotent). It sweeps again at each check for ``sweep_window`` seconds, for
+``started`` events of that replica that were still on their way through FLOWS, and
+stops once the replica registers again. The rows are marked presumed: a real final
+event that arrives later (the replica was not gone after all) still replaces them.
+
+An expiry is only believed while this store could see the registry: after its own NATS
+connection was down, entries may have expired for replicas that were alive all along
+(they could not heartbeat either), so for one registry TTL after the reconnect nothing
+is reported; a replica that is really gone is reported when the grace ends.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
@@ -29,16 +42,35 @@ from libs.common.models import ReplicaStatus
 
 log = logging.getLogger("proxyfleet.store.replicas")
 
+OnGone = Callable[[str], Awaitable[None]]
+
+
+def gone_reason(replica: str) -> str:
+    """The error a flow of a gone replica ends with."""
+    return f"replica gone: {replica}"
+
 
 class RegistryWatch:
     """Follows the replica registry and emits ``replica_gone`` for expired entries."""
 
-    def __init__(self, bus: Bus, source: str, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        source: str,
+        interval: float = 1.0,
+        on_gone: OnGone | None = None,
+        sweep_window: float = 30.0,
+    ) -> None:
         self.bus = bus
         self.source = source  # this store's id (who noticed)
         self.interval = interval
+        self.on_gone = on_gone  # ends the replica's open flows
+        self.sweep_window = sweep_window
         self.known: dict[str, tuple[int, bytes]] = {}  # key -> (last put revision, value)
         self.gone = 0
+        self.ttl: float | None = None  # the registry bucket's TTL, read from its config
+        self._sweeping: dict[str, float] = {}  # gone replica -> monotonic end of its sweeps
+        self._purged: set[str] = set()  # purge markers seen during the grace period
 
     async def run(self) -> None:
         """Watch until cancelled; waits for the bucket (the replicas create it)."""
@@ -54,6 +86,8 @@ class RegistryWatch:
                 log.debug("registry not reachable: %r", exc)
                 await asyncio.sleep(self.interval)
                 continue
+            with contextlib.suppress(Exception):
+                self.ttl = (await kv.status()).ttl or None
             try:
                 await self._follow(kv)
             except asyncio.CancelledError:
@@ -83,19 +117,41 @@ class RegistryWatch:
             with contextlib.suppress(Exception):
                 await watcher.stop()
 
+    def in_grace(self) -> bool:
+        """True while expiries cannot be trusted: this store's NATS connection is down, or
+        came back less than one registry TTL ago."""
+        if not self.bus.connected:
+            return True
+        back = self.bus.last_reconnect
+        if back is None:
+            return False
+        ttl = self.ttl if self.ttl is not None else 3 * self.interval
+        return time.monotonic() - back < ttl
+
     async def _on_entry(self, entry: KeyValue.Entry) -> None:
         key = entry.key
         if entry.operation == KV_DEL:
             self.known.pop(key, None)  # a clean stop: the replica deregistered itself
+            self._purged.discard(key)
         elif entry.operation == KV_PURGE:  # expired with a server marker, or purged
-            await self._gone(key, "purged")
+            if self.in_grace():
+                self._purged.add(key)  # decided when the grace ends (check())
+            else:
+                await self._gone(key, "purged")
         elif entry.revision is not None:
             self.known[key] = (entry.revision, entry.value or b"")
+            self._purged.discard(key)
+            self._sweeping.pop(key, None)  # it is back: its new flows are its own
 
     async def check(self) -> None:
-        """Report the known replicas whose entry is no longer in the bucket (expired)."""
-        if not self.known:
+        """Report the known replicas whose entry is no longer in the bucket (expired), and
+        sweep the flows of those reported recently."""
+        await self._sweep()
+        if not self.known or self.in_grace():
             return
+        for key in list(self._purged):
+            self._purged.discard(key)
+            await self._gone(key, "purged")
         candidates = dict(self.known)
         prefix = subjects.kv_subject(subjects.REPLICAS_BUCKET, "")
         try:
@@ -138,3 +194,23 @@ class RegistryWatch:
             replica=self.source,
             msg_id=f"gone-{key}-{revision}",
         )
+        if self.on_gone is not None:
+            self._sweeping[key] = time.monotonic() + self.sweep_window
+            await self._end_flows(key)
+
+    async def _sweep(self) -> None:
+        now = time.monotonic()
+        for key, until in list(self._sweeping.items()):
+            if now >= until:
+                del self._sweeping[key]
+            else:
+                await self._end_flows(key)
+
+    async def _end_flows(self, key: str) -> None:
+        assert self.on_gone is not None
+        try:
+            await self.on_gone(key)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the database failed: the next sweep tries again
+            log.warning("ending the flows of gone replica %s failed: %s", key, exc)

@@ -123,6 +123,21 @@ class FlowRepository(abc.ABC):
         Returns the number of flows deleted.
         """
 
+    @abc.abstractmethod
+    async def identity(self) -> str:
+        """This database's id: made once when it is created, the same for every store
+        replica that shares it (and for any path it is opened by)."""
+
+    @abc.abstractmethod
+    async def end_active_flows(self, replica: str, reason: str) -> int:
+        """End every flow of ``replica`` still ``active`` as ``error`` with ``reason``.
+
+        For a replica that is gone (killed, hung): nobody else will end its flows. The
+        rows are marked presumed, so that a real final event for one of them, arriving
+        later, still replaces it (see the merge rule). Idempotent; returns how many
+        flows it ended.
+        """
+
     async def estimate_rows(self) -> int | None:
         """About how many flows are stored, cheaply (for metrics); None if unknown."""
         return None

@@ -16,11 +16,28 @@ _UPDATED = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "id")
 
 # Merge rule, idempotent and order-independent: insert if absent; replace only an
 # active row, and only with a final event. A started event never overwrites anything.
+# A row the store itself ended (``presumed = 1``: its replica was gone, see
+# ``END_ACTIVE``) counts as active for a final event: the replica's own account of the
+# flow, arriving late (redelivered, or the replica was not gone after all), wins.
 UPSERT = (
     f"INSERT INTO flows ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
-    f"ON CONFLICT (id) DO UPDATE SET {_UPDATED} "
-    "WHERE flows.state = 'active' AND excluded.state <> 'active'"
+    f"ON CONFLICT (id) DO UPDATE SET {_UPDATED}, presumed = 0 "
+    "WHERE (flows.state = 'active' OR flows.presumed = 1) AND excluded.state <> 'active'"
 )
+
+# Ending the open flows of a replica that is gone (one transaction: select, then update
+# each still-active row). ``state = 'active'`` again in the update: a final event
+# committed in between wins.
+ACTIVE_OF_REPLICA = "SELECT id, doc FROM flows WHERE state = 'active' AND replica = ?"
+END_ACTIVE = (
+    "UPDATE flows SET state = 'error', error = ?, ended_at = ?, doc = ?, presumed = 1 "
+    "WHERE id = ? AND state = 'active'"
+)
+
+# The database's identity (one random id, made when the database is created): how a store
+# tells "another replica on my database" from "another database" (``services.store.claim``).
+META_INSERT = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
+META_GET = "SELECT value FROM meta WHERE key = ?"
 
 SUMMARY = ", ".join(SUMMARY_COLUMNS)
 GET = "SELECT doc, req_body, resp_body FROM flows WHERE id = ?"

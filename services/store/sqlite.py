@@ -15,6 +15,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -45,7 +46,8 @@ T = TypeVar("T")
 Values = list[object]  # (module-level: inside the class ``list`` is the query method)
 Statement = tuple[str | None, Values]
 
-SCHEMA_VERSION = 1
+# 2: ``presumed`` (flows the store ended for a gone replica) and the ``meta`` table.
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS flows (
     id TEXT PRIMARY KEY,
@@ -68,8 +70,10 @@ CREATE TABLE IF NOT EXISTS flows (
     error TEXT,
     doc BLOB NOT NULL,
     req_body BLOB,
-    resp_body BLOB
+    resp_body BLOB,
+    presumed INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS flows_rhost ON flows (rhost, id);
 CREATE INDEX IF NOT EXISTS flows_method ON flows (method, id);
 CREATE INDEX IF NOT EXISTS flows_status ON flows (status, id);
@@ -82,6 +86,16 @@ ROWID_SPAN = "SELECT (SELECT max(rowid) FROM flows) - (SELECT min(rowid) FROM fl
 PRUNE_CHUNK = 2000  # rows per delete transaction: ~10-30 ms of writer time
 SPLIT_MAX_VALUES = 100  # more distinct values than this: let the planner range-scan
 ANALYZE_EVERY = 20  # prune passes between statistics refreshes
+
+
+def _private_file(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (its -wal and -shm files get the
+    same mode); an existing one is narrowed to 0600. Flows hold captured traffic."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 class SQLiteRepository(FlowRepository):
@@ -102,6 +116,7 @@ class SQLiteRepository(FlowRepository):
         self._ingest_lock = asyncio.Lock()
         self._restart_lock = asyncio.Lock()
         self._closed = False
+        self._identity = ""
 
     # -- plumbing -------------------------------------------------------------------------
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
@@ -150,6 +165,7 @@ class SQLiteRepository(FlowRepository):
     def _open(self) -> None:
         if not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, mode=0o700)
+        _private_file(self.path)
         conn = writer.connect(self.path)
         try:
             # 16 KiB pages: a flow row is ~1-2 KB; bigger pages mean fewer WAL frames and
@@ -160,10 +176,18 @@ class SQLiteRepository(FlowRepository):
                 raise sqlite3.OperationalError(f"cannot use WAL (journal_mode is {mode})")
             conn.executescript(SCHEMA)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version != SCHEMA_VERSION:
+            if version == 1:  # CREATE TABLE IF NOT EXISTS kept the old flows table
+                conn.execute("ALTER TABLE flows ADD COLUMN presumed INTEGER NOT NULL DEFAULT 0")
+            elif version not in (0, SCHEMA_VERSION):
                 raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute(sql.META_INSERT, ("db_id", secrets.token_hex(8)))
+            self._identity = str(conn.execute(sql.META_GET, ("db_id",)).fetchone()[0])
+            for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode; an
+                extra = self.path.with_name(self.path.name + suffix)  # older file may not
+                if extra.exists():
+                    os.chmod(extra, 0o600)
             self._analyze(conn)
         except BaseException:
             conn.close()
@@ -266,6 +290,35 @@ class SQLiteRepository(FlowRepository):
         # flows that arrived out of order; then it is a slight overestimate.
         row = self._reader().execute(ROWID_SPAN).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
+
+    # -- identity and gone replicas ---------------------------------------------------------
+    async def identity(self) -> str:
+        if not self._identity:
+            raise RepositoryError("store is not open")
+        return self._identity
+
+    async def end_active_flows(self, replica: str, reason: str) -> int:
+        return await self._write(self._end_active, replica, reason, time.time())
+
+    def _end_active(self, replica: str, reason: str, now: float) -> int:
+        conn = self._w
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(sql.ACTIVE_OF_REPLICA, (replica,)).fetchall()
+                ended = 0
+                for flow_id, doc in rows:
+                    cur = conn.execute(
+                        sql.END_ACTIVE, (reason, now, _ended_doc(doc, reason, now), flow_id)
+                    )
+                    ended += max(cur.rowcount, 0)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise RepositoryError(f"ending the flows of {replica} failed: {exc}") from None
+        return ended
 
     # -- retention --------------------------------------------------------------------------
     async def prune(self, max_age_s: float, max_count: int) -> int:
@@ -385,3 +438,18 @@ class SQLiteRepository(FlowRepository):
             return None
         doc, req_body, resp_body = row
         return FlowRecord(orjson.loads(doc), decode_body(req_body), decode_body(resp_body))
+
+
+def _ended_doc(doc: bytes, reason: str, now: float) -> bytes:
+    """The stored event document of an active flow, rewritten as the store's error event."""
+    try:
+        event = orjson.loads(doc)
+    except orjson.JSONDecodeError:
+        event = {}
+    if not isinstance(event, dict):
+        event = {}
+    event.update(event="error", state="error", error=reason)
+    timings = event.get("timings")
+    if isinstance(timings, dict):
+        event["timings"] = {**timings, "end": now}
+    return orjson.dumps(event)

@@ -21,9 +21,8 @@ import httpx
 import orjson
 import pytest
 
-from libs.common import subjects
+from libs.common import natsurl, subjects
 from libs.common.bus import Bus
-from libs.common.models import FlowQuery
 from libs.common.natsserver import EmbeddedNats
 from libs.common.settings import StoreSettings
 from services.store.main import Store
@@ -72,6 +71,7 @@ async def make_store(nats_url: str, tmp_path: Path) -> AsyncIterator[MakeStore]:
         started.append(store)
         return store
 
+    _make.started = started  # type: ignore[attr-defined]
     yield _make
     for store in started:
         await store.stop()
@@ -298,9 +298,9 @@ async def _ingested_some(store: Store) -> bool:
     return store.consumer.stats.events > 0
 
 
-async def test_two_stores_share_the_work(make_store: MakeStore, bus: Bus) -> None:
+async def test_two_stores_on_one_database_share_the_work(make_store: MakeStore, bus: Bus) -> None:
     first = await make_store("store-a")
-    second = await make_store("store-b")
+    second = await make_store("store-b", store_db=first.settings.db_path)
     ids = [new_id() for _ in range(4000)]
     for i in range(0, len(ids), 10):
         await publish(bus, [event(f, "completed") for f in ids[i : i + 10]])
@@ -311,25 +311,86 @@ async def test_two_stores_share_the_work(make_store: MakeStore, bus: Bus) -> Non
         return total >= len(ids) and await consumer_idle(bus)
 
     await eventually(done, timeout=20, what="all flows ingested")
-    assert first.repo is not None and second.repo is not None
-
-    async def ids_of(store: Store) -> set[str]:
-        assert store.repo is not None
-        found: set[str] = set()
-        cursor = None
-        while True:
-            rows, cursor = await store.repo.list(FlowQuery(limit=1000, cursor=cursor))
-            found |= {r["id"] for r in rows}
-            if cursor is None:
-                return found
-
-    a, b = await ids_of(first), await ids_of(second)
-    assert a and b, "both stores should have taken part of the work"
-    assert not a & b
-    assert a | b == set(ids)
+    assert first.consumer is not None and second.consumer is not None
+    assert first.consumer.stats.events and second.consumer.stats.events, (
+        "both stores should have taken part of the work"
+    )
+    assert sorted(await all_ids(bus)) == sorted(ids)  # one database: each store sees all
 
 
-def _start_store_process(nats_url: str, data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+def _cli_env(nats_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")},
+        "FLEET_NATS_URL": nats_url,
+        "FLEET_DATA_DIR": str(data_dir),
+        "FLEET_NATS_CONNECT_TIMEOUT": "5",
+        **extra,
+    }
+
+
+async def test_a_second_database_on_the_stream_is_refused(
+    make_store: MakeStore, nats_url: str, tmp_path: Path
+) -> None:
+    first = await make_store("store-a")
+    code, err = await _run_cli(_cli_env(nats_url, tmp_path / "store-b"))
+    lines = err.decode().strip().splitlines()
+    assert code == 1 and "Traceback" not in err.decode(), err.decode()
+    assert lines[-1].startswith(
+        "proxyfleet store: stream FLOWS is already ingested into another database ("
+        f"{first.settings.db_path} on "
+    ), lines
+    assert "store store-a" in lines[-1]
+    # the same database under another path (a replica sharing the file) is welcome
+    link = tmp_path / "same.db"
+    link.symlink_to(first.settings.db_path)
+    await make_store("store-a2", store_db=link)
+    # a clean stop hands the stream over at once, once every store of that database stopped
+    for store in list(_started(make_store)):
+        await store.stop()
+    await make_store("store-b")
+
+
+def _started(make_store: MakeStore) -> list[Store]:
+    started: list[Store] = make_store.started  # type: ignore[attr-defined]
+    return started
+
+
+async def test_a_killed_stores_claim_expires(
+    make_store: MakeStore, nats_url: str, tmp_path: Path
+) -> None:
+    from services.store.main import StartupError
+
+    proc = _start_store_process(
+        nats_url, tmp_path / "killed", tmp_path / "killed.log", FLEET_STORE_CLAIM_TTL="2"
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.to_thread(proc.stdout.readline)
+        assert b"proxyfleet store killed-store: database" in line, line
+        password = natsurl.parse(nats_url).password
+        assert password and password.encode() not in line and b":***@" in line  # redacted
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(proc.wait, 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with pytest.raises(StartupError, match="already ingested into another database"):
+        await make_store("other")  # the dead store's claim still holds (TTL 2 s)
+
+    async def takes_over() -> bool:
+        try:
+            await make_store("other")
+        except StartupError:
+            return False
+        return True
+
+    await eventually(takes_over, timeout=15, what="the stale claim expired")
+
+
+def _start_store_process(
+    nats_url: str, data_dir: Path, log: Path, **extra: str
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "FLEET_NATS_URL": nats_url,
@@ -338,6 +399,7 @@ def _start_store_process(nats_url: str, data_dir: Path, log: Path) -> subprocess
         "FLEET_STORE_ACK_WAIT": "2",
         "FLEET_STORE_FETCH_BATCH": "4",
         "FLEET_NATS_CONNECT_TIMEOUT": "5",
+        **extra,
     }
     return subprocess.Popen(
         [sys.executable, "-m", "services.cli", "store"],
