@@ -272,8 +272,10 @@ async def test_kill_emits_flow_killed_and_an_audit_record(
 async def test_a_silent_replica_is_reported_gone_once(
     api: httpx.AsyncClient, make_proxy: MakeProxy, make_store: MakeStore
 ) -> None:
-    await make_store("store-a")
-    await make_store("store-b")  # both notice; the event is stored once
+    first = await make_store("store-a")
+    # both notice; the event is stored once (two stores share one database: a second
+    # database on the stream is refused)
+    await make_store("store-b", store_db=first.settings.db_path)
     silent = await make_proxy()
     clean = await make_proxy()
 
