@@ -42,6 +42,7 @@ from services.proxy.framing import (
     FramingError,
     error_response,
     parse_request_head,
+    plausible_request_start,
     request_head,
     response_framing,
     response_head,
@@ -209,6 +210,8 @@ class ClientConnection(asyncio.Protocol):
                     self._bad_request(f"request head larger than {MAX_HEAD} bytes", 431)
                 elif b"\n\n" in buf or b"\r\n\n" in buf or buf[:1] == b"\n":
                     self._bad_request("malformed request: bare LF")
+                elif not plausible_request_start(buf):
+                    self._bad_request("malformed request: not an HTTP request line")
                 else:
                     self.buf = buf
                 return
@@ -445,7 +448,7 @@ class ClientConnection(asyncio.Protocol):
             try:
                 pieces, used = self.chunks.feed(buf)
             except FramingError as exc:
-                self._bad_request(str(exc), exc.status)
+                self._bad_request(f"malformed chunked body: {exc}", exc.status)
                 return b""
             for piece in pieces:
                 self._on_body(ex, piece)

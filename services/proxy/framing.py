@@ -63,6 +63,15 @@ _CHUNK_EXT = re.compile(
 _OWS = b" \t"
 
 
+_REQUEST_START = re.compile(rb"(?:" + _TOKEN + rb")?(?: |$)")
+
+
+def plausible_request_start(buf: bytes) -> bool:
+    """False if ``buf`` (an incomplete head) cannot begin a request line: a TLS
+    ClientHello or other binary sent to the plain port is refused at once."""
+    return _REQUEST_START.match(buf[:32]) is not None
+
+
 class FramingError(Exception):
     """Input that cannot be relayed safely; ``status`` is the answer owed to the peer."""
 
@@ -167,7 +176,7 @@ def parse_request_head(head: bytes) -> RequestHead:
             name, _, value = line.partition(b":")
             value = value.strip(_OWS)
             headers.append((name, value))
-            if len(name) < 6 or len(name) > 17:  # none of the names below
+            if len(name) < 4 or len(name) > 17:  # none of the names below
                 continue
             lname = name.lower()
             if lname == b"content-length":

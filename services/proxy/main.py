@@ -181,7 +181,8 @@ class Replica:
                 why,
             )
         await _bounded(self.control.close(), "unsubscribe")
-        await _bounded(self.control.deregister(), "deregister")
+        if self.bus.connected:  # else the registry entry expires with its TTL
+            await _bounded(self.control.deregister(), "deregister")
         data: dict[str, Any] = {
             "flows_total": self.ctx.flows_total,
             "events_dropped": capture.dropped,

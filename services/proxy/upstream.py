@@ -343,6 +343,8 @@ class UpstreamConnection(asyncio.Protocol):
         client.response_head(ex, self)
 
     def on_body(self, body: bytes) -> None:
+        if self.completed:  # e.g. a body after a HEAD response: not ours to relay
+            raise _StrayBytes
         ex, client = self.ex, self.client
         if ex is not None and client is not None:
             client.response_body(ex, body)
