@@ -17,10 +17,12 @@ syscall, not Python, is the largest per-request cost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import ssl
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -67,6 +69,7 @@ _DEFAULT_PORT = {"http": 80, "https": 443}
 _WS_SCHEMES = {"ws": "http", "wss": "https"}
 _PENDING_HIGH = 256 * 1024  # buffered request body before reading from the client pauses
 _TLS_RECORD_HANDSHAKE = 0x16  # first byte of a TLS ClientHello
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 # Why reading from the client is paused (a bit mask: reading resumes at 0).
 PAUSE_UPSTREAM_FULL = 1  # upstream socket buffer is full
@@ -765,9 +768,9 @@ class ClientConnection(asyncio.Protocol):
         self._finish(ex, ERROR, message)
         if self.ex is ex:
             self.ex = None
-        if started:  # a response cut short: abort, so that the client cannot take it whole
+        if started:  # a response cut short: reset, so that the client cannot take it whole
             self.uncork()
-            self.abort()
+            self.abort(reset=True)
         else:
             self.close()
 
@@ -822,7 +825,7 @@ class ClientConnection(asyncio.Protocol):
         if self.held is ex:
             self.held = None
         self._drop_upstream(ex)
-        self.abort()
+        self.abort(reset=True)
 
     # -- CONNECT --------------------------------------------------------------------------
     def _on_connect(self, ex: Exchange, req: RequestHead) -> None:
@@ -1063,11 +1066,18 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
-    def abort(self) -> None:
-        """Cut the connection now (and both ends of a tunnel or websocket)."""
+    def abort(self, reset: bool = False) -> None:
+        """Cut the connection now (and both ends of a tunnel or websocket); ``reset``
+        sends a TCP RST instead of a FIN, which is how an HTTP/1.0 client (whose body
+        ends at the close) learns that the body was cut short."""
         self.wbuf = []
         if self.relay is not None:
             self.relay.abort()
         if self.transport is not None:
             self.closed = True
+            if reset:
+                sock = self.transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             self.transport.abort()

@@ -182,7 +182,6 @@ class Replica:
             )
         await _bounded(self.control.close(), "unsubscribe")
         if self.bus.connected:  # else the registry entry expires with its TTL
-            if self.bus.connected:  # else the registry entry expires with its TTL
             await _bounded(self.control.deregister(), "deregister")
         data: dict[str, Any] = {
             "flows_total": self.ctx.flows_total,

@@ -190,6 +190,8 @@ class CertificateAuthority:
     ) -> int | None:
         if server_name is None:
             return None
+        # kept on the connection: the relay connects upstream with the client's SNI
+        ssl_object.proxyfleet_sni = server_name  # type: ignore[attr-defined]
         try:
             ssl_object.context = self.server_context(server_name)
         except Exception:  # a name we cannot put in a certificate: end this handshake only
