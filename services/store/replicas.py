@@ -68,6 +68,7 @@ class RegistryWatch:
         self.sweep_window = sweep_window
         self.known: dict[str, tuple[int, bytes]] = {}  # key -> (last put revision, value)
         self.gone = 0
+        self.checks = 0  # registry checks run (for tests and metrics)
         self.ttl: float | None = None  # the registry bucket's TTL, read from its config
         self._sweeping: dict[str, float] = {}  # gone replica -> monotonic end of its sweeps
         self._purged: set[str] = set()  # purge markers seen during the grace period
@@ -146,6 +147,7 @@ class RegistryWatch:
     async def check(self) -> None:
         """Report the known replicas whose entry is no longer in the bucket (expired), and
         sweep the flows of those reported recently."""
+        self.checks += 1
         await self._sweep()
         if not self.known or self.in_grace():
             return
