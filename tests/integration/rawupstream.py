@@ -248,9 +248,9 @@ def ok(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
 
-def echo_line(req: Request) -> bytes:
+def echo_line(req: Request, extra: bytes = b"") -> bytes:
     """The default answer: ``<method> <target>`` so a client can tell whose response it got."""
-    return ok(f"{req.method} {req.target}".encode("latin-1"))
+    return ok(f"{req.method} {req.target}".encode("latin-1"), extra)
 
 
 def reply_each(make: Callable[[Request], bytes] = echo_line) -> Script:
