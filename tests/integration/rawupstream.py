@@ -80,6 +80,21 @@ def _dechunk(data: bytes, pos: int) -> tuple[bytes, int] | None:
         pos += size + 2
 
 
+def _partial_chunks(data: bytes, pos: int) -> bytes:
+    """The chunk data of an unfinished (or broken) chunked body, as far as it goes."""
+    parts = []
+    while (eol := data.find(b"\r\n", pos)) >= 0:
+        try:
+            size = int(data[pos:eol].split(b";", 1)[0], 16)
+        except ValueError:
+            break
+        if size == 0:
+            break
+        parts.append(data[eol + 2 : eol + 2 + size])
+        pos = eol + 2 + size + 2
+    return b"".join(parts)
+
+
 def split_requests(data: bytes) -> tuple[list[Request], bytes]:
     """The complete requests at the start of ``data`` and the bytes left over.
 
@@ -385,8 +400,8 @@ def parse_response(data: bytes, eof: bool, head_request: bool = False) -> Respon
         if got is not None:
             resp.body, resp.size = got
             resp.complete = True
-        else:  # what arrived so far, for the record
-            resp.body, resp.size = data[pos:], len(data)
+        else:  # the chunk data that arrived so far
+            resp.body, resp.size = _partial_chunks(data, pos), len(data)
     elif not te and (length := resp.header("content-length")) is not None:
         resp.framing = "length"
         n = int(length)

@@ -205,7 +205,7 @@ async def test_reset_mid_close_delimited_body_is_visible_and_an_error(
             resp = await client.response(timeout=5)
             ev = await flow_of(flows, client)
     assert resp.status == 200
-    assert resp.body.endswith(b"partial-") or resp.body == b"partial-"
+    assert resp.body == b"partial-"
     if resp.framing == "close":  # no framing to miss: only a reset can say it
         assert client.reset, "the truncated body ended with a clean FIN"
     else:
