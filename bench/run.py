@@ -53,7 +53,7 @@ from infra import (
     which,
 )
 
-TARGETS = ("direct", "mitm", "ours")
+TARGETS = ("direct", "mitm", "before", "ours")
 LABELS = {  # (HTTP row, HTTPS keep-alive row, HTTPS new-connection row)
     "direct": (
         "a) direct nginx (no proxy)",
@@ -65,12 +65,18 @@ LABELS = {  # (HTTP row, HTTPS keep-alive row, HTTPS new-connection row)
         "HTTPS mitmdump -w, TLS interception",
         "HTTPS mitmdump -w, new CONNECT+TLS per request, c=10",
     ),
+    "before": (
+        "c0) proxyfleet proxy, --baseline tree",
+        "HTTPS proxyfleet --baseline tree, TLS interception",
+        "HTTPS proxyfleet --baseline tree, new CONNECT+TLS per request, c=10",
+    ),
     "ours": (
         "c) proxyfleet proxy",
         "HTTPS proxyfleet, TLS interception",
         "HTTPS proxyfleet, new CONNECT+TLS per request, c=10",
     ),
 }
+BASELINE: list[Path] = []  # the --baseline tree, when given
 HTTP_URL = f"http://127.0.0.1:{HTTP_PORT}/"
 HTTPS_URL = f"https://127.0.0.1:{HTTPS_PORT}/"
 Result = dict[str, Any]
@@ -257,9 +263,16 @@ def run_nats(procs: Procs) -> str:
 
 
 def start_ours(
-    procs: Procs, nats_url: str, upstream_ca: Path, extra_env: dict[str, str] | None = None
+    procs: Procs,
+    nats_url: str,
+    upstream_ca: Path,
+    extra_env: dict[str, str] | None = None,
+    tree: Path | None = None,
+    name: str = "ours",
 ) -> tuple[int, Path] | None:
-    port, data = free_port(), RUN / "pf"
+    """Start ``proxyfleet proxy`` from this tree, or from ``tree`` (another checkout, run
+    with this venv: the before/after comparison in one run)."""
+    port, data = free_port(), RUN / ("pf" if tree is None else "pf-before")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "OTEL_"))}
     env.update(
         FLEET_NATS_URL=nats_url,
@@ -271,7 +284,11 @@ def start_ours(
         **(extra_env or {}),
     )
     cmd = [str(ROOT / ".venv" / "bin" / "proxyfleet"), "proxy"]
-    if not start_proxy(procs, "ours", cmd, env, port):
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+        launcher = "import sys; from services.cli import main; sys.exit(main())"
+        cmd = [str(ROOT / ".venv" / "bin" / "python"), "-c", launcher, "proxy"]
+    if not start_proxy(procs, name, cmd, env, port):
         return None
     return port, data / "ca.pem"
 
@@ -284,6 +301,8 @@ def start_target(name: str, procs: Procs, mitmdump: Path | None, ca: Path) -> Ta
     if name == "mitm":
         assert mitmdump is not None
         started = start_mitm(procs, mitmdump)
+    elif name == "before":
+        started = start_ours(procs, run_nats(procs), ca, tree=BASELINE[0], name="before")
     else:
         started = start_ours(procs, run_nats(procs), ca)
     if started is None:
@@ -521,13 +540,17 @@ def report(all_res: dict[str, Results], versions: dict[str, str]) -> None:
 
 
 def print_ratios(all_res: dict[str, Results]) -> None:
-    direct, mitm, ours = (all_res.get(name, {}) for name in TARGETS)
+    direct, mitm, before, ours = (all_res.get(name, {}) for name in TARGETS)
     out = []
     for sc in SCENARIOS:
-        a, b = ours.get(sc.key), mitm.get(sc.key)
+        for label, res in (("ours", ours), ("before", before)):
+            a, b = res.get(sc.key), mitm.get(sc.key)
+            if a and b and b["rps"]:
+                out.append(f"- {label} / mitmdump, {sc.key}: {a['rps'] / b['rps']:.1f}x req/s")
+        a, b = ours.get(sc.key), before.get(sc.key)
         if a and b and b["rps"]:
-            out.append(f"- ours / mitmdump, {sc.key}: {a['rps'] / b['rps']:.1f}x req/s")
-    for name, res in (("ours", ours), ("mitmdump", mitm)):
+            out.append(f"- ours / before, {sc.key}: {a['rps'] / b['rps']:.2f}x req/s")
+    for name, res in (("ours", ours), ("before", before), ("mitmdump", mitm)):
         for key in ("http_c1", "https_c1"):
             if key in res and key in direct:
                 added = res[key]["p50_ms"] - direct[key]["p50_ms"]
@@ -553,8 +576,24 @@ def parse_args() -> argparse.Namespace:
         metavar="LIST",
         help="also run ours' HTTP rows per tracing setting, e.g. off,1.0,0.01 (sample ratios)",
     )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="TREE",
+        help="also measure proxyfleet from another checkout (e.g. a git worktree of an "
+        "earlier commit) as target 'before', in the same run",
+    )
     args = p.parse_args()
     args.targets = [t.strip() for t in args.only.split(",") if t.strip()]
+    if args.baseline is not None:
+        if not (args.baseline / "services" / "cli.py").is_file():
+            p.error(f"--baseline {args.baseline}: not a proxyfleet checkout")
+        BASELINE[:] = [args.baseline.resolve()]
+        if "before" not in args.targets:
+            args.targets.append("before")
+    elif "before" in args.targets:
+        p.error("target 'before' needs --baseline TREE")
     bad = set(args.targets) - set(TARGETS)
     if bad or not args.targets:
         p.error(f"--only takes a comma list of {','.join(TARGETS)}; got {args.only!r}")

@@ -320,7 +320,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.queue.append(ex)
             self._pause(PAUSE_BUFFERED)
-        if ex.req_body == BODY_NONE:
+        if self.parsing is not ex:  # no body to read (none, or Content-Length: 0)
             self._request_done(ex)
 
     def _verdict(self, ex: Exchange) -> bool:
@@ -362,8 +362,6 @@ class ClientConnection(asyncio.Protocol):
             return
         self.feeding = True
         try:
-            ex.recorded = False  # recorded while held: ``_after_request_head`` records it on
-            self.ctx.active.pop(ex.flow.id, None)
             self._after_request_head(ex)
             self._unhalt(HALT_HELD)
         finally:
@@ -843,7 +841,7 @@ class ClientConnection(asyncio.Protocol):
             self._reject(ex, 400, f"invalid CONNECT target {req.target[:200]!r}")
             return
         port = int(port_s)
-        if self.ex is not None or self.queue or self.buf:
+        if self.ex is not None or self.queue:
             self._reject(ex, 400, "CONNECT must be the last request on its connection")
             return
         if via_has(flow.req_headers, ctx.via_token):
@@ -911,12 +909,20 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        try:
-            async with asyncio.timeout(ctx.config.doc.client_idle_timeout):
-                first = await self._peek_first_byte()
-        except (OSError, TimeoutError):
-            self.abort()
-            return
+        if self.buf:  # sent along with the CONNECT, before our answer
+            first: int | None = self.buf[0]
+            if first == _TLS_RECORD_HANDSHAKE:  # already read: start_tls cannot have it
+                self._record(ex)
+                self._finish(ex, ERROR, "TLS ClientHello sent before the CONNECT was answered")
+                self.abort()
+                return
+        else:
+            try:
+                async with asyncio.timeout(ctx.config.doc.client_idle_timeout):
+                    first = await self._peek_first_byte()
+            except (OSError, TimeoutError):
+                self.abort()
+                return
         if self.closed or first is None:
             self.close()
             return
