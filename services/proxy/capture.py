@@ -55,6 +55,8 @@ _SLICE = 32  # events serialised between two yields to the event loop
 _TRACEPARENT_LEN = 55
 _SHRINK_SLACK = 256  # bytes kept free when sizing trimmed bodies (JSON fields that grow)
 _UNKNOWN_RETRIES = 8  # attempts before an unrecognised publish error counts as permanent
+_EXACT_AFTER = 64  # queued entries from which header bytes are counted exactly (see emit)
+_HEADER_GUESS = 64  # bytes per header assumed while the queue is shorter
 DEFAULT_QUEUE_BYTES = 128 << 20
 
 
@@ -376,23 +378,29 @@ class Capture:
         Each entry is accounted the bytes its event will need from the flow: the
         request headers for a ``started`` entry; headers and captured bodies for a
         final one (captured body = the size up to the body limit, no walk over the
-        chunks). A final event that does not fit is dropped and the flow lets go of
-        its bodies and response headers, since a queued ``started`` entry still
+        chunks). Header bytes are counted exactly once the queue backs up (NATS slow
+        or down); while the publisher keeps up and the queue is short they are
+        estimated per header, which keeps emit a few integer operations on the hot
+        path (the short queue cannot hold much: heads are capped at 64 KiB).
+
+        A final event that does not fit is dropped and the flow lets go of its
+        bodies and response headers, since a queued ``started`` entry still
         references the flow (it then goes out with the final state, marked truncated).
         """
+        q = self._queue
+        queued = len(q)
+        short = queued < _EXACT_AFTER
         if flow.state == ACTIVE:
-            n = head_bytes(flow.req_headers)
+            n = len(flow.req_headers) * _HEADER_GUESS if short else head_bytes(flow.req_headers)
         else:
             lim = self.body_limit
             a, b = flow.req_size, flow.resp_size
-            n = (
-                (a if a < lim else lim)
-                + (b if b < lim else lim)
-                + head_bytes(flow.req_headers)
-                + head_bytes(flow.resp_headers)
-            )
-        q = self._queue
-        if len(q) >= self.queue_size or self.queued_bytes + n > self.queue_bytes:
+            n = (a if a < lim else lim) + (b if b < lim else lim)
+            if short:
+                n += (len(flow.req_headers) + len(flow.resp_headers)) * _HEADER_GUESS
+            else:
+                n += head_bytes(flow.req_headers) + head_bytes(flow.resp_headers)
+        if queued >= self.queue_size or self.queued_bytes + n > self.queue_bytes:
             self._drop(flow)
             return
         q.append((flow, n))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from libs.common.models import DEFAULT_REDACT_HEADERS
 
@@ -51,12 +51,21 @@ def _api_key_digest(name: bytes, value: bytes) -> bytes | None:
     return _sha256(value.decode("latin-1").encode("utf-8", "surrogateescape")).digest()
 
 
+_KEEP, _DROP, _MASK, _KEYED = 0, 1, 2, 3  # what happens to a header, by its name
+_VERDICTS_MAX = 4096  # names remembered per Redaction (header names repeat a lot)
+
+
 @dataclass(frozen=True, slots=True)
 class Redaction:
-    """A compiled redaction: header names to mask and API-key digests to recognise."""
+    """A compiled redaction: header names to mask and API-key digests to recognise.
+
+    The verdict for each header name seen (as the bytes the parser produced, any
+    case) is remembered, so a serialised header usually costs one dict lookup.
+    """
 
     names: frozenset[bytes]
     key_digests: frozenset[bytes] = frozenset()
+    _verdicts: dict[bytes, int] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def compile(cls, names: Iterable[str], key_digests: Iterable[bytes] = ()) -> Redaction:
@@ -68,21 +77,37 @@ class Redaction:
     def with_key_digests(self, key_digests: Iterable[bytes]) -> Redaction:
         return Redaction(self.names, frozenset(key_digests))
 
+    def _verdict(self, name: bytes) -> int:
+        low = name.lower()
+        if low == NEVER_RECORDED:
+            verdict = _DROP
+        elif low in self.names:
+            verdict = _MASK
+        elif low in _KEY_HEADERS and self.key_digests:
+            verdict = _KEYED
+        else:
+            verdict = _KEEP
+        verdicts = self._verdicts
+        if len(verdicts) >= _VERDICTS_MAX:  # a client sending endless distinct names
+            verdicts.clear()
+        verdicts[name] = verdict
+        return verdict
+
     def headers(self, pairs: list[tuple[bytes, bytes]]) -> list[list[str]]:
         """``pairs`` as the event's ``[[name, value], ...]``, secrets removed or masked."""
-        names = self.names
-        digests = self.key_digests
+        verdicts = self._verdicts
         out: list[list[str]] = []
         for n, v in pairs:
-            low = n.lower()
-            if low == NEVER_RECORDED:
-                continue
-            if low in names:
-                out.append([n.decode("latin-1"), MARK])
-            elif digests and low in _KEY_HEADERS and _api_key_digest(low, v) in digests:
-                out.append([n.decode("latin-1"), MARK])
-            else:
+            verdict = verdicts.get(n)
+            if verdict is None:
+                verdict = self._verdict(n)
+            if verdict == _KEEP:
                 out.append([n.decode("latin-1"), v.decode("latin-1")])
+            elif verdict == _MASK:
+                out.append([n.decode("latin-1"), MARK])
+            elif verdict == _KEYED:
+                masked = _api_key_digest(n.lower(), v) in self.key_digests
+                out.append([n.decode("latin-1"), MARK if masked else v.decode("latin-1")])
         return out
 
 

@@ -330,11 +330,31 @@ async def test_byte_accounting_returns_to_zero_when_drained() -> None:
     assert [e["event"] for e in bus.events()] == ["completed"] * 5
 
 
-def test_a_started_entry_counts_only_headers() -> None:
+def test_a_started_entry_counts_only_headers_exactly_once_the_queue_backs_up() -> None:
+    from services.proxy.capture import _EXACT_AFTER, _HEADER_GUESS
+
     cap = Capture("r1", FakeBus())
     f = _flow()
+    f.req_headers.append((b"X-Long", b"v" * 10_000))
+    cap.emit(f)  # short queue: a per-header estimate (hot path: no walk over headers)
+    assert cap.queued_bytes == len(f.req_headers) * _HEADER_GUESS
+    for _ in range(_EXACT_AFTER):
+        cap.emit(_flow())
+    before = cap.queued_bytes
+    cap.emit(f)  # backed up: exact
+    assert cap.queued_bytes - before == sum(len(n) + len(v) for n, v in f.req_headers)
+
+
+def test_final_entry_counts_bodies_up_to_the_body_limit() -> None:
+    cap = Capture("r1", FakeBus())
+    for _ in range(70):  # backed up: exact header bytes
+        cap.emit(_flow())
+    before = cap.queued_bytes
+    f = _done(body=3 << 20)  # captured: at most the body limit (1 MiB)
+    f.req_size = 10
     cap.emit(f)
-    assert cap.queued_bytes == sum(len(n) + len(v) for n, v in f.req_headers)
+    heads = sum(len(n) + len(v) for n, v in f.req_headers + f.resp_headers)
+    assert cap.queued_bytes - before == (1 << 20) + 10 + heads
 
 
 # -- item 13: what is unsent at stop is counted ---------------------------------------------
