@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 import yaml
+from nats.errors import NoServersError
 
 from libs.common.natsserver import find_binary
 from tests.integration.harness import Upstream, free_port
@@ -54,14 +56,24 @@ class Mapping:
     def port(self, service: str, port: int) -> int:
         return self.ports.setdefault((service, port), free_port())
 
-    def volume(self, service: str) -> Path:
+    def volume(self, service: str, target: str = "/data") -> Path:
+        """The directory standing in for the named volume ``service`` mounts at ``target``."""
         for spec in COMPOSE["services"][service].get("volumes", []):
-            name, _, target = spec.partition(":")
-            if target.split(":")[0] == "/data":
+            name, _, mount = spec.partition(":")
+            if mount.split(":")[0] == target and not name.startswith((".", "/")):
                 path = self.tmp / name
                 path.mkdir(exist_ok=True)
                 return path
-        raise AssertionError(f"service {service} mounts no volume at /data")
+        raise AssertionError(f"service {service} mounts no volume at {target}")
+
+    def path(self, service: str, value: str) -> str:
+        """A path inside ``service``'s container -> the same file on this machine."""
+        for spec in COMPOSE["services"][service].get("volumes", []):
+            _, _, mount = spec.partition(":")
+            mount = mount.split(":")[0]
+            if value == mount or value.startswith(mount + "/"):
+                return str(self.volume(service, mount)) + value[len(mount) :]
+        return value
 
     def env(self, service: str) -> dict[str, str]:
         out = {}
@@ -74,8 +86,8 @@ class Mapping:
             m = re.fullmatch(r"0\.0\.0\.0:(\d+)", value)
             if m:
                 value = f"127.0.0.1:{self.port(service, int(m.group(1)))}"
-            if value == "/data":
-                value = str(self.volume(service))
+            if value.startswith("/"):
+                value = self.path(service, value)
             out[key] = value
         return out
 
@@ -119,8 +131,24 @@ def compose_up(tmp_path: Path) -> Iterator[Mapping]:
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "OTEL_"))}
     base_env["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # export spans within 0.1 s
     try:
+        # the one-shot nats-auth job, then nats with deploy/nats.conf, mounts mapped
+        auth = COMPOSE["services"]["nats-auth"]
+        argv = [str(BIN / "proxyfleet"), *(mapping.path("nats-auth", a) for a in auth["command"])]
+        subprocess.run(argv, env=base_env, check=True, capture_output=True, timeout=30)
+        etc = tmp_path / "nats-etc"
+        etc.mkdir()
+        mounts = {}
+        for spec in COMPOSE["services"]["nats"]["volumes"]:
+            source, _, target = spec.partition(":")
+            mounts[target.split(":")[0]] = source
+        assert mounts["/etc/nats/nats.conf"] == "./deploy/nats.conf"
+        conf = (ROOT / "deploy" / "nats.conf").read_text()
+        assert 'store_dir: "/data"' in conf
+        data = mapping.path("nats", "/data")
+        (etc / "nats.conf").write_text(conf.replace('store_dir: "/data"', f'store_dir: "{data}"'))
+        (etc / "secrets").symlink_to(mapping.path("nats", "/etc/nats/secrets"))
         monitor = mapping.port("nats", 8222)
-        replace = {"/data": str(mapping.volume("nats")), "8222": str(monitor)}
+        replace = {"/etc/nats/nats.conf": str(etc / "nats.conf")}
         nats_cmd = [replace.get(a, a) for a in COMPOSE["services"]["nats"]["command"]]
         procs.append(
             subprocess.Popen(
@@ -131,6 +159,8 @@ def compose_up(tmp_path: Path) -> Iterator[Mapping]:
                     "127.0.0.1",
                     "-p",
                     str(mapping.port("nats", 4222)),
+                    "-m",
+                    str(monitor),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=(tmp_path / "nats.log").open("wb"),
@@ -176,11 +206,40 @@ def test_compose_file_allows_scaling_the_proxy() -> None:
     for port in proxy.get("ports", []):
         assert ":" not in str(port), f"fixed host port {port} breaks --scale"
     for name, svc in COMPOSE["services"].items():
+        if svc.get("restart") == "no":  # a one-shot job: others wait for its completion
+            continue
         assert "healthcheck" in svc, f"{name} has no healthcheck"
+
+
+def test_compose_nats_requires_credentials_everywhere() -> None:
+    services = COMPOSE["services"]
+    assert "ports" not in services["nats"], "NATS must not be published outside the network"
+    assert "nats-auth" in services["nats"]["depends_on"]
+    conf = (ROOT / "deploy" / "nats.conf").read_text()
+    assert 'include "secrets/auth.conf"' in conf
+    for name in ("store", "api", "proxy"):
+        env = services[name]["environment"]
+        assert env["FLEET_NATS_USER"] and env["FLEET_NATS_PASSWORD_FILE"], name
+        assert "@" not in env["FLEET_NATS_URL"], f"{name}: no password in the compose file"
 
 
 async def test_compose_services_wire_up(compose_up: Mapping, upstream: Upstream) -> None:
     m = compose_up
+    nats_port = m.port("nats", 4222)
+    refused: list[str] = []
+
+    async def record(exc: Exception) -> None:
+        refused.append(str(exc))
+
+    with pytest.raises(NoServersError):  # compose's NATS refuses a client without the password
+        await nats.connect(
+            f"nats://127.0.0.1:{nats_port}",
+            connect_timeout=1,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.1,
+            error_cb=record,
+        )
+    assert any("authorization violation" in e.lower() for e in refused), refused
     proxy_url = f"http://127.0.0.1:{m.port('proxy', 8080)}"
     api = f"http://127.0.0.1:{m.port('api', 8081)}"
     key = (m.volume("api") / "api-key").read_text().strip()
