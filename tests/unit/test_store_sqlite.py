@@ -464,3 +464,92 @@ async def test_a_dead_ingest_worker_is_replaced(tmp_path: Path) -> None:
         assert await r.get(f) is not None
     finally:
         await r.close()
+
+
+# -- file mode, identity, gone replicas -------------------------------------------------------
+async def test_database_files_are_private(tmp_path: Path) -> None:
+    import stat
+
+    path = tmp_path / "flows.db"
+    r = SQLiteRepository(path)
+    await r.open()
+    try:
+        await r.upsert_events([ev(fid())])
+        for name in ("flows.db", "flows.db-wal", "flows.db-shm"):
+            f = tmp_path / name
+            assert f.exists() and stat.S_IMODE(f.stat().st_mode) == 0o600, name
+    finally:
+        await r.close()
+    path.chmod(0o644)  # a file from before: narrowed on the next open
+    r = SQLiteRepository(path)
+    await r.open()
+    await r.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def test_identity_is_the_databases_own(tmp_path: Path) -> None:
+    a, b = SQLiteRepository(tmp_path / "a.db"), SQLiteRepository(tmp_path / "b.db")
+    await a.open()
+    await b.open()
+    first = await a.identity()
+    assert first and first != await b.identity()
+    await a.close()
+    await b.close()
+    again = SQLiteRepository(tmp_path / "a.db")
+    await again.open()
+    assert await again.identity() == first  # made once, kept with the database
+    await again.close()
+
+
+async def test_end_active_flows_of_a_gone_replica(repo: SQLiteRepository) -> None:
+    open_a, open_b, done, other = fid(), fid(), fid(), fid()
+    await repo.upsert_events(
+        [
+            ev(open_a, "active", replica="gone", status=None),
+            ev(open_b, "active", replica="gone", status=None),
+            ev(done, replica="gone"),
+            ev(other, "active", replica="alive", status=None),
+        ]
+    )
+    assert await repo.end_active_flows("gone", "replica gone: gone") == 2
+    assert await repo.end_active_flows("gone", "replica gone: gone") == 0  # idempotent
+    for flow_id in (open_a, open_b):
+        record = await repo.get(flow_id)
+        assert record is not None
+        assert record.doc["state"] == "error" and record.doc["error"] == "replica gone: gone"
+        assert record.doc["timings"]["end"] is not None
+    assert await ids(repo, state="error") == sorted([open_a, open_b], reverse=True)
+    done_rec, other_rec = await repo.get(done), await repo.get(other)
+    assert done_rec is not None and done_rec.doc["state"] == "completed"
+    assert other_rec is not None and other_rec.doc["state"] == "active"
+    # the replica's own final event still wins, once; a started event changes nothing
+    await repo.upsert_events([ev(open_a, "started"), ev(open_b, "active", replica="gone")])
+    record = await repo.get(open_b)
+    assert record is not None and record.doc["state"] == "error"
+    await repo.upsert_events([ev(open_a, "completed", replica="gone", resp_body=b"late")])
+    await repo.upsert_events([ev(open_a, "killed", replica="gone")])
+    record = await repo.get(open_a)
+    assert record is not None and record.doc["state"] == "completed"
+    assert record.response_body == b"late"
+
+
+async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(sqlite_mod.SCHEMA.replace(",\n    presumed INTEGER NOT NULL DEFAULT 0", ""))
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    r = SQLiteRepository(path)
+    await r.open()
+    try:
+        flow_id = fid()
+        await r.upsert_events([ev(flow_id, "active", status=None)])
+        assert await r.end_active_flows("r1", "replica gone: r1") == 1
+        await r.upsert_events([ev(flow_id)])
+        record = await r.get(flow_id)
+        assert record is not None and record.doc["state"] == "completed"
+    finally:
+        await r.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_mod.SCHEMA_VERSION
+    conn.close()

@@ -1,0 +1,116 @@
+"""NATS credentials: in the URL or in settings, handed to the client, never printed; a
+real nats-server (EmbeddedNats) refuses a client without them."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from pathlib import Path
+
+import nats
+import pytest
+from nats.errors import NoServersError
+
+from libs.common import natsurl
+from libs.common.bus import Bus, BusUnavailable
+from libs.common.natsserver import Credentials, EmbeddedNats, write_auth_files
+from libs.common.settings import CommonSettings, SettingsError, StoreSettings, load
+
+
+def test_url_credentials_round_trip_and_redaction() -> None:
+    url = natsurl.with_credentials("nats://a:4222,b:4223", "fleet", "p@ss:w/rd%")
+    target = natsurl.parse(url)
+    assert target.servers == ["nats://a:4222", "nats://b:4223"]
+    assert target.options() == {"user": "fleet", "password": "p@ss:w/rd%"}
+    assert natsurl.redact(url) == "nats://fleet:***@a:4222,nats://fleet:***@b:4223"
+    assert "p%40ss" not in natsurl.redact(url)
+    token = natsurl.parse("nats://s3cret@h:1")
+    assert token.options() == {"token": "s3cret"} and token.servers == ["nats://h:1"]
+    assert natsurl.redact("nats://s3cret@h:1") == "nats://***@h:1"
+    assert natsurl.redact("nats://h:1") == "nats://h:1"
+    # credentials already in the URL win over the separate settings
+    assert natsurl.with_credentials("nats://u:p@h:1", "x", "y") == "nats://u:p@h:1"
+
+
+def test_settings_fold_credentials_into_the_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLEET_NATS_URL", "nats://nats:4222")
+    monkeypatch.setenv("FLEET_NATS_USER", "fleet")
+    secret = tmp_path / "pw"
+    secret.write_text("from-a-file\n")
+    monkeypatch.setenv("FLEET_NATS_PASSWORD_FILE", str(secret))
+    s = load(CommonSettings)
+    assert s.nats_url == "nats://fleet:from-a-file@nats:4222"
+    assert "from-a-file" not in repr(s)
+    monkeypatch.setenv("FLEET_NATS_PASSWORD", "also")
+    with pytest.raises(SettingsError, match="not both"):
+        load(CommonSettings)
+    monkeypatch.delenv("FLEET_NATS_PASSWORD")
+    monkeypatch.setenv("FLEET_NATS_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(SettingsError, match="cannot read"):
+        load(CommonSettings)
+    monkeypatch.delenv("FLEET_NATS_PASSWORD_FILE")
+    with pytest.raises(SettingsError) as err:
+        load(CommonSettings)
+    assert str(err.value) == (
+        "bad settings: FLEET_NATS_USER needs FLEET_NATS_PASSWORD or _PASSWORD_FILE"
+    )
+
+
+def test_a_database_url_is_refused_without_echoing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEET_STORE_DB", "postgresql://fleet:hunter2@db:5432/flows")
+    with pytest.raises(SettingsError) as err:
+        load(StoreSettings)
+    message = str(err.value)
+    assert "FLEET_STORE_DB" in message and "postgresql://" in message
+    assert "hunter2" not in message and "db:5432" not in message
+    assert "\n" not in message
+
+
+def test_password_file_is_private_and_reused(tmp_path: Path) -> None:
+    first = write_auth_files(tmp_path / "secrets")
+    pw = tmp_path / "secrets" / "nats-password"
+    assert stat.S_IMODE(pw.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "secrets" / "auth.conf").stat().st_mode) == 0o600
+    assert first.password in (tmp_path / "secrets" / "auth.conf").read_text()
+    assert Credentials.load_or_create(pw) == first
+    assert first.password not in repr(first)
+
+
+async def test_the_server_refuses_a_client_without_credentials(tmp_path: Path) -> None:
+    with EmbeddedNats(tmp_path / "store", log_file=tmp_path / "nats.log") as server:
+        errors: list[str] = []
+
+        async def record(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        with pytest.raises(NoServersError):
+            await asyncio.wait_for(
+                nats.connect(
+                    server.address,
+                    connect_timeout=1,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0.1,
+                    error_cb=record,
+                ),
+                10,
+            )
+        assert any("authorization violation" in e.lower() for e in errors), errors
+        conf = (tmp_path / "store" / "nats-server.conf").stat()
+        assert stat.S_IMODE(conf.st_mode) == 0o600
+
+        # Bus: no credentials, or wrong ones: one line that says so, no password in it
+        with pytest.raises(BusUnavailable, match="missing credentials"):
+            await Bus.connect(server.address, "test", timeout=1.5)
+        wrong = server.address.replace("://", "://fleet:not-the-password@")
+        with pytest.raises(BusUnavailable) as err:
+            await Bus.connect(wrong, "test", timeout=1.5)
+        assert "wrong credentials" in str(err.value)
+        assert "not-the-password" not in str(err.value) and "fleet:***@" in str(err.value)
+
+        bus = await Bus.connect(server.url, "test", timeout=5)
+        try:
+            assert bus.connected
+        finally:
+            await bus.close()
