@@ -130,6 +130,23 @@ async def test_nats_stays_refused_when_loopback_is_allowed(
     assert await connect_refusals(proxy, port, ["127.0.0.1", "127.1"]) == []
 
 
+async def test_nats_is_refused_as_a_websocket_target(
+    proxy: ProxyUnderTest, flows: FlowEvents, nats_url: str
+) -> None:
+    port = nats_port(nats_url)
+    async with await WireClient.connect(proxy.port) as client:
+        resp = await client.request(
+            f"GET ws://127.1:{port}/ HTTP/1.1\r\nHost: 127.1:{port}\r\nConnection: Upgrade\r\n"
+            "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        )
+        rest = b""
+        with contextlib.suppress(TimeoutError):
+            rest = await client.rest(timeout=1)
+    assert 400 <= resp.status < 500
+    assert b"INFO {" not in resp.body + rest
+
+
 async def test_own_listener_is_refused_in_every_spelling_without_a_loop(
     make_proxy: MakeProxy, watch: Watch
 ) -> None:

@@ -63,6 +63,26 @@ async def test_raw_connect_then_plain_get_is_relayed_as_http11(
     assert (ev["host"], ev["port"], ev["method"]) == ("127.0.0.1", up.port, "GET")
 
 
+async def test_plain_http_sent_with_the_connect_in_one_segment(
+    proxy: ProxyUnderTest, flows: FlowEvents
+) -> None:
+    """The client does not wait for the 200: CONNECT and its first request arrive together."""
+    async with raw_upstream() as up:
+        async with await WireClient.connect(proxy.port) as client:
+            host = up.authority.encode()
+            await client.send(
+                b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (host, host)
+                + b"GET /eager HTTP/1.1\r\nHost: %s\r\n\r\n" % host
+            )
+            established = await client.response(head_request=True)
+            resp = await client.response()
+        assert established.status == 200
+        assert (resp.status, resp.body) == (200, b"GET /eager")
+        assert [r.target for r in up.requests] == ["/eager"]
+    ev = await flows.final_for("/eager")
+    assert ev["state"] == "completed"
+
+
 async def test_connect_with_client_hello_is_still_intercepted(
     proxy: ProxyUnderTest, upstream: Upstream, flows: FlowEvents
 ) -> None:

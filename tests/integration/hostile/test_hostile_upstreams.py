@@ -23,6 +23,9 @@ from tests.integration.rawupstream import (
 pytestmark = pytest.mark.timeout(60)
 
 
+FAKE = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nhijack!"  # stray bytes a hostile upstream adds
+
+
 def get(up_url: str, authority: str, path: str, extra: str = "") -> bytes:
     return f"GET {up_url}{path} HTTP/1.1\r\nHost: {authority}\r\n{extra}\r\n".encode()
 
@@ -57,6 +60,89 @@ async def test_upstream_connection_header_cannot_unframe_the_response(
     assert (second.status, second.body, second.complete) == (200, b"body of /two", True)
     assert ev["state"] == "completed"
     assert ev["response"]["size"] == len(b"body of /one")
+
+
+# -- the classic response-splitting set -----------------------------------------------------
+async def test_response_with_cl_and_te_is_refused_or_reframed(
+    proxy: ProxyUnderTest, flows: FlowEvents
+) -> None:
+    """RFC 9112 6.3: a response with both is an error (502) or is read as chunked and sent
+    on without Content-Length; either way the next response is its own."""
+
+    def both(req: Request) -> bytes:
+        body = body_of(req)
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        )
+
+    async with raw_upstream(reply_each(both)) as up:
+        async with await WireClient.connect(proxy.port) as client:
+            first = await client.request(get(up.url, up.authority, "/one"))
+            ev = await flow_of(flows, client)
+            if first.status == 502:
+                assert ev["state"] == "error"
+                assert await up.conns[0].wait_closed(5), "kept a connection of unknown framing"
+            else:
+                assert (first.status, first.body, first.complete) == (200, b"body of /one", True)
+                assert not first.all("content-length"), first.headers
+            if "close" in ",".join(first.all("connection")).lower():
+                assert await client.closed_by_peer(2.0)
+                client = await WireClient.connect(proxy.port)
+            second = await client.request(get(up.url, up.authority, "/two"))
+            client.close()
+    assert second.status == first.status
+    if second.status == 200:
+        assert second.body == b"body of /two"
+
+
+@pytest.mark.parametrize(
+    "length",
+    ["Content-Length: 5\r\nContent-Length: 6", "Content-Length: 5, 6", "Content-Length: +5"],
+    ids=["two different", "list different", "plus sign"],
+)
+async def test_response_with_invalid_content_length_is_502(
+    proxy: ProxyUnderTest, flows: FlowEvents, length: str
+) -> None:
+    async def bad(conn: UpstreamConn) -> None:
+        await conn.next_request()
+        conn.send(b"HTTP/1.1 200 OK\r\n%s\r\n\r\nhello!" % length.encode())
+        await conn.drain()
+
+    async with raw_upstream(bad) as up:
+        async with await WireClient.connect(proxy.port) as client:
+            resp = await client.request(get(up.url, up.authority, "/badcl"))
+            ev = await flow_of(flows, client)
+        assert resp.status == 502, resp
+        assert await up.conns[0].wait_closed(5), "kept a connection with unknown framing"
+    assert ev["state"] == "error"
+
+
+async def test_response_obs_fold_is_unfolded_or_502(proxy: ProxyUnderTest) -> None:
+    async with raw_upstream(reply_each(lambda r: ok(b"folded", b"X-Folded: a\r\n b\r\n"))) as up:
+        async with await WireClient.connect(proxy.port) as client:
+            resp = await client.request(get(up.url, up.authority, "/fold"))
+        raw_names = [n for n, _ in resp.headers]
+    if resp.status != 502:
+        assert (resp.status, resp.body) == (200, b"folded")
+        assert all(n and n[0] not in " \t" for n in raw_names), resp.headers
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_body_after_a_bodiless_status_is_stray(proxy: ProxyUnderTest, status: int) -> None:
+    def bodiless_then_fake(req: Request) -> bytes:
+        if req.target == "/a":
+            return b"HTTP/1.1 %d Nothing\r\n\r\n" % status + FAKE
+        return echo_line(req)
+
+    async with raw_upstream(reply_each(bodiless_then_fake)) as up:
+        async with await WireClient.connect(proxy.port) as a:
+            first = await a.request(get(up.url, up.authority, "/a"))
+            assert first.status == status
+            async with await WireClient.connect(proxy.port) as b:
+                second = await b.request(get(up.url, up.authority, "/b"))
+        assert (second.status, second.body) == (200, b"GET /b")
+        assert [[r.target for r in c.requests] for c in up.conns] == [["/a"], ["/b"]]
 
 
 # -- item 4: response heads are capped ---------------------------------------------------------
@@ -126,7 +212,6 @@ async def test_endless_response_head_is_cut_while_others_are_served(
 
 
 # -- item 5: stray bytes after a response ------------------------------------------------------
-FAKE = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nhijack!"
 
 
 async def test_clean_upstream_connection_is_reused(proxy: ProxyUnderTest) -> None:
