@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from httptools import HttpParserError, parse_url
 
 from libs.common.tasks import spawn
-from services.proxy import hooks
+from services.proxy import destinations, hooks
 from services.proxy.exchange import HOLD, KILL, RESPOND, Exchange
 from services.proxy.flow import COMPLETED, ERROR, KILLED, Flow
 from services.proxy.framing import (
@@ -510,7 +510,7 @@ class ClientConnection(asyncio.Protocol):
             return
         doc = self.ctx.config.doc
         now = self.loop.time()
-        if self.paused & (PAUSE_UPSTREAM_FULL | PAUSE_BUFFERED):  # we stopped reading, not it
+        if self.paused:  # we stopped reading (backpressure, a hold), not the client
             self.body_start = now - self.body_got / doc.client_body_min_rate
         deadline = (
             self.body_start + doc.client_body_timeout + self.body_got / doc.client_body_min_rate
@@ -899,10 +899,12 @@ class ClientConnection(asyncio.Protocol):
         first) is intercepted, anything else is read as plain HTTP/1.1."""
         _, host, port = ex.key
         ctx = self.ctx
-        if ctx.upstream_proxy is None:
-            from services.proxy import destinations
-
-            _, refusal = await destinations.pick(ctx.destinations, self.loop, host, port)
+        if ctx.upstream_proxy is None:  # refuse early: before the client's TLS handshake
+            try:
+                _, refusal = await destinations.pick(ctx.destinations, self.loop, host, port)
+            except OSError as exc:
+                self._reject(ex, *describe_failure(host, port, exc))
+                return
             if refusal is not None:
                 self._reject(ex, 403, refusal)
                 return

@@ -9,7 +9,7 @@ serialises final events) whenever ``/metrics`` is scraped.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -25,9 +25,24 @@ from services.proxy.capture import LATENCY_BUCKETS, STATUS_CLASSES
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from services.proxy.main import Replica
+    from libs.common.bus import Bus
+    from libs.common.settings import ProxySettings
+    from services.proxy.context import ProxyContext
+    from services.proxy.control import Control
+    from services.proxy.server import ProxyServer
 
 PREFIX = "proxyfleet_proxy_"
+
+
+class Replica(Protocol):
+    """What the collector reads of a replica (``services.proxy.main.Replica``); a
+    protocol, so that this module does not import the one that imports it."""
+
+    settings: ProxySettings
+    ctx: ProxyContext | None
+    server: ProxyServer | None
+    control: Control | None
+    bus: Bus | None
 
 
 class ProxyCollector(Collector):
