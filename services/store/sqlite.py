@@ -184,8 +184,9 @@ class SQLiteRepository(FlowRepository):
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute(sql.META_INSERT, ("db_id", secrets.token_hex(8)))
             self._identity = str(conn.execute(sql.META_GET, ("db_id",)).fetchone()[0])
-            for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode; an
-                extra = self.path.with_name(self.path.name + suffix)  # older file may not
+            # SQLite gives -wal and -shm the database's mode; ones left from before may differ
+            for suffix in ("-wal", "-shm"):
+                extra = self.path.with_name(self.path.name + suffix)
                 if extra.exists():
                     os.chmod(extra, 0o600)
             self._analyze(conn)
