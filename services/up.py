@@ -153,6 +153,10 @@ async def run_up(settings: UpSettings) -> None:
         "FLEET_DATA_DIR": str(settings.data_dir),
         PARENT_PID_ENV: str(os.getpid()),
     }
+    if "FLEET_PROTECTED_ENDPOINTS" not in os.environ:
+        # the proxy must never reach the API or the store's metrics through itself
+        protected = [api.api_listen, store.store_metrics_listen]
+        env["FLEET_PROTECTED_ENDPOINTS"] = ",".join(p for p in protected if p)
     if "FLEET_NATS_URL" in os.environ:
         # the children read the same URL and FLEET_NATS_* credentials from the environment
         nats_shown = natsurl.redact(settings.nats_url)

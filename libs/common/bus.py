@@ -322,7 +322,10 @@ class Bus:
         try:
             await asyncio.wait_for(self.nc.drain(), 5.0)
         except Exception:
-            await self.nc.close()
+            try:
+                await self.nc.close()
+            except Exception as exc:  # a dead transport (NATS gone): nothing left to close
+                log.debug("nats close: %r", exc)
 
 
 # -- trace context over NATS (only called while tracing is on) ----------------------------

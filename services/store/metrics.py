@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol, TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
@@ -24,7 +24,21 @@ from libs.common import subjects
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from services.store.main import Store
+    from libs.common.bus import Bus
+    from libs.common.settings import StoreSettings
+    from services.store.consumer import FlowConsumer
+    from services.store.repository import FlowRepository
+
+
+class Store(Protocol):
+    """What the collector reads of a store replica (``services.store.main.Store``); a
+    protocol, so that this module does not import the one that imports it."""
+
+    settings: StoreSettings
+    bus: Bus | None
+    repo: FlowRepository | None
+    consumer: FlowConsumer | None
+
 
 log = logging.getLogger("proxyfleet.store.metrics")
 
