@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from services.proxy.exchange import Exchange
 
 
+# What an upstream can do wrong that the relay counts: a response head over the cap,
+# bytes no request asked for (the connection is then never reused), an unparsable response.
+UPSTREAM_FAULTS = ("head_too_large", "stray_bytes", "invalid_response")
+
+
 class Connection(Protocol):
     """What the replica's lifecycle needs of a client connection."""
 
@@ -88,6 +93,8 @@ class ProxyContext:
         self.active: dict[str, Exchange] = {}
         self.connections: set[Connection] = set()
         self.flows_total = 0
+        # upstreams that broke the protocol, by fault (read by the metrics collector)
+        self.upstream_faults = dict.fromkeys(UPSTREAM_FAULTS, 0)
         self.draining = False
         self.apply_config(config)
 

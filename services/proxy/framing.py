@@ -241,17 +241,19 @@ def request_head(
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     if host is not None:
         parts += (b"Host: ", host, b"\r\n")
+    vias: list[bytes] = []
     for name, value in headers:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname == b"content-length" or lname in conn_drop:
             continue
         if lname == b"host" and host is not None:
             continue
-        if lname == b"via":
-            via = value + b", " + via
+        if lname == b"via":  # earlier hops, in order, then ours (RFC 9110 7.6.3)
+            vias.append(value)
             continue
         parts += (name, b": ", value, b"\r\n")
-    parts += (b"Via: ", via, b"\r\n")
+    vias.append(via)
+    parts += (b"Via: ", b", ".join(vias), b"\r\n")
     if upgrade is not None:
         parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     if body == BODY_CHUNKED:
@@ -324,15 +326,17 @@ def response_head(
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
     else:
         parts = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+    vias: list[bytes] = []
     for name, value in headers:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname in conn_drop:
             continue
         if lname == b"via":
-            via = value + b", " + via
+            vias.append(value)
             continue
         parts += (name, b": ", value, b"\r\n")
-    parts += (b"Via: ", via, b"\r\n", tail)
+    vias.append(via)
+    parts += (b"Via: ", b", ".join(vias), b"\r\n", tail)
     return b"".join(parts)
 
 
@@ -415,10 +419,10 @@ class ChunkedDecoder:
                 line, i = self._take_line(data, i)
                 if line is None:
                     break
-                size, _, ext = line.partition(b";")
+                size, sep, ext = line.partition(b";")
                 if _HEX.fullmatch(size) is None:
                     raise FramingError(400, f"invalid chunk size {line[:40]!r}")
-                if ext and _CHUNK_EXT.fullmatch(b";" + ext) is None:
+                if sep and _CHUNK_EXT.fullmatch(b";" + ext) is None:
                     raise FramingError(400, "invalid chunk extension")
                 self._need = int(size, 16)
                 self._state = _DATA if self._need else _TRAILER

@@ -180,6 +180,15 @@ class ProxyCollector(Collector):
             "says truncated)",
             value=cap.truncated,
         )
+        faults = CounterMetricFamily(
+            PREFIX + "upstream_faults",
+            "Upstream protocol faults: response head over 64 KiB (502), bytes no request "
+            "asked for (connection not reused), unparsable response (502)",
+            labels=["fault"],
+        )
+        for fault, count in ctx.upstream_faults.items():
+            faults.add_metric([fault], count)
+        yield faults
         yield GaugeMetricFamily(
             PREFIX + "config_revision",
             "Runtime config revision applied (0: the settings at start)",

@@ -239,6 +239,7 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         ex, client = self.ex, self.client
         if ex is None or client is None:  # bytes on an idle connection: it is unusable
+            self.ctx.upstream_faults["stray_bytes"] += 1
             self.abort()
             return
         self.last_io = self.loop.time()
@@ -258,11 +259,13 @@ class UpstreamConnection(asyncio.Protocol):
             cause = exc.__context__
             if isinstance(cause, _StrayBytes):
                 self.stray = True
+                self.ctx.upstream_faults["stray_bytes"] += 1
             elif isinstance(cause, _HeadTooLarge):
                 self._head_too_large(ex, client)
             else:
                 if cause is not None:
                     log.error("response handling failed", exc_info=cause)
+                self.ctx.upstream_faults["invalid_response"] += 1
                 if self.ex is ex:
                     client.upstream_invalid(ex, 502, f"invalid response from upstream: {exc}")
         else:
@@ -276,6 +279,7 @@ class UpstreamConnection(asyncio.Protocol):
             client.uncork()
 
     def _head_too_large(self, ex: Exchange, client: ResponseSink) -> None:
+        self.ctx.upstream_faults["head_too_large"] += 1
         self.detach()
         self.abort()
         client.upstream_invalid(ex, 502, f"response head larger than {MAX_HEAD} bytes")

@@ -179,6 +179,7 @@ async def test_oversized_response_head_is_502(
     assert ev["state"] == "error"
     assert ev["response"]["status"] == 502
     assert ev["error"]
+    assert proxy.ctx.upstream_faults["head_too_large"] == 1  # counted (metrics read it)
     await assert_others_served(proxy, upstream)
 
 
