@@ -637,7 +637,8 @@ def run(args: argparse.Namespace, procs: Procs) -> None:
             jsonl.flush()
 
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        sink({"scenario": "meta", "time": now, "args": vars(args), **versions})
+        meta_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        sink({"scenario": "meta", "time": now, "args": meta_args, **versions})
         for name in args.targets:
             t = start_target(name, procs, mitmdump, ca)
             if t is None:

@@ -411,7 +411,7 @@ class ClientConnection(asyncio.Protocol):
                 host_header = _authority(host, port, _DEFAULT_PORT[scheme])
             else:
                 host_header = u.host if u.port is None else b"%s:%d" % (u.host, u.port)
-        if via_has(flow.req_headers, ctx.via_token):
+        if req.via and via_has(flow.req_headers, ctx.via_token):
             raise FramingError(508, "request already passed this proxy (loop refused)")
         flow.scheme, flow.host, flow.port, flow.path = scheme, host, port, path
         ex.host_header = host_header
@@ -844,7 +844,7 @@ class ClientConnection(asyncio.Protocol):
         if self.ex is not None or self.queue:
             self._reject(ex, 400, "CONNECT must be the last request on its connection")
             return
-        if via_has(flow.req_headers, ctx.via_token):
+        if req.via and via_has(flow.req_headers, ctx.via_token):
             self._reject(ex, 508, "request already passed this proxy (loop refused)")
             return
         flow.scheme, flow.host, flow.port, flow.path = "https", host, port, b""

@@ -108,6 +108,7 @@ class RequestHead:
         "target",
         "upgrade",
         "version",
+        "via",
     )
 
     def __init__(self) -> None:
@@ -121,6 +122,7 @@ class RequestHead:
         self.host: bytes | None = None  # the Host header's value
         self.upgrade: bytes | None = None  # the Upgrade value when Connection names upgrade
         self.conn_drop: frozenset[bytes] = frozenset()  # extra names listed in Connection
+        self.via = False  # a Via header came with it (then loops are looked for)
 
 
 def _content_length(values: list[bytes]) -> int:
@@ -176,9 +178,12 @@ def parse_request_head(head: bytes) -> RequestHead:
             name, _, value = line.partition(b":")
             value = value.strip(_OWS)
             headers.append((name, value))
-            if len(name) < 4 or len(name) > 17:  # none of the names below
+            if len(name) < 3 or len(name) > 17:  # none of the names below
                 continue
             lname = name.lower()
+            if lname == b"via":
+                req.via = True
+                continue
             if lname == b"content-length":
                 if lengths is None:
                     lengths = []
