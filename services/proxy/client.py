@@ -200,6 +200,8 @@ class ClientConnection(asyncio.Protocol):
             if self.halt or self.closed:
                 if not self.halt & HALT_DONE:
                     self.buf = buf
+                    if len(buf) > _PENDING_HIGH:  # held with a large body: stop reading
+                        self._pause(PAUSE_HALT)
                 return
             if self.parsing is not None:
                 buf = self._body_bytes(buf)
@@ -358,6 +360,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.held = None
         if ex.flow.method == b"CONNECT":
+            self.halt &= ~HALT_HELD  # still halted for the switch
             self._connect_decided(ex)
             return
         self.feeding = True
@@ -636,7 +639,8 @@ class ClientConnection(asyncio.Protocol):
             if ex.verdict == KILL:
                 self.kill(ex, ex.kill_reason)
                 return
-            status = flow.status
+            if flow.status != status:  # rewritten: the upstream's phrase no longer fits
+                status, flow.reason = flow.status, b""
         ex.response_started = True
         ex.body_mode = framing.body
         http11 = flow.http_version == "1.1"
@@ -899,15 +903,18 @@ class ClientConnection(asyncio.Protocol):
         first) is intercepted, anything else is read as plain HTTP/1.1."""
         _, host, port = ex.key
         ctx = self.ctx
-        if ctx.upstream_proxy is None:  # refuse early: before the client's TLS handshake
+        # refused early: before the client's TLS handshake
+        if ctx.upstream_proxy is not None:
+            refusal = ctx.destinations.check_unresolved(host, port)
+        else:
             try:
                 _, refusal = await destinations.pick(ctx.destinations, self.loop, host, port)
             except OSError as exc:
                 self._reject(ex, *describe_failure(host, port, exc))
                 return
-            if refusal is not None:
-                self._reject(ex, 403, refusal)
-                return
+        if refusal is not None:
+            self._reject(ex, 403, refusal)
+            return
         if self.closed:
             return
         self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -1020,8 +1027,11 @@ class ClientConnection(asyncio.Protocol):
 
     # -- flow control and lifecycle -------------------------------------------------------
     def _halt(self, reason: int) -> None:
+        """Stop parsing input. A held exchange keeps reading (into ``buf``, bounded) so
+        that a client that leaves is noticed and frees it; otherwise reading pauses."""
         self.halt |= reason
-        self._pause(PAUSE_HALT)
+        if reason != HALT_HELD:
+            self._pause(PAUSE_HALT)
 
     def _unhalt(self, reason: int) -> None:
         """Go on parsing what was kept while halted, then read again."""

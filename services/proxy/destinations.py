@@ -310,6 +310,10 @@ class _Rules:
         for net, p, entry in self.nets:
             if (p is None or p == port) and addr in net:
                 return entry
+        return self.match_name(name, port)
+
+    def match_name(self, name: str, port: int) -> str | None:
+        """The first host-glob entry matching ``name``, or None."""
         if self.globs and name:
             hit = (self.any_port is not None and self.any_port.match(name)) or (
                 (rx := self.by_port.get(port)) is not None and rx.match(name)
@@ -378,6 +382,32 @@ class DestinationPolicy:
             f"destination {_where(host, addr, port)} is a {kind} address (refused on a "
             "non-loopback listener; destination_allow can permit it)"
         )
+
+    def check_unresolved(self, host: str, port: int) -> str | None:
+        """The check for ``upstream:`` mode, where the upstream proxy resolves names: an
+        IP literal (any spelling) gets the full check, ``localhost`` names count as
+        127.0.0.1, and other names meet the name rules (protected endpoint names and
+        ``destination_deny`` globs). The private-range default cannot apply to a name
+        we do not resolve: that is the upstream proxy's policy."""
+        name = host.lower().removesuffix(".")
+        if name.startswith("["):
+            name = name[1:-1]
+        try:
+            infos = socket.getaddrinfo(
+                name, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )
+        except (socket.gaierror, UnicodeError):
+            infos = []
+        if infos:
+            return self.choose(host, _addresses(infos), port)[1]  # type: ignore[arg-type]
+        if name == "localhost" or name.endswith(".localhost"):
+            return self.check(host, "127.0.0.1", port)
+        if (name, port) in self.endpoints.names:
+            return f"destination {host}:{port} is a proxyfleet endpoint"
+        entry = self.deny.match_name(name, port)
+        if entry is not None:
+            return f"destination {host}:{port} is refused by destination_deny {entry!r}"
+        return None
 
     def choose(self, host: str, ips: Iterable[str], port: int) -> tuple[str | None, str | None]:
         """The first allowed address of ``ips`` and None, or None and the first

@@ -13,7 +13,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, Protocol
 
 from services.proxy.flow import Flow
-from services.proxy.framing import BODY_LENGTH, BODY_NONE
+from services.proxy.framing import BODY_LENGTH, BODY_NONE, STATUS_LINES
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -105,8 +105,6 @@ class Exchange:
         self, status: int, headers: list[tuple[bytes, bytes]] | None = None, body: bytes = b""
     ) -> None:
         """Answer the request with this response instead of relaying it."""
-        from services.proxy.framing import STATUS_LINES
-
         parts = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
         for name, value in headers or ():
             if name.lower() not in (b"content-length", b"transfer-encoding", b"connection"):

@@ -204,7 +204,8 @@ def parse_request_head(head: bytes) -> RequestHead:
             raise FramingError(400, "both Content-Length and Transfer-Encoding")
         if not http11:
             raise FramingError(400, "Transfer-Encoding in an HTTP/1.0 request")
-        if not final_coding_is_chunked(te):
+        codings = [c.strip(_OWS).lower() for c in te.split(b",")]
+        if not final_coding_is_chunked(te) or codings.count(b"chunked") > 1:
             raise FramingError(400, f"unsupported Transfer-Encoding {te[:60]!r}")
         if te.strip(_OWS).lower() != b"chunked":
             raise FramingError(501, f"transfer codings other than chunked: {te[:60]!r}")
@@ -425,6 +426,8 @@ class ChunkedDecoder:
                 if line is None:
                     break
                 size, sep, ext = line.partition(b";")
+                if sep:  # BWS before the extension is allowed (RFC 9112 7.1.1)
+                    size = size.rstrip(_OWS)
                 if _HEX.fullmatch(size) is None:
                     raise FramingError(400, f"invalid chunk size {line[:40]!r}")
                 if sep and _CHUNK_EXT.fullmatch(b";" + ext) is None:

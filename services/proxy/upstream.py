@@ -83,21 +83,23 @@ class ResponseSink(Protocol):
 
 
 class _ConnectReply(asyncio.Protocol):
-    """Reads an upstream proxy's answer to our ``CONNECT`` (up to the blank line)."""
+    """Reads an upstream proxy's answer to our ``CONNECT`` (up to the blank line); what
+    follows it (a server that speaks first) stays in ``buf`` for the tunnel."""
 
     def __init__(self) -> None:
         self.buf = b""
+        self.head_len = 0
         self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
+        if self.done.done():
+            return
         end = self.buf.find(b"\r\n\r\n")
-        if end >= 0 and not self.done.done():
+        if end >= 0:
+            self.head_len = end + 4
             self.done.set_result(self.buf[: end + 4])
-            if len(self.buf) > end + 4:  # a proxy may not talk before we do
-                self.done = asyncio.get_running_loop().create_future()
-                self.done.set_exception(Refused(502, "upstream proxy sent bytes after CONNECT"))
-        elif len(self.buf) > MAX_HEAD and not self.done.done():
+        elif len(self.buf) > MAX_HEAD:
             self.done.set_exception(Refused(502, "upstream proxy answer too large"))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -105,8 +107,9 @@ class _ConnectReply(asyncio.Protocol):
             self.done.set_exception(ConnectionResetError("upstream proxy closed the connection"))
 
 
-async def _tunnel_through_proxy(transport: Any, host: str, port: int) -> None:
-    """Ask the upstream proxy for a tunnel to ``host:port`` (2xx or ``Refused``)."""
+async def _tunnel_through_proxy(transport: Any, host: str, port: int) -> bytes:
+    """Ask the upstream proxy for a tunnel to ``host:port`` (2xx or ``Refused``); return
+    the tunnel's first bytes if the server already sent some."""
     reply = _ConnectReply()
     transport.set_protocol(reply)
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -117,6 +120,7 @@ async def _tunnel_through_proxy(transport: Any, host: str, port: int) -> None:
     status_line = head.split(b"\r\n", 1)[0].split(b" ", 2)
     if len(status_line) < 2 or not status_line[1].startswith(b"2"):
         raise Refused(502, f"upstream proxy refused CONNECT {authority}: {head[:100]!r}")
+    return reply.buf[reply.head_len :]
 
 
 async def open_connection(
@@ -136,7 +140,10 @@ async def open_connection(
     scheme, host, port = key
     cfg = ctx.config
     proxy = ctx.upstream_proxy
-    if proxy is not None:
+    if proxy is not None:  # the upstream proxy resolves: check what can be checked here
+        refusal = ctx.destinations.check_unresolved(host, port)
+        if refusal is not None:
+            raise Refused(403, refusal)
         address, to_port = proxy
     else:
         picked, refusal = await destinations.pick(ctx.destinations, loop, host, port)
@@ -148,11 +155,15 @@ async def open_connection(
         transport, proto = await loop.create_connection(factory, address, to_port)
     if proxy is not None and scheme != "http":
         try:
-            await _tunnel_through_proxy(transport, host, port)
+            first = await _tunnel_through_proxy(transport, host, port)
+            if first and scheme == "https":
+                raise Refused(502, "upstream sent bytes before the TLS handshake")
         except BaseException:
             transport.abort()
             raise
         transport.set_protocol(proto)
+        if first:  # a server that speaks first (the tunnel's protocol keeps them)
+            proto.data_received(first)
     if scheme != "https":
         return proto
     server_name = sni or host
