@@ -468,3 +468,32 @@ def test_check_never_raises_and_is_deterministic(n: int, port: int) -> None:
     first = PROPERTY_POLICY.check("h", ip, port)
     assert first == PROPERTY_POLICY.check("h", ip, port)
     assert first is None or first.startswith("destination ")
+
+
+# -- upstream: mode (the upstream proxy resolves names) --------------------------------------
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "127.1",
+        "2130706433",
+        "[::ffff:127.0.0.1]",
+        "localhost",
+        "localhost.",
+        "a.localhost",
+    ],
+)
+def test_unresolved_check_refuses_our_endpoints_in_every_spelling(host: str) -> None:
+    reason = policy().check_unresolved(host, 4222)
+    assert reason is not None and "proxyfleet endpoint" in reason
+
+
+def test_unresolved_check_applies_protected_names_and_deny_globs() -> None:
+    ep = ProtectedEndpoints.resolve([("nats.invalid", 4222)])
+    p = DestinationPolicy.build([], ["*.blocked.example"], ep, restrict_private=True)
+    assert "proxyfleet endpoint" in (p.check_unresolved("NATS.invalid.", 4222) or "")
+    assert "destination_deny" in (p.check_unresolved("x.blocked.example", 443) or "")
+    # a name we do not resolve: the private-range default is the upstream proxy's business
+    assert p.check_unresolved("intranet.example", 80) is None
+    # a private literal on a public listener is still refused
+    assert "private" in (p.check_unresolved("10.1.2.3", 80) or "")
