@@ -36,7 +36,6 @@ from services.proxy.flow import COMPLETED, ERROR, KILLED, Flow
 from services.proxy.framing import (
     BODY_CHUNKED,
     BODY_LENGTH,
-    BODY_NONE,
     BODY_UNTIL_CLOSE,
     MAX_HEAD,
     STATUS_LINES,
@@ -342,7 +341,7 @@ class ClientConnection(asyncio.Protocol):
             self._record(ex)
             ex.refusal = ex.answer
             # A request body we will not relay: the connection closes after the answer.
-            ex.keep_alive = ex.keep_alive and ex.req_body == BODY_NONE
+            ex.keep_alive = ex.keep_alive and self.parsing is not ex
             self.parsing = None
             if self.ex is None:
                 self._answer(ex)
@@ -434,8 +433,7 @@ class ClientConnection(asyncio.Protocol):
         elif ex.req_body == BODY_CHUNKED:
             self.parsing = ex
             self.chunks = ChunkedDecoder()
-        else:
-            ex.req_body = BODY_NONE if ex.req_body != BODY_LENGTH else BODY_LENGTH
+        else:  # no body, or Content-Length: 0 (still sent on as such)
             return
         self.body_start = self.loop.time()
         self.body_got = 0
