@@ -139,6 +139,31 @@ def _content_length(values: list[bytes]) -> int:
     return lengths.pop()
 
 
+# The header names parse_request_head looks at, by kind (0: any other name). Names are
+# looked up as sent (one dict lookup for the usual spellings); a new spelling is lowered
+# once and remembered, up to a bound (a client sending endless distinct names).
+_K_OTHER, _K_LENGTH, _K_HOST, _K_CONN, _K_TE, _K_UPGRADE, _K_VIA = range(7)
+_KIND_BY_NAME = {
+    b"content-length": _K_LENGTH,
+    b"host": _K_HOST,
+    b"connection": _K_CONN,
+    b"proxy-connection": _K_CONN,
+    b"transfer-encoding": _K_TE,
+    b"upgrade": _K_UPGRADE,
+    b"via": _K_VIA,
+}
+_KINDS: dict[bytes, int] = {}
+_KINDS_MAX = 4096
+
+
+def _kind_of(name: bytes) -> int:
+    kind = _KIND_BY_NAME.get(name.lower(), _K_OTHER)
+    if len(_KINDS) >= _KINDS_MAX:
+        _KINDS.clear()
+    _KINDS[name] = kind
+    return kind
+
+
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse ``head`` (request line and headers, each ended by CRLF, without the blank line).
 
@@ -155,9 +180,7 @@ def parse_request_head(head: bytes) -> RequestHead:
             raise FramingError(400, "malformed request: bare CR or LF")
         raise FramingError(400, f"malformed request line {line[:100]!r}")
     req = RequestHead()
-    req.method = m.group(1)
-    req.target = m.group(2)
-    major, minor = m.group(3), m.group(4)
+    req.method, req.target, major, minor = m.groups()
     if major != b"1" or minor not in (b"0", b"1"):
         raise FramingError(
             505, f"HTTP/{major.decode()}.{minor.decode()} is not supported: use HTTP/1.1"
@@ -174,29 +197,31 @@ def parse_request_head(head: bytes) -> RequestHead:
     upgrade: bytes | None = None
     host_count = 0
     if len(head) > block_start:
+        kinds = _KINDS
         for line in head[block_start:-2].split(b"\r\n"):
             name, _, value = line.partition(b":")
             value = value.strip(_OWS)
             headers.append((name, value))
-            if len(name) < 3 or len(name) > 17:  # none of the names below
+            kind = kinds.get(name)
+            if kind is None:
+                kind = _kind_of(name)
+            if not kind:
                 continue
-            lname = name.lower()
-            if lname == b"via":
-                req.via = True
-                continue
-            if lname == b"content-length":
+            if kind == _K_LENGTH:
                 if lengths is None:
                     lengths = []
                 lengths.append(value)
-            elif lname == b"transfer-encoding":
-                te = value if te is None else te + b"," + value
-            elif lname == b"connection" or lname == b"proxy-connection":
-                conn += b"," + value
-            elif lname == b"host":
+            elif kind == _K_HOST:
                 host_count += 1
                 req.host = value
-            elif lname == b"upgrade":
+            elif kind == _K_CONN:
+                conn += b"," + value
+            elif kind == _K_TE:
+                te = value if te is None else te + b"," + value
+            elif kind == _K_UPGRADE:
                 upgrade = value
+            else:  # _K_VIA
+                req.via = True
     if host_count > 1:
         raise FramingError(400, "more than one Host header")
     if te is not None:
