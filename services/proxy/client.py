@@ -58,7 +58,7 @@ from services.proxy.upstream import (
 
 if TYPE_CHECKING:
     from services.proxy.context import ProxyContext
-    from services.proxy.framing import RequestHead
+    from services.proxy.framing import RequestHead, ResponseFraming
 
 log = logging.getLogger("proxyfleet.proxy")
 
@@ -358,6 +358,9 @@ class ClientConnection(asyncio.Protocol):
         if ex is not self.held or self.closed:
             return
         self.held = None
+        if ex.held_framing is not None and ex.upstream is not None:  # held at response head
+            self._release_response(ex, ex.upstream)
+            return
         if ex.flow.method == b"CONNECT":
             self.halt &= ~HALT_HELD  # still halted for the switch
             self._connect_decided(ex)
@@ -625,7 +628,7 @@ class ClientConnection(asyncio.Protocol):
                     101,
                     flow.reason,
                     flow.resp_headers,
-                    framing.conn_drop,
+                    framing,
                     self.ctx.via,
                     b"Connection: Upgrade\r\nUpgrade: " + framing.upgrade + b"\r\n\r\n",
                 )
@@ -638,7 +641,19 @@ class ClientConnection(asyncio.Protocol):
                 self.kill(ex, ex.kill_reason)
                 return
             if flow.status != status:  # rewritten: the upstream's phrase no longer fits
-                status, flow.reason = flow.status, b""
+                flow.reason = b""
+            if ex.verdict == HOLD:  # sent on when resumed; the upstream waits meanwhile
+                ex.held_framing = framing
+                ex.retried = True  # the response head is in: never resent elsewhere
+                self.held = ex
+                up.hold()
+                return
+        self._send_response_head(ex, up, framing)
+
+    def _send_response_head(
+        self, ex: Exchange, up: UpstreamConnection, framing: ResponseFraming
+    ) -> None:
+        flow = ex.flow
         ex.response_started = True
         ex.body_mode = framing.body
         http11 = flow.http_version == "1.1"
@@ -658,12 +673,27 @@ class ClientConnection(asyncio.Protocol):
         tail.append(b"\r\n")
         self.send(
             response_head(
-                status, flow.reason, flow.resp_headers, framing.conn_drop, self.ctx.via,
+                flow.status, flow.reason, flow.resp_headers, framing, self.ctx.via,
                 b"".join(tail),
             )
         )  # fmt: skip
         if ex.is_head:  # llhttp cannot know the response has no body
             up.head_done()
+
+    def _release_response(self, ex: Exchange, up: UpstreamConnection) -> None:
+        """A response held at its head goes on: the head, the body read meanwhile, and
+        the rest as the upstream sends it."""
+        framing = ex.held_framing
+        assert framing is not None
+        ex.held_framing = None
+        self.corked = True
+        try:
+            self._send_response_head(ex, up, framing)
+            for body in up.release():
+                self.response_body(ex, body)
+        finally:
+            self.uncork()
+        up.resume_after_hold()
 
     def interim_response(self, ex: Exchange, up: UpstreamConnection) -> None:
         """Relay a 1xx (e.g. 100 Continue) to an HTTP/1.1 client."""

@@ -44,6 +44,7 @@ class Exchange:
         "content_length",
         "flow",
         "head",
+        "held_framing",
         "host_header",
         "is_head",
         "keep_alive",
@@ -99,6 +100,7 @@ class Exchange:
         self.verdict = 0
         self.answer: bytes | None = None  # the response an addon gave (RESPOND)
         self.kill_reason = ""
+        self.held_framing: Any = None  # the response's framing while held at its head
 
     # -- verdicts, for addons ------------------------------------------------------------
     def respond(
@@ -126,7 +128,11 @@ class Exchange:
             self.conn.kill(self, reason)
 
     def hold(self) -> None:
-        """Park the exchange at this hook until ``resume`` (or a kill, or a disconnect)."""
+        """Park the exchange at this hook until ``resume`` (or a kill, or a disconnect).
+
+        At ``request_head`` nothing has gone upstream; at ``response_head`` the upstream
+        connection stops being read and the head waits (rewrites made before ``resume``
+        are sent). Other hooks cannot hold."""
         self.verdict = HOLD
 
     def resume(self) -> None:

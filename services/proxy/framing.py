@@ -299,11 +299,12 @@ def request_head(
 class ResponseFraming:
     """What the relay needs to know of a response head before sending it on."""
 
-    __slots__ = ("body", "conn_drop", "upgrade")
+    __slots__ = ("body", "conn_drop", "length", "upgrade")
 
     def __init__(self) -> None:
         self.body = BODY_UNTIL_CLOSE
         self.conn_drop: frozenset[bytes] = frozenset()
+        self.length: bytes | None = None  # the Content-Length llhttp framed the body by
         self.upgrade: bytes | None = None
 
 
@@ -328,6 +329,7 @@ def response_framing(
             te = value if te is None else te + b"," + value
         elif lname == b"content-length":
             has_length = True
+            out.length = value.strip(_OWS)
         elif lname == b"connection":
             conn += b"," + value
         elif lname == b"upgrade":
@@ -338,6 +340,7 @@ def response_framing(
         out.body = BODY_NONE
     elif te is not None:
         out.body = BODY_CHUNKED if final_coding_is_chunked(te) else BODY_UNTIL_CLOSE
+        out.length = None  # a message with both is framed by its coding (or refused)
     elif has_length:
         out.body = BODY_LENGTH
     return out
@@ -347,27 +350,32 @@ def response_head(
     status: int,
     reason: bytes,
     headers: list[tuple[bytes, bytes]],
-    conn_drop: frozenset[bytes],
+    framing: ResponseFraming,
     via: bytes,
     tail: bytes,
 ) -> bytes:
     """The response head sent to the client; ``tail`` holds our framing and
-    connection headers and the blank line."""
+    connection headers and the blank line. ``Content-Length`` is the one the body
+    was framed by, whatever an addon left in ``headers``."""
     if reason:
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
     else:
         parts = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
     vias: list[bytes] = []
+    conn_drop = framing.conn_drop
     for name, value in headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in conn_drop:
+        if lname in HOP_BY_HOP or lname in conn_drop or lname == b"content-length":
             continue
         if lname == b"via":
             vias.append(value)
             continue
         parts += (name, b": ", value, b"\r\n")
     vias.append(via)
-    parts += (b"Via: ", b", ".join(vias), b"\r\n", tail)
+    parts += (b"Via: ", b", ".join(vias), b"\r\n")
+    if framing.length is not None:
+        parts += (b"Content-Length: ", framing.length, b"\r\n")
+    parts.append(tail)
     return b"".join(parts)
 
 

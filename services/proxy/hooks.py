@@ -13,8 +13,9 @@ Five synchronous hooks at fixed points of an exchange, each called with the
   decides between interception and a blind tunnel.
 - ``request_end``: the whole request body has been read.
 - ``response_head``: the upstream's response head is parsed and not yet sent
-  on; ``flow.status`` and ``flow.resp_headers`` may be rewritten, or the
-  exchange killed.
+  on; ``flow.status`` and ``flow.resp_headers`` may be rewritten (the body keeps
+  the framing the upstream gave it), the exchange killed, or held: the upstream
+  connection is then not read until ``resume``.
 - ``response_end``: the exchange ended normally (also tunnels and WebSockets).
 - ``error``: the exchange ended in error or was killed (``flow.error`` says why).
 

@@ -221,6 +221,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.completed = False  # the exchange's response ended inside this feed
         self.stray = False  # bytes came that no request asked for: never reuse
         self.keep_alive = False  # the completed response allows reuse
+        self.held: list[bytes] | None = None  # body read while the response is held
         self.last_io = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
@@ -283,7 +284,7 @@ class UpstreamConnection(asyncio.Protocol):
             if self.in_head and self.head_bytes > MAX_HEAD and self.ex is ex:
                 self._head_too_large(ex, client)  # still no end of head in sight
         finally:
-            if self.completed:
+            if self.completed and self.held is None:
                 self.completed = False
                 if self.ex is ex:
                     self._done(ex, client)
@@ -360,6 +361,9 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.completed:  # e.g. a body after a HEAD response: not ours to relay
             raise _StrayBytes
+        if self.held is not None:  # the response is held at its head
+            self.held.append(body)
+            return
         ex, client = self.ex, self.client
         if ex is not None and client is not None:
             client.response_body(ex, body)
@@ -374,6 +378,27 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.completed and not ex.is_head:
             self.completed = True
             self.keep_alive = self.parser.should_keep_alive()  # before llhttp resets
+
+    def hold(self) -> None:
+        """The response is held at its head: stop reading; what this feed still holds of
+        the body is kept for ``release``."""
+        self.held = []
+        self.transport.pause_reading()
+
+    def release(self) -> list[bytes]:
+        """The body kept while held (the relay sends it on)."""
+        held, self.held = self.held or [], None
+        return held
+
+    def resume_after_hold(self) -> None:
+        """Go on reading; finish now if the response had ended while held."""
+        self.last_io = self.loop.time()
+        ex, client = self.ex, self.client
+        if self.completed and ex is not None and client is not None:
+            self.completed = False
+            self._done(ex, client)
+        elif not self.closed:
+            self.transport.resume_reading()
 
     def head_done(self) -> None:
         """A response without a body (HEAD) ended at its head: llhttp cannot know that."""
@@ -390,7 +415,9 @@ class UpstreamConnection(asyncio.Protocol):
         ex, client = self.ex, self.client
         if ex is not None and client is not None:
             silent = self.loop.time() - self.last_io
-            if silent >= timeout:
+            if self.held is not None:  # held by an addon: not the upstream's silence
+                silent = 0.0
+            elif silent >= timeout:
                 client.upstream_timeout(ex)
                 return
             self.timer = self.loop.call_later(timeout - silent, self._check_timeout)

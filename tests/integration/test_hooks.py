@@ -671,3 +671,74 @@ async def test_an_addon_that_raises_is_logged_and_skipped(
         "broken response_end",
         "broken error",
     } <= messages
+
+
+# -- hold at the response head ---------------------------------------------------------------
+class ResponseHolder(Addon):
+    """Holds the first response at its head; remembers it."""
+
+    name = "response-holder"
+
+    def __init__(self) -> None:
+        self.held: list[Exchange] = []
+
+    def response_head(self, ex: Exchange) -> None:
+        if not self.held:
+            self.held.append(ex)
+            ex.hold()
+
+
+async def test_response_held_at_its_head_goes_on_with_the_edits_made_meanwhile(
+    proxy: ProxyUnderTest, upstream: Upstream, flows: FlowEvents
+) -> None:
+    holder = ResponseHolder()
+    install(proxy, holder)
+    async with await RawClient.connect(proxy.port) as client:
+        await client.send(get(f"{upstream.http}/bytes/200000"))  # a body bigger than one read
+        await until(lambda: holder.held)
+        ex = holder.held[0]
+        assert not ex.response_started  # nothing went to the client yet
+        with pytest.raises(TimeoutError):
+            await client.read_response(timeout=0.3)
+        ex.flow.resp_headers.append((b"X-Decided", b"later"))
+        ex.flow.resp_headers.append((b"Content-Length", b"1"))  # framing stays the upstream's
+        ex.resume()
+        resp = await client.read_response()
+        assert resp.status == 200 and resp.header("x-decided") == "later"
+        assert len(resp.body) == 200000
+        # the connection goes on: a second request on it is served
+        await client.send(get(f"{upstream.http}/echo/next"))
+        assert echoed(await client.read_response())["path"] == "/echo/next"
+    event = await final(flows, ex.flow.id)
+    assert event["state"] == "completed" and event["response"]["size"] == 200000
+
+
+async def test_response_held_then_killed(
+    proxy: ProxyUnderTest, upstream: Upstream, flows: FlowEvents
+) -> None:
+    holder = ResponseHolder()
+    install(proxy, holder)
+    async with await RawClient.connect(proxy.port) as client:
+        await client.send(get(f"{upstream.http}/echo/response-killed"))
+        await until(lambda: holder.held)
+        ex = holder.held[0]
+        ex.kill("operator refused the response")
+        assert await client.read_until_eof(5.0) == b""
+    event = await final(flows, ex.flow.id)
+    assert event["state"] == "killed" and event["error"] == "operator refused the response"
+
+
+async def test_response_held_then_client_disconnects(
+    proxy: ProxyUnderTest, upstream: Upstream, flows: FlowEvents
+) -> None:
+    holder = ResponseHolder()
+    install(proxy, holder)
+    client = await RawClient.connect(proxy.port)
+    await client.send(get(f"{upstream.http}/echo/response-abandoned"))
+    await until(lambda: holder.held)
+    ex = holder.held[0]
+    client.close()
+    event = await final(flows, ex.flow.id)
+    assert event["state"] == "error" and "disconnect" in (event["error"] or "")
+    ex.resume()  # too late: nothing happens
+    assert proxy.ctx.pool.idle_count == 0  # the held upstream connection was not pooled

@@ -24,6 +24,7 @@ from services.proxy.framing import (
     ChunkedDecoder,
     FramingError,
     RequestHead,
+    ResponseFraming,
     conn_tokens,
     error_response,
     final_coding_is_chunked,
@@ -429,15 +430,24 @@ def test_response_head_drops_hop_by_hop_and_adds_via() -> None:
         (b"Content-Length", b"3"),
     ]
     f = response_framing(200, headers, False)
-    wire = response_head(200, b"OK", headers, f.conn_drop, VIA, b"\r\n")
+    wire = response_head(200, b"OK", headers, f, VIA, b"\r\n")
+    # chunked wins over Content-Length (RFC 9112 6.3): the length is not sent on
     assert wire == (
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
         b"Via: 1.1 origin-cache, " + VIA + b"\r\n\r\n"
     )
-    assert response_head(404, b"", [], frozenset(), VIA, b"\r\n").startswith(
-        b"HTTP/1.1 404 Not Found\r\n"
-    )
-    assert response_head(599, b"", [], frozenset(), VIA, b"\r\n").startswith(b"HTTP/1.1 599 \r\n")
+    none = ResponseFraming()
+    assert response_head(404, b"", [], none, VIA, b"\r\n").startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert response_head(599, b"", [], none, VIA, b"\r\n").startswith(b"HTTP/1.1 599 \r\n")
+
+
+def test_response_head_sends_the_length_the_body_was_framed_by() -> None:
+    headers = [(b"Content-Length", b" 3 "), (b"X-A", b"1")]
+    f = response_framing(200, headers, False)
+    assert f.body == BODY_LENGTH and f.length == b"3"
+    headers[0] = (b"Content-Length", b"999")  # an addon's edit cannot unframe the body
+    wire = response_head(200, b"OK", headers, f, VIA, b"\r\n")
+    assert wire == b"HTTP/1.1 200 OK\r\nX-A: 1\r\nVia: " + VIA + b"\r\nContent-Length: 3\r\n\r\n"
 
 
 # -- small helpers ---------------------------------------------------------------------------
@@ -811,5 +821,5 @@ def test_valid_heads_of_the_mutation_test_are_valid() -> None:
 
 def test_response_head_keeps_the_order_of_several_via_lines() -> None:
     headers = [(b"Via", b"1.0 first"), (b"Via", b"1.1 second")]
-    wire = response_head(200, b"OK", headers, frozenset(), VIA, b"\r\n")
+    wire = response_head(200, b"OK", headers, ResponseFraming(), VIA, b"\r\n")
     assert wire == b"HTTP/1.1 200 OK\r\nVia: 1.0 first, 1.1 second, " + VIA + b"\r\n\r\n"
