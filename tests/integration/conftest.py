@@ -78,3 +78,22 @@ async def flows(nats_url: str, proxy: ProxyUnderTest) -> AsyncIterator[FlowEvent
         yield events
     finally:
         await events.stop()
+
+
+Watch = Callable[[ProxyUnderTest], Awaitable[FlowEvents]]
+
+
+@pytest.fixture
+async def watch(nats_url: str) -> AsyncIterator[Watch]:
+    """Flow events of any replica started with ``make_proxy`` (on the shared NATS)."""
+    readers: list[FlowEvents] = []
+
+    async def _watch(p: ProxyUnderTest) -> FlowEvents:
+        events = FlowEvents()
+        await events.start(nats_url, p.id)
+        readers.append(events)
+        return events
+
+    yield _watch
+    for events in readers:
+        await events.stop()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +18,10 @@ import pytest
 from cryptography import x509
 
 from services.proxy.tls import CertificateAuthority
-from tests.integration.conftest import MakeProxy
+from tests.integration.conftest import MakeProxy, Watch
 from tests.integration.harness import FlowEvents, ProxyUnderTest, Upstream
 
 pytestmark = pytest.mark.timeout(30)
-
-Watch = Callable[[ProxyUnderTest], Awaitable[FlowEvents]]
-
-
-@pytest.fixture
-async def watch(nats_url: str) -> AsyncIterator[Watch]:
-    """Flow events of any replica started with ``make_proxy`` (on the shared NATS)."""
-    readers: list[FlowEvents] = []
-
-    async def _watch(p: ProxyUnderTest) -> FlowEvents:
-        events = FlowEvents()
-        await events.start(nats_url, p.id)
-        readers.append(events)
-        return events
-
-    yield _watch
-    for events in readers:
-        await events.stop()
 
 
 async def run_cmd(*args: str, timeout: float = 15.0) -> tuple[int, bytes, bytes]:

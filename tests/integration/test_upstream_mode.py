@@ -14,7 +14,7 @@ for are still ``second``'s to police.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.integration.conftest import MakeProxy
+from tests.integration.conftest import MakeProxy, Watch
 from tests.integration.harness import (
     FlowEvents,
     ProxyUnderTest,
@@ -33,25 +33,8 @@ from tests.integration.harness import (
 
 pytestmark = pytest.mark.timeout(60)
 
-Watch = Callable[[ProxyUnderTest], Awaitable[FlowEvents]]
 # the same check on a regular replica (the control) and on a chained one
 CHAINED = pytest.mark.parametrize("chain", [False, True], ids=["regular-control", "chained"])
-
-
-@pytest.fixture
-async def watch(nats_url: str) -> AsyncIterator[Watch]:
-    """Flow events of any replica started with ``make_proxy``."""
-    readers: list[FlowEvents] = []
-
-    async def _watch(p: ProxyUnderTest) -> FlowEvents:
-        events = FlowEvents()
-        await events.start(nats_url, p.id)
-        readers.append(events)
-        return events
-
-    yield _watch
-    for events in readers:
-        await events.stop()
 
 
 def chained(first: ProxyUnderTest) -> str:

@@ -13,9 +13,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.integration.conftest import MakeProxy
+from tests.integration.conftest import MakeProxy, Watch
 from tests.integration.harness import FlowEvents, ProxyUnderTest, Upstream, free_port
-from tests.integration.hostile.conftest import Watch
 from tests.integration.rawupstream import (
     UpstreamConn,
     WireClient,

@@ -10,9 +10,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.integration.conftest import MakeProxy
+from tests.integration.conftest import MakeProxy, Watch
 from tests.integration.harness import FlowEvents, ProxyUnderTest, Upstream, run_curl
-from tests.integration.hostile.conftest import Watch
 from tests.integration.rawupstream import (
     RawUpstream,
     Response,

@@ -8,9 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.integration.conftest import MakeProxy
+from tests.integration.conftest import MakeProxy, Watch
 from tests.integration.harness import FlowEvents, ProxyUnderTest, Upstream, run_curl
-from tests.integration.hostile.conftest import Watch
 from tests.integration.rawupstream import (
     UpstreamConn,
     WireClient,
