@@ -111,6 +111,8 @@ class Bus:
 
         async def error(exc: Exception) -> None:
             last_error[:] = [exc]
+            if _is_auth_error(exc) and not nc_ref:
+                refused.set()  # at start-up, retrying the same credentials cannot help
             if _is_auth_error(exc):
                 # every retry fails the same way: say it once, at warning level
                 log.log(logging.DEBUG if auth_warned else logging.WARNING, "nats: %s", exc)
@@ -125,24 +127,36 @@ class Bus:
         target = natsurl.parse(url)
         shown = natsurl.redact(url)
         credentials = target.options()
+        refused = asyncio.Event()
         # With max_reconnect_attempts=-1 nats-py keeps retrying the first connect
-        # itself, so the start-up deadline is enforced around the whole call.
-        try:
-            nc = await asyncio.wait_for(
-                nats.connect(
-                    target.servers,
-                    name=name,
-                    connect_timeout=max(1, min(5, int(timeout))),
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    allow_reconnect=True,
-                    disconnected_cb=disconnected,
-                    reconnected_cb=reconnected,
-                    error_cb=error,
-                    **credentials,
-                ),
-                timeout,
+        # itself, so the start-up deadline is enforced around the whole call; a refusal
+        # of our credentials ends it at once.
+        connecting = asyncio.ensure_future(
+            nats.connect(
+                target.servers,
+                name=name,
+                connect_timeout=max(1, min(5, int(timeout))),
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                allow_reconnect=True,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
+                error_cb=error,
+                **credentials,
             )
+        )
+        watching = asyncio.ensure_future(refused.wait())
+        try:
+            await asyncio.wait(
+                {connecting, watching}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            watching.cancel()
+            if not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                raise TimeoutError
+            nc = connecting.result()
         except Exception as exc:  # TimeoutError, OSError, NoServersError, auth errors...
             if last_error and _is_auth_error(last_error[0]):
                 how = "wrong" if credentials else "missing"
