@@ -721,6 +721,7 @@ class ClientConnection(asyncio.Protocol):
     def response_done(self, ex: Exchange, up: UpstreamConnection, reusable: bool) -> None:
         if ex.out_chunked:
             self.send(b"0\r\n\r\n")
+        self.uncork()  # the response's last bytes go out before the bookkeeping
         self._finish(ex, COMPLETED)
         ex.upstream = None
         if reusable and ex.req_done and ex.body_mode != BODY_UNTIL_CLOSE and not up.closed:
