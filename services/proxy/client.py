@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
 import struct
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from httptools import HttpParserError, parse_url
 
 from libs.common.tasks import spawn
-from services.proxy import destinations, hooks
+from services.proxy import destinations, hooks, inside
 from services.proxy.exchange import HOLD, KILL, RESPOND, Exchange
 from services.proxy.flow import COMPLETED, ERROR, KILLED, Flow
 from services.proxy.framing import (
@@ -67,7 +66,6 @@ _DEFAULT_PORT = {"http": 80, "https": 443}
 # ws:// or wss:// URI: relayed as the HTTP(S) Upgrade request they stand for.
 _WS_SCHEMES = {"ws": "http", "wss": "https"}
 _PENDING_HIGH = 256 * 1024  # buffered request body before reading from the client pauses
-_TLS_RECORD_HANDSHAKE = 0x16  # first byte of a TLS ClientHello
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 # Why reading from the client is paused (a bit mask: reading resumes at 0).
@@ -98,14 +96,19 @@ def _authority(host: str, port: int, default: int) -> bytes:
 class ClientConnection(asyncio.Protocol):
     """One connection from a client: parses requests and relays their exchanges."""
 
-    def __init__(self, ctx: ProxyContext, tls_target: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        tls_target: tuple[str, int] | None = None,
+        inner_scheme: str = "https",
+    ) -> None:
         self.ctx = ctx
         self.loop = asyncio.get_running_loop()
         self.transport: Any = None
         self.client_addr: Any = None
-        self.tls_target = tls_target  # (host, port) of a CONNECT whose inside is relayed
-        self.inner_scheme = "https"  # what the inside of that CONNECT speaks
-        self.sni: str | None = None
+        self.tls_target = tls_target  # (host, port) of a CONNECT whose inside this is
+        self.inner_scheme = inner_scheme  # what the inside of that CONNECT speaks
+        self.sni: str | None = None  # the client's TLS server name, once known
         self.buf = b""  # input not parsed yet
         self.halt = 0
         self.ex: Exchange | None = None  # exchange being relayed
@@ -119,9 +122,9 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False
         self.closed = False
         self.relay: Relay | None = None  # tunnel / websocket mode
-        # Decrypted bytes that arrive while start_tls() has not returned yet: a TLS 1.3
-        # client may send its first request together with its Finished message.
-        self.tls_early: list[bytes] | None = None
+        # Decrypted bytes that arrive before connection_made: start_tls() has not returned
+        # yet (a TLS 1.3 client may send its first request with its Finished message).
+        self.early: list[bytes] = []
         self.last_active = self.loop.time()
         self.idle_timer: asyncio.TimerHandle | None = None
         self.body_timer: asyncio.TimerHandle | None = None
@@ -176,10 +179,16 @@ class ClientConnection(asyncio.Protocol):
         self.idle_timer = self.loop.call_later(
             self.ctx.config.doc.client_idle_timeout, self._check_idle
         )
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.sni = getattr(ssl_object, "proxyfleet_sni", None)
+        if self.early:
+            early, self.early = self.early, []
+            self.data_received(b"".join(early))
 
     def data_received(self, data: bytes) -> None:
-        if self.tls_early is not None:
-            self.tls_early.append(data)
+        if self.transport is None:  # see ``early``
+            self.early.append(data)
             return
         self.feeding = True
         try:
@@ -949,7 +958,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         if self.buf:  # sent along with the CONNECT, before our answer
             first: int | None = self.buf[0]
-            if first == _TLS_RECORD_HANDSHAKE:  # already read: start_tls cannot have it
+            if first == inside.TLS_HANDSHAKE:  # already read: start_tls cannot have it
                 self._record(ex)
                 self._finish(ex, ERROR, "TLS ClientHello sent before the CONNECT was answered")
                 self.abort()
@@ -957,69 +966,46 @@ class ClientConnection(asyncio.Protocol):
         else:
             try:
                 async with asyncio.timeout(ctx.config.doc.client_idle_timeout):
-                    first = await self._peek_first_byte()
+                    first = await inside.peek_first_byte(self.loop, self.transport)
             except (OSError, TimeoutError):
                 self.abort()
                 return
         if self.closed or first is None:
             self.close()
             return
-        if first != _TLS_RECORD_HANDSHAKE:
-            self.tls_target = (host, port)
-            self.inner_scheme = "http"
-            self._unhalt(HALT_SWITCH)
+        if first != inside.TLS_HANDSHAKE:
+            self.hand_over(ClientConnection(ctx, (host, port), "http"), self.transport)
             return
-        await self._intercept_tls(ex, host, port)
-
-    async def _peek_first_byte(self) -> int | None:
-        """The first byte the client sends, left unread in the socket (None at EOF)."""
-        sock = self.transport.get_extra_info("socket")
-        fd = os.dup(sock.fileno())
-        peek = socket.socket(fileno=fd)
+        inner = ClientConnection(ctx, (host, port), "https")
         try:
-            peek.settimeout(0.0)
-            while True:
-                try:
-                    data = peek.recv(1, socket.MSG_PEEK)
-                    return data[0] if data else None
-                except BlockingIOError:
-                    pass
-                ready = self.loop.create_future()
-                self.loop.add_reader(fd, ready.set_result, None)
-                try:
-                    await ready
-                finally:
-                    self.loop.remove_reader(fd)
-        finally:
-            peek.close()
-
-    async def _intercept_tls(self, ex: Exchange, host: str, port: int) -> None:
-        self.tls_early = []
-        try:
-            sslctx = self.ctx.ca.client_hello_context(host)
-            async with asyncio.timeout(self.ctx.config.doc.upstream_connect_timeout):
+            sslctx = ctx.ca.client_hello_context(host)
+            async with asyncio.timeout(ctx.config.doc.upstream_connect_timeout):
                 transport = await self.loop.start_tls(
-                    self.transport, self, sslctx, server_side=True
+                    self.transport, inner, sslctx, server_side=True
                 )
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
-            self.tls_early = None
             if not self.closed:
                 self._record(ex)
                 why = str(exc) or type(exc).__name__
                 self._finish(ex, ERROR, f"client TLS handshake failed: {why}")
                 self.abort()
             return
-        early, self.tls_early = self.tls_early, None
-        if transport is None or self.closed:
-            return
-        self.transport = transport
-        self.tls_target = (host, port)
-        self.inner_scheme = "https"
-        ssl_object = transport.get_extra_info("ssl_object")
-        self.sni = getattr(ssl_object, "proxyfleet_sni", None)
-        self._unhalt(HALT_SWITCH)
+        if transport is not None and not self.closed:
+            self.hand_over(inner, transport)
+
+    def hand_over(self, inner: ClientConnection, transport: Any) -> None:
+        """What follows the CONNECT belongs to ``inner`` (a connection for the tunnel's
+        target): this one is done; it never held a flow of its own."""
+        self.ctx.connections.discard(self)
+        self._cancel_timers()
+        self.closed = True
+        early, self.buf = self.buf, b""
+        if transport.get_protocol() is not inner:
+            transport.set_protocol(inner)
+        inner.connection_made(transport)
+        transport.resume_reading()  # paused since the CONNECT was read
         if early:
-            self.data_received(b"".join(early))
+            inner.data_received(early)
 
     # -- WebSocket (Upgrade answered 101) -------------------------------------------------
     def start_websocket(self, ex: Exchange, up: UpstreamConnection, rest: bytes) -> None:
