@@ -118,6 +118,14 @@ async def test_if_match_on_a_missing_document(client: httpx.AsyncClient) -> None
         ),
         (doc(ignore_hosts=["ok.example", "has space"]), ["body.ignore_hosts"]),
         (doc(unknown_option=1), ["body.unknown_option"]),
+        # issue 7's new inputs, hostile values
+        (
+            doc(client_body_timeout=0, client_body_min_rate=-5),
+            ["body.client_body_timeout", "body.client_body_min_rate"],
+        ),
+        (doc(redact_headers=["x-ok", "bad name", "\r\nx"]), ["body.redact_headers"]),
+        (doc(destination_allow=["10.0.0.1/8"]), ["body.destination_allow"]),
+        (doc(destination_deny=["127.1", "[::1"]), ["body.destination_deny"]),
         ([1, 2], ["body"]),
         (b"{nope", ["body"]),
     ],
