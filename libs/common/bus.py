@@ -25,9 +25,9 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import UnexpectedEOF
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
@@ -58,6 +58,17 @@ def _is_auth_error(exc: BaseException) -> bool:
     """The server refused our credentials (or their absence)."""
     text = str(exc).lower()
     return "authorization violation" in text or "authentication" in text
+
+
+def _refused_at_start(client: NATS, exc: BaseException) -> bool:
+    """The server refused our credentials during the first connect: it says so (-ERR
+    Authorization Violation), or it asked for auth in its INFO and then closed on us
+    before that -ERR was read (which of the two a client sees is a race)."""
+    if _is_auth_error(exc):
+        return True
+    info = getattr(client, "_server_info", None) or {}
+    closed = isinstance(exc, (UnexpectedEOF, ConnectionError))
+    return bool(info.get("auth_required")) and closed
 
 
 class Bus:
@@ -110,9 +121,12 @@ class Bus:
             await _notify(True)
 
         async def error(exc: Exception) -> None:
-            last_error[:] = [exc]
-            if _is_auth_error(exc) and not nc_ref:
+            if refused.is_set():  # the refusal is the reason; later retries add nothing
+                return
+            if not nc_ref and _refused_at_start(client, exc):
+                exc = ConnectionRefusedError("authorization violation")
                 refused.set()  # at start-up, retrying the same credentials cannot help
+            last_error[:] = [exc]
             if _is_auth_error(exc):
                 # every retry fails the same way: say it once, at warning level
                 log.log(logging.DEBUG if auth_warned else logging.WARNING, "nats: %s", exc)
@@ -131,20 +145,19 @@ class Bus:
         # With max_reconnect_attempts=-1 nats-py keeps retrying the first connect
         # itself, so the start-up deadline is enforced around the whole call; a refusal
         # of our credentials ends it at once.
-        connecting = asyncio.ensure_future(
-            nats.connect(
-                target.servers,
-                name=name,
-                connect_timeout=max(1, min(5, int(timeout))),
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                allow_reconnect=True,
-                disconnected_cb=disconnected,
-                reconnected_cb=reconnected,
-                error_cb=error,
-                **credentials,
-            )
-        )
+        client = NATS()
+        options: dict[str, Any] = {
+            "name": name,
+            "connect_timeout": max(1, min(5, int(timeout))),
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "allow_reconnect": True,
+            "disconnected_cb": disconnected,
+            "reconnected_cb": reconnected,
+            "error_cb": error,
+            **credentials,
+        }
+        connecting = asyncio.ensure_future(client.connect(target.servers, **options))
         watching = asyncio.ensure_future(refused.wait())
         try:
             await asyncio.wait(
@@ -156,7 +169,8 @@ class Bus:
                 with contextlib.suppress(BaseException):
                     await connecting
                 raise TimeoutError
-            nc = connecting.result()
+            connecting.result()
+            nc = client
         except Exception as exc:  # TimeoutError, OSError, NoServersError, auth errors...
             if last_error and _is_auth_error(last_error[0]):
                 how = "wrong" if credentials else "missing"
