@@ -21,7 +21,7 @@ from libs.common.tasks import cancel_and_wait, install_signal_handlers, spawn
 from services.store.claim import ClaimRefused, StreamClaim
 from services.store.consumer import FlowConsumer
 from services.store.metrics import StoreCollector, registry_for
-from services.store.replicas import RegistryWatch, gone_reason
+from services.store.replicas import RegistryWatch, gone_reason, restarted_reason
 from services.store.repository import FlowRepository, RepositoryError
 from services.store.rpc import StoreRPC
 from services.store.sqlite import SQLiteRepository
@@ -123,6 +123,7 @@ class Store:
             s.replica_id,
             s.store_replica_check_interval,
             on_gone=self._end_flows_of,
+            on_restart=self._end_flows_before,
             # started events of the gone replica may still be on their way (redelivery)
             sweep_window=max(30.0, 3 * s.store_ack_wait),
         )
@@ -166,6 +167,15 @@ class Store:
         ended = await self.repo.end_active_flows(replica, gone_reason(replica))
         if ended:
             log.warning("%d active flows of gone replica %s ended as error", ended, replica)
+
+    async def _end_flows_before(self, replica: str, started_at: float) -> None:
+        """End what an earlier run of ``replica`` left active (``RegistryWatch``)."""
+        assert self.repo is not None
+        ended = await self.repo.end_active_flows(
+            replica, restarted_reason(replica), started_before=started_at
+        )
+        if ended:
+            log.warning("%d active flows of an earlier run of %s ended as error", ended, replica)
 
     async def _prune_loop(self) -> None:
         """Apply retention now and then every ``store_prune_interval`` seconds."""

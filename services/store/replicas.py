@@ -16,6 +16,12 @@ does so (idempotent). It sweeps again at each check for ``sweep_window`` seconds
 stops once the replica registers again. The rows are marked presumed: a real final
 event that arrives later (the replica was not gone after all) still replaces them.
 
+A replica id that comes back with a new run (its entry's ``started_at`` changed: it
+was restarted under the same id, quicker than the registry TTL, so it never expired)
+holds none of the flows its earlier run left ``active``: those that started before the
+new run are ended too ("replica restarted: <id>"), also presumed. The same check on a
+replica first seen by this store covers restarts while the store was down.
+
 An expiry is only believed while this store could see the registry: after its own NATS
 connection was down, entries may have expired for replicas that were alive all along
 (they could not heartbeat either), so for one registry TTL after the reconnect nothing
@@ -32,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
+import orjson
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import ValidationError
@@ -43,11 +50,17 @@ from libs.common.models import ReplicaStatus
 log = logging.getLogger("proxyfleet.store.replicas")
 
 OnGone = Callable[[str], Awaitable[None]]
+OnRestart = Callable[[str, float], Awaitable[None]]
 
 
 def gone_reason(replica: str) -> str:
     """The error a flow of a gone replica ends with."""
     return f"replica gone: {replica}"
+
+
+def restarted_reason(replica: str) -> str:
+    """The error a flow of an earlier run of a replica id ends with."""
+    return f"replica restarted: {replica}"
 
 
 class RegistryWatch:
@@ -60,11 +73,15 @@ class RegistryWatch:
         interval: float = 1.0,
         on_gone: OnGone | None = None,
         sweep_window: float = 30.0,
+        on_restart: OnRestart | None = None,
     ) -> None:
         self.bus = bus
         self.source = source  # this store's id (who noticed)
         self.interval = interval
         self.on_gone = on_gone  # ends the replica's open flows
+        # ends the open flows an earlier run of the replica id left (started before it)
+        self.on_restart = on_restart
+        self.incarnations: dict[str, float] = {}  # replica -> its run's started_at
         self.sweep_window = sweep_window
         self.known: dict[str, tuple[int, bytes]] = {}  # key -> (last put revision, value)
         self.gone = 0
@@ -143,6 +160,28 @@ class RegistryWatch:
             self.known[key] = (entry.revision, entry.value or b"")
             self._purged.discard(key)
             self._sweeping.pop(key, None)  # it is back: its new flows are its own
+            await self._check_incarnation(key, entry.value or b"")
+
+    async def _check_incarnation(self, key: str, value: bytes) -> None:
+        """A replica id seen running a new run (first sight, or a restart under the same
+        id, quicker than the registry TTL): flows an earlier run left active are over,
+        since a replica holds its flows in memory."""
+        if self.on_restart is None:
+            return
+        try:
+            started = float(orjson.loads(value)["started_at"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if self.incarnations.get(key) == started:
+            return
+        self.incarnations[key] = started
+        try:
+            await self.on_restart(key, started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the database failed: the next heartbeat tries again
+            self.incarnations.pop(key, None)
+            log.warning("ending the flows of an earlier run of %s failed: %s", key, exc)
 
     async def check(self) -> None:
         """Report the known replicas whose entry is no longer in the bucket (expired), and

@@ -129,8 +129,11 @@ class FlowRepository(abc.ABC):
         replica that shares it (and for any path it is opened by)."""
 
     @abc.abstractmethod
-    async def end_active_flows(self, replica: str, reason: str) -> int:
-        """End every flow of ``replica`` still ``active`` as ``error`` with ``reason``.
+    async def end_active_flows(
+        self, replica: str, reason: str, started_before: float | None = None
+    ) -> int:
+        """End every flow of ``replica`` still ``active`` as ``error`` with ``reason``
+        (only those started before ``started_before``, when given).
 
         For a replica that is gone (killed, hung): nobody else will end its flows. The
         rows are marked presumed, so that a real final event for one of them, arriving

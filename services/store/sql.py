@@ -29,6 +29,7 @@ UPSERT = (
 # each still-active row). ``state = 'active'`` again in the update: a final event
 # committed in between wins.
 ACTIVE_OF_REPLICA = "SELECT id, doc FROM flows WHERE state = 'active' AND replica = ?"
+ACTIVE_OF_REPLICA_BEFORE = ACTIVE_OF_REPLICA + " AND started_at < ?"
 END_ACTIVE = (
     "UPDATE flows SET state = 'error', error = ?, ended_at = ?, doc = ?, presumed = 1 "
     "WHERE id = ? AND state = 'active'"

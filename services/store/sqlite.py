@@ -298,15 +298,24 @@ class SQLiteRepository(FlowRepository):
             raise RepositoryError("store is not open")
         return self._identity
 
-    async def end_active_flows(self, replica: str, reason: str) -> int:
-        return await self._write(self._end_active, replica, reason, time.time())
+    async def end_active_flows(
+        self, replica: str, reason: str, started_before: float | None = None
+    ) -> int:
+        return await self._write(self._end_active, replica, reason, time.time(), started_before)
 
-    def _end_active(self, replica: str, reason: str, now: float) -> int:
+    def _end_active(
+        self, replica: str, reason: str, now: float, started_before: float | None
+    ) -> int:
         conn = self._w
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                rows = conn.execute(sql.ACTIVE_OF_REPLICA, (replica,)).fetchall()
+                if started_before is None:
+                    rows = conn.execute(sql.ACTIVE_OF_REPLICA, (replica,)).fetchall()
+                else:
+                    rows = conn.execute(
+                        sql.ACTIVE_OF_REPLICA_BEFORE, (replica, started_before)
+                    ).fetchall()
                 ended = 0
                 for flow_id, doc in rows:
                     cur = conn.execute(

@@ -64,16 +64,15 @@ async def make_store(nats_url: str, tmp_path: Path) -> AsyncIterator[MakeStore]:
         await store.stop()
 
 
-def _status(replica: str) -> bytes:
-    now = time.time()
+def _status(replica: str, started_at: float) -> bytes:
     return orjson.dumps(
         {
             "id": replica,
             "state": "running",
             "listen": "127.0.0.1:1",
             "mode": "regular",
-            "started_at": now,
-            "updated_at": now,
+            "started_at": started_at,  # fixed for a run, as a real replica's
+            "updated_at": time.time(),
         }
     )
 
@@ -84,11 +83,12 @@ class FakeReplica:
     def __init__(self, bus: Bus, replica: str) -> None:
         self.bus = bus
         self.id = replica
+        self.started_at = time.time()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> FakeReplica:
         kv = await self.bus.replicas_kv(REGISTRY_TTL)
-        await kv.put(self.id, _status(self.id))
+        await kv.put(self.id, _status(self.id, self.started_at))
         self._task = asyncio.create_task(self._beat())
         return self
 
@@ -97,7 +97,7 @@ class FakeReplica:
             await asyncio.sleep(REGISTRY_TTL / 3)
             with contextlib.suppress(Exception):  # NATS away: try again
                 kv = await self.bus.replicas_kv(REGISTRY_TTL)
-                await kv.put(self.id, _status(self.id))
+                await kv.put(self.id, _status(self.id, self.started_at))
 
     async def kill(self) -> None:
         if self._task is not None:
@@ -241,3 +241,42 @@ async def test_a_nats_outage_longer_than_the_ttl_reports_no_live_replica_gone(
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_a_replica_restarted_under_its_id_ends_its_earlier_runs_flows(
+    make_store: MakeStore, bus: Bus
+) -> None:
+    """A replica SIGKILLed and restarted with the same FLEET_REPLICA_ID before its entry
+    expired is never "gone": its new run's first heartbeat ends what the old run left."""
+    await make_store()
+    first = await FakeReplica(bus, "same-id").start()
+    old_ids = [new_id() for _ in range(2)]
+    await publish(bus, [event(f, "active", replica=first.id) for f in old_ids], first.id)
+
+    async def ingested() -> bool:
+        return (await rpc(bus, "count", {"replica": first.id}))["count"] == 2
+
+    await eventually(ingested, what="the first run's flows ingested")
+    await first.kill()
+    second = FakeReplica(bus, "same-id")  # a new run: a later started_at, the same id
+    await second.start()
+    new_flow = new_id()
+    await publish(bus, [event(new_flow, "active", replica=second.id)], second.id)
+
+    async def old_ended() -> bool:
+        flows = [await _flow(bus, f) for f in old_ids]
+        return all(f is not None and f["state"] == "error" for f in flows)
+
+    await eventually(old_ended, what="the earlier run's open flows ended")
+    for flow_id in old_ids:
+        flow = await _flow(bus, flow_id)
+        assert flow is not None and flow["error"] == "replica restarted: same-id"
+
+    async def new_seen() -> bool:
+        return await _flow(bus, new_flow) is not None
+
+    await eventually(new_seen, what="the new run's flow ingested")
+    current = await _flow(bus, new_flow)
+    assert current is not None and current["state"] == "active"  # the new run's: untouched
+    assert await _gone_events(bus, "same-id") == 0  # it never was gone
+    await second.kill()
