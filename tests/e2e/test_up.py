@@ -336,3 +336,50 @@ async def test_up_serves_prometheus_metrics(system: System, upstream: Upstream) 
     )
     api = system.api.removeprefix("http://")
     assert await _eventually(lambda: scraped(api, "proxyfleet_api_requests_in_flight"))
+
+
+async def test_proxy_killed_mid_flow_ends_it_as_error_and_up_brings_a_new_one(
+    system: System, api: httpx.AsyncClient, upstream: Upstream
+) -> None:
+    """Issue 7, item 13: a replica killed with SIGKILL never ends its flows itself; the
+    store does once the replica is gone, so the flow is listed as an error and DELETE
+    answers 409 instead of waiting forever. ``up`` restarts the proxy."""
+    proxy = system.child("proxy")
+    async with httpx.AsyncClient(proxy=system.proxy, timeout=30) as client:
+        async with client.stream("GET", f"{upstream.http}/drip?s=0.05&n=400") as resp:
+            assert resp.status_code == 200
+            chunks = resp.aiter_bytes()
+            await chunks.__anext__()
+
+            async def active() -> dict[str, Any] | None:
+                flows = await _walk(api, 100, state="active", host="127.0.0.1")
+                mine = [f for f in flows if f["path"].startswith("/drip")]
+                return mine[0] if mine else None
+
+            flow = await _eventually(active)
+            proxy.send_signal(signal.SIGKILL)
+            with pytest.raises(httpx.HTTPError):
+                async for _ in chunks:
+                    pass
+
+    async def ended() -> dict[str, Any] | None:
+        r = await api.get(f"/api/flows/{flow['id']}")
+        body: dict[str, Any] = r.json()
+        return body if r.status_code == 200 and body["state"] == "error" else None
+
+    detail = await _eventually(ended, timeout=30)
+    assert detail["error"] == f"replica gone: {flow['replica']}"
+    again = await api.delete(f"/api/flows/{flow['id']}")
+    assert again.status_code == 409 and again.json()["code"] == "FLOW_NOT_ACTIVE"
+
+    async def restarted() -> bool:
+        try:
+            child = system.child("proxy")
+        except AssertionError:
+            return False
+        status = (await api.get("/api/proxy/status")).json()
+        return child.pid != proxy.pid and status["state"] == "running"
+
+    await _eventually(restarted, timeout=30)
+    async with httpx.AsyncClient(proxy=system.proxy, timeout=10) as client:
+        assert (await client.get(f"{upstream.http}/echo/after-kill")).status_code == 200
