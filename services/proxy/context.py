@@ -84,7 +84,6 @@ class ProxyContext:
         # the fleet's own (host, port) endpoints, never reachable through the proxy
         self.endpoint_names = list(endpoint_names or ())
         self.endpoints = ProtectedEndpoints.resolve(self.endpoint_names)
-        self.listen_port = -1
         self.restrict_private = restrict_private
         # RFC 9110 Via: our received-by pseudonym names the replica, so a request that
         # comes back through it (a loop, even via other proxies) is recognised.

@@ -74,10 +74,11 @@ class ProxyServer:
                 ) from None
             sock = self._server.sockets[0]
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.ctx.listen_port = sock.getsockname()[1]
             # the listener's real address (port 0 asked for one) is a fleet endpoint too
+            # (names resolved off the loop: a start command may come while traffic flows)
             bound = [tuple(s.getsockname()[:2]) for s in self._server.sockets]
-            self.ctx.protect(ProtectedEndpoints.resolve([*self.ctx.endpoint_names, *bound]))
+            names = [*self.ctx.endpoint_names, *bound]
+            self.ctx.protect(await asyncio.to_thread(ProtectedEndpoints.resolve, names))
             self.ctx.draining = False
             self.state = "running"
             log.info("listener started on %s", self.address)
