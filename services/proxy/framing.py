@@ -139,29 +139,32 @@ def _content_length(values: list[bytes]) -> int:
     return lengths.pop()
 
 
-# The header names parse_request_head looks at, by kind (0: any other name). Names are
-# looked up as sent (one dict lookup for the usual spellings); a new spelling is lowered
-# once and remembered, up to a bound (a client sending endless distinct names).
-_K_OTHER, _K_LENGTH, _K_HOST, _K_CONN, _K_TE, _K_UPGRADE, _K_VIA = range(7)
-_KIND_BY_NAME = {
-    b"content-length": _K_LENGTH,
-    b"host": _K_HOST,
-    b"connection": _K_CONN,
-    b"proxy-connection": _K_CONN,
-    b"transfer-encoding": _K_TE,
-    b"upgrade": _K_UPGRADE,
-    b"via": _K_VIA,
+# What the relay does with a header, by name: most names pass end to end; the others
+# frame the message, are hop-by-hop, or are ours to rebuild. Names are looked up as sent
+# (one dict lookup for the usual spellings); a new spelling is lowered once and
+# remembered, up to a bound (a peer sending endless distinct names).
+R_PASS, R_HOP, R_LENGTH, R_TE, R_CONN, R_UPGRADE, R_VIA, R_HOST = range(8)
+_ROLE_BY_LNAME = {
+    b"content-length": R_LENGTH,
+    b"transfer-encoding": R_TE,
+    b"connection": R_CONN,
+    b"proxy-connection": R_CONN,
+    b"upgrade": R_UPGRADE,
+    b"via": R_VIA,
+    b"host": R_HOST,
+    **{n: R_HOP for n in (b"keep-alive", b"proxy-authenticate", b"proxy-authorization")},
+    **{n: R_HOP for n in (b"te", b"trailer")},
 }
-_KINDS: dict[bytes, int] = {}
-_KINDS_MAX = 4096
+_ROLES: dict[bytes, int] = {}
+_ROLES_MAX = 4096
 
 
-def _kind_of(name: bytes) -> int:
-    kind = _KIND_BY_NAME.get(name.lower(), _K_OTHER)
-    if len(_KINDS) >= _KINDS_MAX:
-        _KINDS.clear()
-    _KINDS[name] = kind
-    return kind
+def _role_of(name: bytes) -> int:
+    role = _ROLE_BY_LNAME.get(name.lower(), R_PASS)
+    if len(_ROLES) >= _ROLES_MAX:
+        _ROLES.clear()
+    _ROLES[name] = role
+    return role
 
 
 def parse_request_head(head: bytes) -> RequestHead:
@@ -197,30 +200,30 @@ def parse_request_head(head: bytes) -> RequestHead:
     upgrade: bytes | None = None
     host_count = 0
     if len(head) > block_start:
-        kinds = _KINDS
+        roles = _ROLES
         for line in head[block_start:-2].split(b"\r\n"):
             name, _, value = line.partition(b":")
             value = value.strip(_OWS)
             headers.append((name, value))
-            kind = kinds.get(name)
-            if kind is None:
-                kind = _kind_of(name)
-            if not kind:
+            role = roles.get(name)
+            if role is None:
+                role = _role_of(name)
+            if role <= R_HOP:
                 continue
-            if kind == _K_LENGTH:
+            if role == R_LENGTH:
                 if lengths is None:
                     lengths = []
                 lengths.append(value)
-            elif kind == _K_HOST:
+            elif role == R_HOST:
                 host_count += 1
                 req.host = value
-            elif kind == _K_CONN:
+            elif role == R_CONN:
                 conn += b"," + value
-            elif kind == _K_TE:
+            elif role == R_TE:
                 te = value if te is None else te + b"," + value
-            elif kind == _K_UPGRADE:
+            elif role == R_UPGRADE:
                 upgrade = value
-            else:  # _K_VIA
+            else:  # R_VIA
                 req.via = True
     if host_count > 1:
         raise FramingError(400, "more than one Host header")
@@ -273,14 +276,18 @@ def request_head(
     if host is not None:
         parts += (b"Host: ", host, b"\r\n")
     vias: list[bytes] = []
+    roles = _ROLES
     for name, value in headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname == b"content-length" or lname in conn_drop:
+        role = roles.get(name)
+        if role is None:
+            role = _role_of(name)
+        if role:  # framing, hop-by-hop and ours are rebuilt below; Host and Via kept
+            if role == R_VIA:  # earlier hops, in order, then ours (RFC 9110 7.6.3)
+                vias.append(value)
+            elif role == R_HOST and host is None:
+                parts += (name, b": ", value, b"\r\n")
             continue
-        if lname == b"host" and host is not None:
-            continue
-        if lname == b"via":  # earlier hops, in order, then ours (RFC 9110 7.6.3)
-            vias.append(value)
+        if conn_drop and name.lower() in conn_drop:
             continue
         parts += (name, b": ", value, b"\r\n")
     vias.append(via)
@@ -321,18 +328,21 @@ def response_framing(
     te: bytes | None = None
     has_length = False
     conn = b""
+    roles = _ROLES
     for name, value in headers:
-        if len(name) < 7 or len(name) > 17:
+        role = roles.get(name)
+        if role is None:
+            role = _role_of(name)
+        if role <= R_HOP:
             continue
-        lname = name.lower()
-        if lname == b"transfer-encoding":
+        if role == R_TE:
             te = value if te is None else te + b"," + value
-        elif lname == b"content-length":
+        elif role == R_LENGTH:
             has_length = True
             out.length = value.strip(_OWS)
-        elif lname == b"connection":
+        elif role == R_CONN:
             conn += b"," + value
-        elif lname == b"upgrade":
+        elif role == R_UPGRADE:
             out.upgrade = value
     if conn:
         out.conn_drop = frozenset(conn_tokens(conn) - _CONN_KEYWORDS - FRAMING)
@@ -363,12 +373,18 @@ def response_head(
         parts = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
     vias: list[bytes] = []
     conn_drop = framing.conn_drop
+    roles = _ROLES
     for name, value in headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in conn_drop or lname == b"content-length":
+        role = roles.get(name)
+        if role is None:
+            role = _role_of(name)
+        if role:  # framing and hop-by-hop are ours; Via gathered; Host passes
+            if role == R_VIA:
+                vias.append(value)
+            elif role == R_HOST:
+                parts += (name, b": ", value, b"\r\n")
             continue
-        if lname == b"via":
-            vias.append(value)
+        if conn_drop and name.lower() in conn_drop:
             continue
         parts += (name, b": ", value, b"\r\n")
     vias.append(via)

@@ -823,3 +823,20 @@ def test_response_head_keeps_the_order_of_several_via_lines() -> None:
     headers = [(b"Via", b"1.0 first"), (b"Via", b"1.1 second")]
     wire = response_head(200, b"OK", headers, ResponseFraming(), VIA, b"\r\n")
     assert wire == b"HTTP/1.1 200 OK\r\nVia: 1.0 first, 1.1 second, " + VIA + b"\r\n\r\n"
+
+
+def test_every_hop_by_hop_and_framing_name_has_a_role_in_any_spelling() -> None:
+    from services.proxy import framing
+
+    for name in (*HOP_BY_HOP, *FRAMING, b"via"):
+        for spelling in (name, name.upper(), name.title()):
+            assert framing._role_of(spelling) != framing.R_PASS, spelling
+    assert framing._role_of(b"X-Custom") == framing.R_PASS
+
+
+def test_the_role_cache_is_bounded() -> None:
+    from services.proxy import framing
+
+    for i in range(framing._ROLES_MAX + 10):
+        framing._role_of(b"X-Name-%d" % i)
+    assert len(framing._ROLES) <= framing._ROLES_MAX
