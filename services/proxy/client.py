@@ -234,9 +234,6 @@ class ClientConnection(asyncio.Protocol):
             head, buf = buf[: end + 2], buf[end + 4 :]
             self._on_head(head)
 
-    def eof_received(self) -> bool | None:
-        return None
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.ctx.connections.discard(self)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -78,6 +79,8 @@ class ResponseSink(Protocol):
     def start_websocket(self, ex: Exchange, up: UpstreamConnection, rest: bytes) -> None: ...
 
     def uncork(self) -> None: ...
+
+    def pause_for_upstream(self, full: bool) -> None: ...
 
     corked: bool
 
@@ -191,8 +194,6 @@ def describe_failure(host: str, port: int, exc: BaseException) -> tuple[int, str
         return 504, f"timed out connecting to {host}:{port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return 502, f"upstream certificate rejected: {exc.verify_message}"
-    import socket
-
     if isinstance(exc, socket.gaierror):
         return 502, f"cannot resolve {host}: {exc.strerror}"
     return 502, f"cannot connect to {host}:{port}: {exc}"
@@ -303,9 +304,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.detach()
         client.response_done(ex, self, reusable)
 
-    def eof_received(self) -> bool | None:
-        return None
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.timer is not None:
@@ -320,12 +318,12 @@ class UpstreamConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         client = self.client
         if client is not None:
-            client.pause_for_upstream(True)  # type: ignore[attr-defined]
+            client.pause_for_upstream(True)
 
     def resume_writing(self) -> None:
         client = self.client
         if client is not None:
-            client.pause_for_upstream(False)  # type: ignore[attr-defined]
+            client.pause_for_upstream(False)
 
     # -- httptools response callbacks ----------------------------------------------------
     def on_message_begin(self) -> None:

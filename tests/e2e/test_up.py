@@ -217,6 +217,13 @@ async def test_filters_and_pagination_walk_2500_flows(
     assert none == []
 
 
+async def _active_drip(api: httpx.AsyncClient) -> dict[str, Any] | None:
+    """The active ``/drip`` flow, once the store lists it."""
+    flows = await _walk(api, 100, state="active", host="127.0.0.1")
+    mine = [f for f in flows if f["path"].startswith("/drip")]
+    return mine[0] if mine else None
+
+
 async def test_delete_kills_a_slow_active_flow(
     system: System, api: httpx.AsyncClient, upstream: Upstream
 ) -> None:
@@ -226,12 +233,7 @@ async def test_delete_kills_a_slow_active_flow(
             chunks = resp.aiter_bytes()
             await chunks.__anext__()
 
-            async def active() -> dict[str, Any] | None:
-                flows = await _walk(api, 100, state="active", host="127.0.0.1")
-                mine = [f for f in flows if f["path"].startswith("/drip")]
-                return mine[0] if mine else None
-
-            flow = await _eventually(active)
+            flow = await _eventually(lambda: _active_drip(api))
             r = await api.delete(f"/api/flows/{flow['id']}")
             assert r.status_code == 200, r.text
             with pytest.raises(httpx.HTTPError):
@@ -351,12 +353,7 @@ async def test_proxy_killed_mid_flow_ends_it_as_error_and_up_brings_a_new_one(
             chunks = resp.aiter_bytes()
             await chunks.__anext__()
 
-            async def active() -> dict[str, Any] | None:
-                flows = await _walk(api, 100, state="active", host="127.0.0.1")
-                mine = [f for f in flows if f["path"].startswith("/drip")]
-                return mine[0] if mine else None
-
-            flow = await _eventually(active)
+            flow = await _eventually(lambda: _active_drip(api))
             proxy.send_signal(signal.SIGKILL)
             with pytest.raises(httpx.HTTPError):
                 async for _ in chunks:
