@@ -63,6 +63,8 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.ignore_hosts == ["a.example", "*.b.example"]
     assert s.proxy_mode == "reverse:https://api.example:8443"
     assert s.data_dir == s.data_dir.expanduser()
+    monkeypatch.setenv("FLEET_PROXY_MODE", "upstream:http://corp.example:3128")
+    assert load(ProxySettings).proxy_mode == "upstream:http://corp.example:3128"
 
 
 @pytest.mark.parametrize(
@@ -70,6 +72,10 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ("FLEET_PROXY_LISTEN", "nonsense"),
         ("FLEET_PROXY_MODE", "sideways"),
+        ("FLEET_PROXY_MODE", "upstream:https://corp:3128"),  # only an http:// upstream proxy
+        ("FLEET_PROXY_MODE", "upstream:http://user:secret@corp:3128"),  # no credentials
+        ("FLEET_PROXY_MODE", "upstream:http://"),
+        ("FLEET_CLIENT_BODY_MIN_RATE", "0"),
         ("FLEET_REPLICA_ID", "has.dot"),
         ("FLEET_CAPTURE_BODY_LIMIT", "-1"),
     ],
