@@ -343,6 +343,10 @@ class Bus:
             await sub.unsubscribe()
         return replies
 
+    async def barrier(self, timeout: float = 5.0) -> None:
+        """Return once the server has processed everything this connection sent before."""
+        await barrier(self.nc, timeout)
+
     async def close(self) -> None:
         """Flush what is pending and close (drain) the connection."""
         if self.nc.is_closed:
@@ -454,3 +458,22 @@ def _processing_batch(destination: str, msgs: Sequence[Msg]) -> Iterator[Span]:
                 if item.is_recording():
                     _messaging(item, msg.subject, "process")
                 item.end(end)
+
+
+async def barrier(nc: NATS, timeout: float = 5.0) -> None:
+    """Return once the server has processed everything ``nc`` sent before.
+
+    ``nc.flush()`` is not that in nats-py 2.16: it writes its PING straight to the
+    socket, ahead of commands still queued for the flusher task, so a SUB sent just
+    before can reach the server after the PONG came back (and a request from another
+    connection meets no responders). A message to our own inbox travels the same
+    queue as the SUB, and the server handles one connection's commands in order.
+    """
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, max_msgs=1)
+    try:
+        await nc.publish(inbox, b"")
+        await sub.next_msg(timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()

@@ -98,6 +98,7 @@ class Control:
                 subjects.command_wildcard(target), cb=self._on_command
             )
             self._subs.append(sub)
+        await self.bus.barrier()  # commands sent once start() returns find us
 
     async def _on_command(self, msg: Msg) -> None:
         with processing(msg):  # continues the API request's trace (tracing on only)

@@ -109,7 +109,7 @@ class StoreRPC:
                 subjects.store_subject(verb), queue=subjects.STORE_QUEUE, cb=on_msg
             )
             self._subs.append(sub)
-        await self.bus.nc.flush()
+        await self.bus.barrier()  # queries sent once start() returns find us
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop taking queries and let the ones in progress answer."""

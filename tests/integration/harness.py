@@ -18,6 +18,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from libs.common import subjects
+from libs.common.bus import barrier
 from libs.common.settings import ProxySettings
 from services.proxy.main import Replica
 from services.proxy.tls import CertificateAuthority
@@ -223,7 +224,7 @@ class FlowEvents:
             self._changed.set()
 
         await self._nc.subscribe(subjects.flows_subject(replica), cb=on_msg)
-        await self._nc.flush()
+        await barrier(self._nc)
 
     async def stop(self) -> None:
         if self._nc is not None:

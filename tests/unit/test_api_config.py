@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from libs.common import subjects
+from libs.common.bus import barrier
 from libs.common.models import RuntimeConfig
 from libs.common.natsserver import EmbeddedNats
 from services.api.fleet import classify
@@ -241,7 +242,7 @@ async def test_writes_leave_an_audit_record(client: httpx.AsyncClient, nats_url:
         await nc.subscribe(
             subjects.events_subject(subjects.API_SOURCE, subjects.AUDIT_EVENT), cb=on_msg
         )
-        await nc.flush()
+        await barrier(nc)
         resp = await client.put("/api/config", json=doc(), headers=ADMIN)
         await eventually(recorded, 2.0, "an audit record")
     finally:

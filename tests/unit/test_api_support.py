@@ -22,6 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from libs.common import subjects
+from libs.common.bus import barrier
 from libs.common.models import CommandReply, ReplicaStatus
 from libs.common.settings import ApiSettings
 from services.api.app import create_app
@@ -90,7 +91,7 @@ class CannedStore:
                 await msg.respond(orjson.dumps(reply))
 
         await self._nc.subscribe(subjects.store_subject("*"), queue="store", cb=on_msg)
-        await self._nc.flush()
+        await barrier(self._nc)
         return self
 
     async def stop(self) -> None:
@@ -157,7 +158,7 @@ class FakeReplica:
 
         for target in (self.status.id, subjects.CMD_ALL):
             await self._nc.subscribe(subjects.command_wildcard(target), cb=on_msg)
-        await self._nc.flush()
+        await barrier(self._nc)
         await self.publish()
         return self
 
