@@ -29,6 +29,7 @@ from services.api.fleet import Fleet
 from services.api.keyshare import publish_key_digests
 from services.api.metrics import ApiMetrics, MetricsMiddleware
 from services.api.metrics import router as metrics_router
+from services.api.querycheck import known_query
 from services.api.routes import ca, config, events, flows, health, live, proxy
 from services.api.store import StoreClient
 from services.api.streams import FlowHub
@@ -129,7 +130,8 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(AuditMiddleware)
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(authorize)])
+    # the key first (a bad key is a 401 whatever the query), then the query's names
+    api = APIRouter(prefix="/api", dependencies=[Depends(authorize), Depends(known_query)])
     for module in (proxy, live, flows, config, ca, events):  # live first: /flows/stream
         api.include_router(module.router)
 

@@ -5,9 +5,10 @@ GET/HEAD/OPTIONS) under ``/api``, whatever its outcome (401, 403, 422 and 500
 included), and publishes one ``SystemEvent`` of type ``audit`` after the response has
 been sent: who (the key id, never the key), what (method, path, route, action), the
 result status, when, how long, and what the route added with ``note`` (e.g. the config
-revisions before and after). Bodies are never recorded. Publishing is bounded and
-never fails the call (``libs.common.events``); safe methods pass through untouched,
-so the SSE streams are not wrapped.
+revisions before and after). The action is declared on the route (``action``), so a
+call refused before its handler ran carries it too. Bodies are never recorded.
+Publishing is bounded and never fails the call (``libs.common.events``); safe methods
+pass through untouched, so the SSE streams are not wrapped.
 """
 
 from __future__ import annotations
@@ -28,9 +29,31 @@ _SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
 _STATE_KEY = "audit"
 
 
+ACTION_KEY = "x-audit-action"
+
+
+def action(name: str) -> dict[str, Any]:
+    """``openapi_extra`` declaring the audit action of a route (``config.put``).
+
+    Declared on the route rather than only noted by its handler, so a call refused
+    before the handler runs (401, 403, 422 on the query) is still recorded with the
+    action it attempted; OpenAPI shows it as ``x-audit-action``.
+    """
+    return {ACTION_KEY: name}
+
+
 def note(request: Request, action: str, **details: Any) -> None:
     """Name the action of this call and add details to its audit record."""
     request.state.audit = {"action": action, **details}
+
+
+def declared_action(scope: Scope) -> str | None:
+    """The action the matched route declares for this method (None for a 405 or a 404)."""
+    route = scope.get("route")
+    if scope["method"] not in (getattr(route, "methods", None) or ()):
+        return None
+    value = (getattr(route, "openapi_extra", None) or {}).get(ACTION_KEY)
+    return value if isinstance(value, str) else None
 
 
 def _severity(status: int) -> Severity:
@@ -87,7 +110,7 @@ class AuditMiddleware:
         principal = state.get("principal")
         details = dict(state.get(_STATE_KEY) or {})
         data: dict[str, Any] = {
-            "action": details.pop("action", None),
+            "action": details.pop("action", None) or declared_action(scope),
             "key_id": getattr(principal, "key_id", None),
             "scope": getattr(principal, "scope", None),
             "method": scope["method"],

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import orjson
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import ValidationError
 
@@ -92,6 +92,19 @@ class ConfigStore:
             return await kv.update(subjects.CONFIG_KEY, payload, last=last)
         except KeyWrongLastSequenceError:
             raise RevisionConflict from None
+
+    async def raw_at(self, revision: int) -> bytes | None:
+        """The document written at ``revision``, or None when that revision is not a
+        put of the config key (another key of the bucket, a delete, or gone from the
+        history the bucket keeps)."""
+        if revision < 1:  # nats-py reads revision 0 as "the latest"
+            return None
+        kv = await self.kv()
+        try:
+            entry = await kv.get(subjects.CONFIG_KEY, revision=revision)
+        except NotFoundError:  # KeyNotFoundError included: wrong key, deleted, purged
+            return None
+        return entry.value
 
     async def history(self, limit: int) -> list[Revision]:
         """Past writes of the key, newest first (the bucket keeps the last 64)."""

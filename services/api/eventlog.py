@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -39,6 +39,7 @@ _FAR_FUTURE = 7_258_118_400.0  # 2200-01-01: later times are all "after everythi
 _TAIL_INACTIVE = 120.0  # a tail whose client stopped reading for this long is recreated
 
 Order = Literal["desc", "asc"]
+Keep = Callable[[dict[str, Any]], bool]  # a record -> whether a page includes it
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +147,17 @@ class EventLog:
         return info.delivered.stream_seq + 1
 
     async def read(
-        self, filter_subject: str, start: int, end: int, max_items: int
+        self,
+        filter_subject: str,
+        start: int,
+        end: int,
+        max_items: int,
+        keep: Keep | None = None,
     ) -> list[dict[str, Any]]:
-        """Up to ``max_items`` matching records with ``start <= seq <= end``, oldest first."""
+        """Up to ``max_items`` matching records with ``start <= seq <= end``, oldest first.
+
+        ``keep`` filters what a subject cannot (severity lives in the body).
+        """
         if start > end or max_items <= 0:
             return []
         sub, info = await self.open_consumer(filter_subject, start_seq=start)
@@ -157,15 +166,20 @@ class EventLog:
             remaining = info.num_pending or 0
             while remaining > 0 and len(out) < max_items:
                 try:
-                    msgs = await sub.fetch(min(_FETCH, remaining, max_items - len(out)), 5.0)
+                    # filtered: whole batches (how many will match is unknown)
+                    want = remaining if keep is not None else min(remaining, max_items - len(out))
+                    msgs = await sub.fetch(min(_FETCH, want), 5.0)
                 except TimeoutError:  # messages removed meanwhile (age limit)
                     break
                 for msg in msgs:
                     meta = msg.metadata
                     if meta.sequence.stream > end:
                         return out
-                    out.append(record(msg))
                     remaining = meta.num_pending
+                    rec = record(msg)
+                    if keep is not None and not keep(rec):
+                        continue
+                    out.append(rec)
                     if len(out) >= max_items:
                         break
             return out
@@ -181,11 +195,13 @@ class EventLog:
         cursor: int | None = None,
         limit: int = 100,
         order: Order = "desc",
+        keep: Keep | None = None,
     ) -> Page:
         """One page of matching events; ``cursor`` is the ``seq`` the previous page ended at.
 
         ``desc`` (newest first) returns events below the cursor, ``asc`` above it.
-        ``since``/``until`` bound the time the event was stored (``until`` exclusive).
+        ``since``/``until`` bound the time the event was stored (``until`` exclusive);
+        ``keep`` drops records a subject filter cannot (they do not count to ``limit``).
         """
         bounds = await self.bounds()
         if bounds is None:
@@ -198,17 +214,17 @@ class EventLog:
         if order == "asc":
             if cursor is not None:
                 lo = max(lo, cursor + 1)
-            found = await self.read(filter_subject, lo, hi, limit + 1)
+            found = await self.read(filter_subject, lo, hi, limit + 1, keep)
         else:
             if cursor is not None:
                 hi = min(hi, cursor - 1)
-            found = await self._read_backwards(filter_subject, lo, hi, limit + 1)
+            found = await self._read_backwards(filter_subject, lo, hi, limit + 1, keep)
         more = len(found) > limit
         events = found[:limit]
         return Page(events, events[-1]["seq"] if more and events else None)
 
     async def _read_backwards(
-        self, filter_subject: str, lo: int, hi: int, wanted: int
+        self, filter_subject: str, lo: int, hi: int, wanted: int, keep: Keep | None = None
     ) -> list[dict[str, Any]]:
         """The newest ``wanted`` matches in ``[lo, hi]``, newest first.
 
@@ -220,7 +236,7 @@ class EventLog:
         top, width = hi, max(wanted, 16)
         while top >= lo and len(found) < wanted:
             start = max(lo, top - width + 1)
-            window = await self.read(filter_subject, start, top, top - start + 1)
+            window = await self.read(filter_subject, start, top, top - start + 1, keep)
             found.extend(reversed(window))
             top = start - 1
             width = min(width * 4, _MAX_WINDOW)

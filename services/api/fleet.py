@@ -15,7 +15,7 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import nats.errors
 import orjson
@@ -43,7 +43,10 @@ class ApplyReport:
     rejected: list[dict[str, str]] = field(default_factory=list)
 
 
-def classify(status: ReplicaStatus, revision: int) -> tuple[str, str | None]:
+RolloutState = Literal["applied", "pending", "rejected"]
+
+
+def classify(status: ReplicaStatus, revision: int) -> tuple[RolloutState, str | None]:
     """``("applied"|"rejected"|"pending", error)`` of one replica for ``revision``."""
     if status.config_revision >= revision:
         return "applied", None

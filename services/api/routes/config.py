@@ -1,34 +1,55 @@
 """``/api/config``: the hot-reloadable proxy config, versioned by its KV revision.
 
-``GET`` returns the document with ``ETag: "<revision>"``; ``PUT`` replaces
-the whole document, validated first (422 ``CONFIG_INVALID`` and nothing
-written), compare-and-set on the revision (``If-Match`` stale -> 412
-``CONFIG_CONFLICT``), then waits briefly for the replicas to report which
-revision they run, so the caller learns which applied, rejected (kept their
-last good config) or are still pending.
+``GET`` returns ``{revision, config}`` with ``ETag: "<revision>"``. Three writes, all
+validated first (422 ``CONFIG_INVALID`` naming each field, nothing written) and
+compare-and-set on the revision (``If-Match`` stale -> 412 ``CONFIG_CONFLICT``):
+``PUT`` replaces the whole document (fields left out return to their defaults; the
+body ``GET`` returned is accepted as is, its revision acting as ``If-Match``),
+``PATCH`` merges an RFC 7396 merge patch into the saved document, and
+``POST /rollback`` writes an old revision's document as a new revision. Each then
+waits briefly for the replicas to report which revision they run, so the caller
+learns which applied, rejected (kept their last good config) or are still pending.
+``GET /compare`` shows the saved document against what each replica runs.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-import orjson
-from fastapi import APIRouter, Header, Query, Request, Response
-from pydantic import BaseModel, Field, ValidationError
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from libs.common.models import RuntimeConfig
-from services.api import audit
-from services.api.config_store import RevisionConflict
+from services.api import audit, merge_patch
+from services.api.config_compare import ConfigComparison, compare
+from services.api.config_write import (
+    MAX_DOCUMENT,
+    Written,
+    compare_and_set,
+    etag,
+    if_match_allows,
+    json_object,
+    put_document,
+    read_body,
+    stored_object,
+    validate,
+)
 from services.api.deps import ConfigDep, FleetDep, SettingsDep
-from services.api.errors import ApiError, FieldError, field_errors, problem_responses
+from services.api.errors import ApiError, FieldError, problem_responses
+from services.api.fleet import Fleet
 
 router = APIRouter(prefix="/config", tags=["config"])
 
-MAX_DOCUMENT = 256 * 1024
-_WRITE_ATTEMPTS = 10  # a write without If-Match retries its compare-and-set this often
+__all__ = ["MAX_DOCUMENT", "etag", "if_match_allows", "router"]
+
+MERGE_PATCH = "application/merge-patch+json"
+_PATCH_TYPES = frozenset({MERGE_PATCH, "application/json"})
+_MAX_REVISION = 2**63 - 1  # a JetStream sequence is unsigned 64-bit; a KV revision fits here
+
+PUT_ACTION = "config.put"
+PATCH_ACTION = "config.patch"
+ROLLBACK_ACTION = "config.rollback"
 
 
 class ConfigView(BaseModel):
@@ -64,6 +85,14 @@ class ConfigHistory(BaseModel):
     revisions: list[HistoryEntry]
 
 
+class RollbackRequest(BaseModel):
+    """Which past revision's document to make current again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    revision: StrictInt = Field(ge=1, le=_MAX_REVISION, description="from GET /history")
+
+
 _ETAG_HEADER: dict[int | str, dict[str, Any]] = {
     200: {
         "headers": {
@@ -75,21 +104,22 @@ _ETAG_HEADER: dict[int | str, dict[str, Any]] = {
     }
 }
 
+IfMatch = Annotated[
+    str | None, Header(description='"<revision>" from GET (the ETag); stale -> 412')
+]
 
-def etag(revision: int) -> str:
-    return f'"{revision}"'
-
-
-def if_match_allows(header: str, revision: int) -> bool:
-    """RFC 9110 If-Match against the current revision (0 = no document yet)."""
-    value = header.strip()
-    if value == "*":
-        return revision > 0
-    for tag in value.split(","):
-        tag = tag.strip().removeprefix("W/").strip('"')
-        if tag.isdigit() and int(tag) == revision:
-            return True
-    return False
+_DOCUMENT_SCHEMA = RuntimeConfig.model_json_schema()
+_ENVELOPE_SCHEMA = {
+    "title": "ConfigView",
+    "type": "object",
+    "description": "the body GET returned; revision is then a precondition like If-Match",
+    "properties": {
+        "revision": {"type": "integer", "minimum": 0},
+        "config": _DOCUMENT_SCHEMA,
+    },
+    "required": ["config"],
+    "additionalProperties": False,
+}
 
 
 @router.get(
@@ -105,7 +135,12 @@ async def get_config(config: ConfigDep, response: Response) -> ConfigView:
 
 @router.put(
     "",
-    summary="Replace the runtime config (hot reload on every replica)",
+    summary="Replace the whole runtime config (hot reload on every replica)",
+    description="PUT replaces the whole document: a field left out returns to its "
+    "default. The body is the document, or exactly what GET returned "
+    "(`{revision, config}`); that revision is then checked like `If-Match` (stale: "
+    "412), and an `If-Match` that names another revision is a 422. To change some "
+    "fields only, use PATCH.",
     responses=_ETAG_HEADER
     | problem_responses(
         401,
@@ -120,8 +155,11 @@ async def get_config(config: ConfigDep, response: Response) -> ConfigView:
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": RuntimeConfig.model_json_schema()}},
-        }
+            "content": {
+                "application/json": {"schema": {"oneOf": [_DOCUMENT_SCHEMA, _ENVELOPE_SCHEMA]}}
+            },
+        },
+        **audit.action(PUT_ACTION),
     },
 )
 async def put_config(
@@ -130,47 +168,156 @@ async def put_config(
     config: ConfigDep,
     fleet: FleetDep,
     settings: SettingsDep,
-    if_match: Annotated[
-        str | None, Header(description='"<revision>" from GET; stale -> 412')
-    ] = None,
+    if_match: IfMatch = None,
 ) -> ConfigWriteResult:
-    audit.note(request, "config.put")
-    doc = _validate(await _read_body(request))
-    revision = 0
-    for attempt in range(_WRITE_ATTEMPTS):
-        current, _raw = await config.current_revision()
-        if if_match is not None and not if_match_allows(if_match, current):
-            raise _conflict(
-                f"If-Match {if_match} does not match the current revision {current}", current
-            )
-        try:
-            revision = await config.write(doc, last=current)
-            break
-        except RevisionConflict:
-            if if_match is not None:
-                latest, _raw = await config.current_revision()
-                raise _conflict("the config changed while this write was made", latest) from None
-            await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))  # let the winner finish
-    else:
-        raise _conflict("the config kept changing; read it again and retry", current)
-    report = await fleet.wait_applied(revision, settings.api_config_apply_wait)
-    audit.note(
+    audit.note(request, PUT_ACTION)
+    doc, revision = put_document(json_object(await read_body(request)))
+    written = await compare_and_set(
+        config, lambda _rev, _raw: doc, if_match=if_match, revision=revision
+    )
+    return await _rolled_out(
+        request, response, fleet, settings.api_config_apply_wait, PUT_ACTION, written
+    )
+
+
+@router.patch(
+    "",
+    summary="Change some fields of the runtime config (RFC 7396 JSON merge patch)",
+    description="The body is a JSON merge patch (`application/merge-patch+json`; "
+    "`application/json` is accepted too) applied to the saved document: a member "
+    "replaces that field, `null` returns it to its default, fields not named keep their "
+    "saved value. The result is validated exactly like PUT (422 names the field; the "
+    "saved document stays). Without `If-Match`, a write that lands meanwhile is merged "
+    "into, not overwritten.",
+    responses=_ETAG_HEADER
+    | problem_responses(
+        401,
+        403,
+        412,
+        413,
+        415,
+        422,
+        503,
+        _413="Patch too large",
+        _415="Not application/merge-patch+json or application/json",
+        _422="Not a JSON object, or the patched document is invalid (CONFIG_INVALID)",
+    ),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                MERGE_PATCH: {
+                    "schema": {
+                        "type": "object",
+                        "description": "fields to change; null = back to the default",
+                    }
+                }
+            },
+        },
+        **audit.action(PATCH_ACTION),
+    },
+)
+async def patch_config(
+    request: Request,
+    response: Response,
+    config: ConfigDep,
+    fleet: FleetDep,
+    settings: SettingsDep,
+    if_match: IfMatch = None,
+) -> ConfigWriteResult:
+    audit.note(request, PATCH_ACTION)
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media not in _PATCH_TYPES:
+        raise ApiError(
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+            f"a config patch is {MERGE_PATCH} (or application/json), not {media or 'untyped'}",
+            headers={"Accept-Patch": MERGE_PATCH},
+        )
+    patch = json_object(await read_body(request), "a merge patch must be a JSON object")
+
+    def build(_revision: int, raw: bytes | None) -> RuntimeConfig:
+        return validate(merge_patch.apply(stored_object(raw), patch))
+
+    written = await compare_and_set(config, build, if_match=if_match)
+    return await _rolled_out(
         request,
-        "config.put",
-        before=current,
-        after=revision,
-        applied=report.applied,
-        pending=report.pending,
-        rejected=[r["id"] for r in report.rejected],
+        response,
+        fleet,
+        settings.api_config_apply_wait,
+        PATCH_ACTION,
+        written,
+        fields=sorted(patch),
     )
-    response.headers["ETag"] = etag(revision)
-    return ConfigWriteResult(
-        revision=revision,
-        config=doc,
-        applied=report.applied,
-        pending=report.pending,
-        rejected=[Rejection(**r) for r in report.rejected],
+
+
+@router.post(
+    "/rollback",
+    summary="Make an earlier revision's document current again (as a new revision)",
+    description="Writes the document of `revision` (see GET /history) as a new "
+    "revision; the history is never rewritten. Honours `If-Match`.",
+    responses=_ETAG_HEADER
+    | problem_responses(
+        401,
+        403,
+        404,
+        412,
+        422,
+        503,
+        _404="No such revision in the history (CONFIG_REVISION_NOT_FOUND)",
+        _422="Invalid body, or that revision is not a valid config (CONFIG_INVALID)",
+    ),
+    openapi_extra=audit.action(ROLLBACK_ACTION),
+)
+async def rollback_config(
+    request: Request,
+    response: Response,
+    body: Annotated[RollbackRequest, Body()],
+    config: ConfigDep,
+    fleet: FleetDep,
+    settings: SettingsDep,
+    if_match: IfMatch = None,
+) -> ConfigWriteResult:
+    audit.note(request, ROLLBACK_ACTION, to=body.revision)
+    raw = await config.raw_at(body.revision)
+    if raw is None:
+        raise ApiError(
+            404,
+            "CONFIG_REVISION_NOT_FOUND",
+            f"revision {body.revision} is not a write of the config in the history "
+            "(the bucket keeps the last 64 writes; see GET /api/config/history)",
+        )
+    try:
+        doc = RuntimeConfig.model_validate_json(raw)
+    except ValidationError as exc:
+        names = ", ".join(dict.fromkeys(".".join(map(str, e["loc"])) for e in exc.errors()))
+        message = f"revision {body.revision} is not a valid config ({names or 'not an object'})"
+        raise ApiError(
+            422,
+            "CONFIG_INVALID",
+            message,
+            errors=[FieldError(field="body.revision", message=message, type="config_invalid")],
+        ) from None
+    written = await compare_and_set(config, lambda _rev, _raw: doc, if_match=if_match)
+    return await _rolled_out(
+        request,
+        response,
+        fleet,
+        settings.api_config_apply_wait,
+        ROLLBACK_ACTION,
+        written,
+        to=body.revision,
     )
+
+
+@router.get(
+    "/compare",
+    summary="The saved config against what each replica runs, field by field",
+    responses=problem_responses(401, 403, 422, 502, 503),
+)
+async def compare_config(config: ConfigDep, fleet: FleetDep) -> ConfigComparison:
+    doc, revision = await config.current()
+    return await compare(config, doc, revision, await fleet.replicas())
 
 
 @router.get(
@@ -190,42 +337,32 @@ async def config_history(
     )
 
 
-def _conflict(detail: str, current: int) -> ApiError:
-    return ApiError(412, "CONFIG_CONFLICT", detail, headers={"ETag": etag(current)})
-
-
-async def _read_body(request: Request) -> bytes:
-    """The request body, refusing more than ``MAX_DOCUMENT`` bytes without buffering them."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_DOCUMENT:
-            raise ApiError(
-                413, "PAYLOAD_TOO_LARGE", f"a config document is at most {MAX_DOCUMENT} bytes"
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _invalid(errors: list[FieldError]) -> ApiError:
-    names = ", ".join(dict.fromkeys(e.field for e in errors))
-    return ApiError(422, "CONFIG_INVALID", f"invalid config: {names}", errors=errors)
-
-
-def _validate(raw: bytes) -> RuntimeConfig:
-    """The body as a ``RuntimeConfig``, or 422 ``CONFIG_INVALID`` naming each bad field."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise _invalid(
-            [FieldError(field="body", message=f"not JSON: {exc}", type="json_invalid")]
-        ) from None
-    if not isinstance(data, dict):
-        raise _invalid(
-            [FieldError(field="body", message="must be a JSON object", type="model_type")]
-        )
-    try:
-        return RuntimeConfig.model_validate(data)
-    except ValidationError as exc:
-        raise _invalid(field_errors(exc.errors(), prefix="body")) from None
+async def _rolled_out(
+    request: Request,
+    response: Response,
+    fleet: Fleet,
+    wait: float,
+    action: str,
+    written: Written,
+    **details: Any,
+) -> ConfigWriteResult:
+    """Wait for the replicas' reports, audit the write, answer with the roll-out."""
+    report = await fleet.wait_applied(written.after, wait)
+    audit.note(
+        request,
+        action,
+        before=written.before,
+        after=written.after,
+        applied=report.applied,
+        pending=report.pending,
+        rejected=[r["id"] for r in report.rejected],
+        **details,
+    )
+    response.headers["ETag"] = etag(written.after)
+    return ConfigWriteResult(
+        revision=written.after,
+        config=written.doc,
+        applied=report.applied,
+        pending=report.pending,
+        rejected=[Rejection(**r) for r in report.rejected],
+    )

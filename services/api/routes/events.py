@@ -2,26 +2,48 @@
 
 Replica lifecycle, listeners, config roll-outs, kills, store ingest errors and the
 audit record of every mutating API call, filtered by ``type`` and ``source`` (subject
-filters, applied by NATS) and by time, newest first by default. The cursor is the
-stream sequence (``seq``) the previous page ended at.
+filters, applied by NATS), by time (``since``/``until``, or the ``time_range``
+shorthand ``5m``/``1h``/``24h``/``7d``/``all`` of seed 002), and by minimum
+``severity`` (``warning`` = warnings and errors, as a log level filters: someone
+asking for warnings wants to see the errors too), newest first by default. The
+cursor is the stream sequence (``seq``) the previous page ended at.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from libs.common import subjects
-from libs.common.models import SystemEvent
+from libs.common.models import Severity, SystemEvent
 from services.api.deps import EventsDep
 from services.api.errors import problem_responses
+from services.api.eventlog import Keep
 from services.api.params import Timestamp, openapi_parameters, validate_query
 
 router = APIRouter(prefix="/events", tags=["events"])
 
 Token = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+# "at least" order; a stored severity this API does not know ranks as info
+SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "error": 2}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SHORTHAND = re.compile(r"^([1-9][0-9]{0,5})([smhd])$")
+
+
+def parse_time_range(value: str) -> float | None:
+    """``5m`` / ``1h`` / ``24h`` / ``7d`` -> seconds; ``all`` -> None (no bound)."""
+    text = value.strip().lower()
+    if text == "all":
+        return None
+    m = _SHORTHAND.match(text)
+    if m is None:
+        raise ValueError("expected <n>s, <n>m, <n>h or <n>d (5m, 1h, 24h, 7d) or all")
+    return float(int(m.group(1)) * _UNITS[m.group(2)])
 
 
 class EventFilter(BaseModel):
@@ -52,6 +74,17 @@ class EventListParams(EventFilter):
         None, ge=0, description="next_cursor of the previous page (a stream sequence)"
     )
     limit: int = Field(100, ge=1, le=1000)
+    severity: Severity | None = Field(
+        None,
+        description="at least this severity: info (everything), warning (warnings and "
+        "errors), error",
+    )
+    time_range: str | None = Field(
+        None,
+        description="the last <n>s|m|h|d (5m, 1h, 24h, 7d) before now, or all; "
+        "instead of since/until",
+        examples=["1h"],
+    )
 
     @field_validator("until")
     @classmethod
@@ -60,6 +93,31 @@ class EventListParams(EventFilter):
         if v is not None and since is not None and since > v:
             raise ValueError("must not be before since")
         return v
+
+    @field_validator("time_range")
+    @classmethod
+    def _shorthand(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        parse_time_range(v)
+        given = [name for name in ("since", "until") if info.data.get(name) is not None]
+        if given:
+            raise ValueError(f"give time_range or {'/'.join(given)}, not both")
+        return v
+
+    def window(self, now: float) -> tuple[float | None, float | None]:
+        """(since, until) after resolving ``time_range`` against ``now``."""
+        if self.time_range is None:
+            return self.since, self.until
+        seconds = parse_time_range(self.time_range)
+        return (None if seconds is None else now - seconds), None
+
+    def keep(self) -> Keep | None:
+        """The severity filter as a predicate on records (None: keep everything)."""
+        if self.severity is None or self.severity == "info":
+            return None
+        floor = SEVERITY_RANK[self.severity]
+        return lambda rec: SEVERITY_RANK.get(str(rec.get("severity")), 0) >= floor
 
 
 class EventRecord(SystemEvent):
@@ -92,12 +150,14 @@ async def event_list_params(request: Request) -> EventListParams:
 async def list_events(
     log: EventsDep, params: Annotated[EventListParams, Depends(event_list_params)]
 ) -> dict[str, Any]:
+    since, until = params.window(time.time())
     page = await log.page(
         params.subject(),
-        since=params.since,
-        until=params.until,
+        since=since,
+        until=until,
         cursor=params.cursor,
         limit=params.limit,
         order=params.order,
+        keep=params.keep(),
     )
     return {"events": page.events, "next_cursor": page.next_cursor}

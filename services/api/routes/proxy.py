@@ -1,6 +1,7 @@
 """``/api/proxy``: the listeners of the replicas: status, start, graceful stop.
 
-Status is the registry (each replica's own heartbeat). Start and stop are
+Status is the registry (each replica's own heartbeat); ``?replica=`` narrows it to
+one (404 for an id not registered). Start and stop are
 commands: to ``fleet.cmd.all.<verb>`` as a scatter-gather that waits for as
 many replies as there are registered replicas, or to one replica when the
 body names it. A stop drains in-flight requests up to ``deadline`` seconds
@@ -12,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from libs.common.models import CommandReply, ReplicaStatus
@@ -23,8 +24,9 @@ from services.api.fleet import Fleet
 
 router = APIRouter(prefix="/proxy", tags=["proxy"])
 
+_REPLICA_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ReplicaId = Annotated[
-    str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="a replica id from the status")
+    str, Field(pattern=_REPLICA_PATTERN, description="a replica id from the status")
 ]
 FleetState = Literal["running", "stopped", "partial", "no_replicas"]
 
@@ -134,11 +136,28 @@ def fleet_state(replicas: list[ReplicaStatus]) -> FleetState:
 
 @router.get(
     "/status",
-    summary="State of every replica's listener",
-    responses=problem_responses(401, 403, 503),
+    summary="State of every replica's listener (or of the one named by replica=)",
+    responses=problem_responses(
+        401, 403, 404, 422, 503, _404="Unknown replica (REPLICA_NOT_FOUND)"
+    ),
 )
-async def proxy_status(fleet: FleetDep) -> FleetStatus:
-    replicas = await fleet.replicas()
+async def proxy_status(
+    fleet: FleetDep,
+    replica: Annotated[
+        str | None,
+        Query(
+            pattern=_REPLICA_PATTERN,
+            description="only this replica (state and totals are then its own)",
+        ),
+    ] = None,
+) -> FleetStatus:
+    if replica is None:
+        replicas = await fleet.replicas()
+    else:
+        one = await fleet.replica(replica)
+        if one is None:
+            raise ApiError(404, "REPLICA_NOT_FOUND", f"no replica {replica} is registered")
+        replicas = [one]
     now = time.time()
     return FleetStatus(
         state=fleet_state(replicas),
@@ -159,6 +178,7 @@ async def proxy_status(fleet: FleetDep) -> FleetStatus:
     responses=problem_responses(
         401, 403, 404, 422, 503, _404="Unknown replica (REPLICA_NOT_FOUND)"
     ),
+    openapi_extra=audit.action("proxy.start"),
 )
 async def proxy_start(
     request: Request, fleet: FleetDep, body: Annotated[Target | None, Body()] = None
@@ -176,6 +196,7 @@ async def proxy_start(
     responses=problem_responses(
         401, 403, 404, 422, 503, _404="Unknown replica (REPLICA_NOT_FOUND)"
     ),
+    openapi_extra=audit.action("proxy.stop"),
 )
 async def proxy_stop(
     request: Request,
