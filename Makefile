@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run proxy test lint fmt bench bench-store bench-visibility clean
+.PHONY: setup run proxy test lint fmt bench bench-store bench-visibility conformance-oracle clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,9 @@ bench-store: setup
 
 bench-visibility: setup
 	$(BIN)/python bench/visibility.py
+
+conformance-oracle: setup
+	$(BIN)/python tests/conformance/oracle.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

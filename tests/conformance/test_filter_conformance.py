@@ -1,0 +1,69 @@
+"""Our filter language against mitmproxy's, on flows that mitmproxy itself recorded.
+
+``flows.json`` and ``expected.json`` are written by ``oracle.py`` (run by hand, see its
+docstring): real traffic through a real mitmdump, and every expression of
+``expressions.py`` evaluated by ``mitmproxy.flowfilter``. Here each expression must
+compile exactly when mitmproxy accepted it, and then match exactly the same flows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libs.common.flowfilter import FilterError, compile_filter
+from tests.conformance.expressions import CASES, OPERATORS
+
+HERE = Path(__file__).resolve().parent
+FLOWS: list[dict[str, Any]] = json.loads((HERE / "flows.json").read_text())["flows"]
+EXPECTED: dict[str, Any] = json.loads((HERE / "expected.json").read_text())
+BY_EXPR: dict[str, dict[str, Any]] = {c["expr"]: c for c in EXPECTED["cases"]}
+
+
+@pytest.mark.parametrize("expr", CASES, ids=[f"{i:03d}:{e!r}" for i, e in enumerate(CASES)])
+def test_conformance(expr: str) -> None:
+    case = BY_EXPR.get(expr)
+    if case is None:
+        pytest.fail(f"{expr!r} is not in expected.json: rerun make conformance-oracle")
+    if case.get("error"):
+        with pytest.raises(FilterError):
+            compile_filter(expr)
+        return
+    try:
+        flt = compile_filter(expr)
+    except FilterError as exc:
+        pytest.fail(f"{expr!r} refused ({exc}), but mitmproxy accepts it as {case['describe']}")
+    ours = {f["id"] for f in FLOWS if flt.matches(f)}
+    theirs = set(case["matches"])
+    assert ours == theirs, (
+        f"{expr!r} (mitmproxy: {case['describe']})\n"
+        f"  only ours:      {sorted(ours - theirs)}\n"
+        f"  only mitmproxy: {sorted(theirs - ours)}"
+    )
+
+
+def test_expected_is_current() -> None:
+    """expected.json covers the corpus as it is (and nothing else), on these flows."""
+    assert len(CASES) == len(set(CASES)), "duplicate expressions in the corpus"
+    assert list(BY_EXPR) == CASES, "corpus and expected.json differ: rerun the oracle"
+    assert EXPECTED["flows"] == len(FLOWS)
+    assert EXPECTED["mitmproxy_version"]
+    ids = {f["id"] for f in FLOWS}
+    for case in EXPECTED["cases"]:
+        assert set(case.get("matches", [])) <= ids
+
+
+def test_corpus_covers_the_grammar() -> None:
+    used = {m for expr in CASES for m in re.findall(r"~[a-z]+", expr)}
+    assert set(OPERATORS) <= used, f"operators without a case: {set(OPERATORS) - used}"
+    assert len(CASES) >= 170
+    accepted = [c["expr"] for c in EXPECTED["cases"] if not c.get("error")]
+    for needle in ("!", "&", "|", "(", "'", '"', "\\"):
+        assert any(needle in e for e in accepted), f"no accepted case uses {needle!r}"
+    assert any(c.get("error") for c in EXPECTED["cases"])
+    juxtaposed = [c for c in EXPECTED["cases"] if c.get("describe", "").count(" and ") > 0]
+    assert juxtaposed
