@@ -501,7 +501,7 @@ class FlowView:
             host = self.text("host")
             for pair in self.headers("request"):
                 if isinstance(pair, list | tuple) and str(pair[0]).lower() == "host":
-                    host = _authority_host(str(pair[1])) or host
+                    host = authority_host(str(pair[1])) or host
                     break
             self._cache["ph"] = host
         return str(host)
@@ -532,7 +532,7 @@ class FlowView:
         return self.address("server")
 
 
-def _authority_host(authority: str) -> str:
+def authority_host(authority: str) -> str:
     """The host of a Host header value (``[::1]:8080`` -> ``::1``, ``a.b:80`` -> ``a.b``)."""
     value = authority.strip()
     if value.startswith("["):

@@ -202,6 +202,16 @@ class FlowQuery(BaseModel):
     max_status: int | None = Field(None, ge=100, le=599)
     state: FlowState | None = None
     replica: str | None = Field(None, max_length=64)
+    path: str | None = Field(
+        None, min_length=1, max_length=2048, description="path prefix (/api/ matches /api/v1)"
+    )
+    q: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="a mitmproxy filter expression (~d example.com & ~c 500); "
+        "see GET /api/filter-help",
+    )
     since: float | None = Field(None, description="epoch seconds, flows started at or after")
     until: float | None = Field(None, description="epoch seconds, flows started before")
     limit: int = Field(100, ge=1, le=1000)

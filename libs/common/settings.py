@@ -292,6 +292,13 @@ class StoreSettings(CommonSettings):
         le=32,
         description="processes that decode and write flow batches (0: in the store process)",
     )
+    store_scan_limit: int = Field(
+        20_000,
+        ge=100,
+        le=10_000_000,
+        description="rows a filter that SQL cannot decide alone (headers, bodies) rechecks "
+        "per listing; past it the page is partial and its cursor continues",
+    )
     store_ack_wait: float = Field(
         10.0,
         gt=0,

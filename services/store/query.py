@@ -14,6 +14,7 @@ import binascii
 import math
 from dataclasses import dataclass
 
+from libs.common.flowfilter import FilterError, Node, parse
 from libs.common.models import FlowQuery
 from services.store.repository import QueryError
 from services.store.rows import MAX_ID_LEN, reverse_host
@@ -65,6 +66,8 @@ class Plan:
     id_from: str | None
     id_below: str | None
     limit: int
+    path_prefix: str | None = None
+    tree: Node | None = None  # the ``q`` filter, parsed
 
 
 def _host(host: str) -> tuple[str | None, str | None]:
@@ -114,4 +117,12 @@ def plan(query: FlowQuery) -> Plan:
     if query.cursor is not None:
         after = decode_cursor(query.cursor)
         id_below = after if id_below is None else min(after, id_below)
-    return Plan(tuple(equal), rhost_prefix, lo, hi, id_from, id_below, query.limit)
+    tree = None
+    if query.q is not None:
+        try:
+            tree = parse(query.q)
+        except FilterError as exc:
+            raise QueryError("q", exc.message, code="BAD_FILTER", position=exc.position) from None
+    return Plan(
+        tuple(equal), rhost_prefix, lo, hi, id_from, id_below, query.limit, query.path, tree
+    )

@@ -17,13 +17,17 @@ from typing import Any
 
 import orjson
 
+from libs.common.flowfilter import authority_host
+
 FINAL_STATES = frozenset({"completed", "error", "killed"})
 STATES = FINAL_STATES | {"active"}
 MAX_ID_LEN = 64
 BODY_COMPRESSION_LEVEL = 1  # zlib: ~3x on text bodies at a few microseconds per KiB
 
 # Table columns in insert order. ``rhost`` is the host reversed (suffix globs become
-# prefix ranges on an index); bodies are zlib-compressed, NULL when empty.
+# prefix ranges on an index); bodies are zlib-compressed, NULL when empty; ``authority``
+# is the Host header's host, lowercased, only where it differs from ``host`` (the
+# filter language's ``~d`` and ``~u`` read it: see ``services.store.filtersql``).
 COLUMNS = (
     "id",
     "replica",
@@ -46,10 +50,13 @@ COLUMNS = (
     "doc",
     "req_body",
     "resp_body",
+    "authority",
 )
 
 # What a listing returns per flow (no headers, no bodies), in SELECT order.
-SUMMARY_COLUMNS = tuple(c for c in COLUMNS if c not in ("rhost", "doc", "req_body", "resp_body"))
+SUMMARY_COLUMNS = tuple(
+    c for c in COLUMNS if c not in ("rhost", "doc", "req_body", "resp_body", "authority")
+)
 
 Row = tuple[Any, ...]
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 63) - 1
@@ -115,11 +122,13 @@ def event_row(event: Mapping[str, Any], owned: bool = False) -> Row:
             raise BadEvent(f"flow {flow_id}: unknown state {state!r}")
         state = event["state"] = "active"
     request = get("request")
+    authority = None
     if type(request) is dict:
         if not owned:
             request = event["request"] = dict(request)
         req_body = _take_body(request)
         req_size, req_truncated = request.get("size"), request.get("truncated")
+        authority = _authority(request.get("headers"))
     elif request is None:
         req_body = req_size = req_truncated = None
     else:
@@ -149,6 +158,8 @@ def event_row(event: Mapping[str, Any], owned: bool = False) -> Row:
     host = get("host")
     if type(host) is not str:
         host = None
+    if authority is not None and host is not None and authority == host.lower():
+        authority = None
     method = get("method")
     return (
         flow_id,
@@ -172,7 +183,19 @@ def event_row(event: Mapping[str, Any], owned: bool = False) -> Row:
         doc,
         req_body,
         resp_body,
+        authority,
     )
+
+
+def _authority(headers: Any) -> str | None:
+    """The host of the first Host header, lowercased (None when there is none)."""
+    if type(headers) is not list:
+        return None
+    for pair in headers:
+        if type(pair) is list and len(pair) == 2 and type(pair[0]) is str:
+            if pair[0].lower() == "host" and type(pair[1]) is str:
+                return authority_host(pair[1]).lower() or None
+    return None
 
 
 def merge_into(rows: dict[str, Row], row: Row) -> None:

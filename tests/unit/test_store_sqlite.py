@@ -536,7 +536,11 @@ async def test_end_active_flows_of_a_gone_replica(repo: SQLiteRepository) -> Non
 async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
-    conn.executescript(sqlite_mod.SCHEMA.replace(",\n    presumed INTEGER NOT NULL DEFAULT 0", ""))
+    old_schema = sqlite_mod.SCHEMA.replace(
+        ",\n    presumed INTEGER NOT NULL DEFAULT 0,\n    authority TEXT", ""
+    )
+    assert "presumed" not in old_schema and "authority" not in old_schema
+    conn.executescript(old_schema)
     conn.execute("PRAGMA user_version = 1")
     conn.close()
     r = SQLiteRepository(path)

@@ -1,0 +1,296 @@
+"""A filter tree (``libs.common.flowfilter``) compiled to a portable SQL condition.
+
+The condition selects a superset of the matching flows; ``exact`` says whether it is
+the set itself. Candidates of an inexact condition are rechecked with the same
+evaluator the stream uses, so SQL never decides alone what it cannot decide exactly:
+
+- ``~c``, ``~q``, ``~s``, ``~e``, the kind operators: columns, exact;
+- ``~m``, ``~d``, ``~replica``, ``~state``, ``~kind``: the regex is run over the
+  column's distinct values (an index walk; methods and states are a handful, hosts
+  a few thousand) and becomes ``IN (...)``, exact. Too many hosts: a ``LIKE`` on
+  literals the regex requires, rechecked;
+- ``~u`` (and a bare value): ``LIKE`` on the literals the regex requires, over the
+  URL's columns, rechecked;
+- headers, bodies, content types, addresses, marks: no pruning, rechecked.
+
+AND of children is exact when all are; OR likewise, and one unprunable child makes
+the OR unprunable; NOT negates only an exact child (an inexact one under NOT cannot
+prune, since its superset negated would lose flows). Every leaf is wrapped in
+``COALESCE(..., FALSE)`` so that NULL columns never turn a NOT into "unknown".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from libs.common.flowfilter import BINARY, And, Leaf, Node, Not, Or
+
+try:  # CPython's own regex parser: the literals a pattern requires (best effort)
+    from re import _parser as _sre_parser  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - other interpreters: no literal prefilter
+    _sre_parser = None
+
+# Columns answerable without the stored document (the recheck builds a flow from them).
+ROW_COLUMNS = ("kind", "scheme", "method", "host", "authority", "port", "path", "state",
+               "replica", "error", "status")  # fmt: skip
+_DOC_CODES = frozenset(
+    {"h", "hq", "hs", "t", "tq", "ts", "a", "src", "dst", "meta", "marker", "comment",
+     "marked", "replay", "replayq", "replays"}
+)  # fmt: skip
+_BODY_CODES = frozenset({"b", "bq", "bs"})
+_VOCABULARY = {"m": "method", "replica": "replica", "state": "state", "kind": "kind"}
+HTTP = "(kind IS NULL OR kind IN ('http', 'websocket'))"
+MIN_LITERAL = 2  # shorter literals prune too little to be worth a LIKE
+
+# distinct values of a column (None: too many to list)
+Vocabulary = Callable[[str], list[str] | None]
+
+
+@dataclass
+class Condition:
+    """A SQL condition (``?`` placeholders) and whether it is exactly the filter."""
+
+    sql: str
+    params: list[object] = field(default_factory=list)
+    exact: bool = True
+
+    @property
+    def prunes(self) -> bool:
+        return self.sql != "TRUE"
+
+
+@dataclass(frozen=True)
+class Compiled:
+    condition: Condition
+    needs_doc: bool  # the recheck reads headers / addresses / marks
+    needs_bodies: bool  # the recheck reads bodies
+
+    @property
+    def exact(self) -> bool:
+        return self.condition.exact
+
+
+_TRUE = "TRUE"
+_FALSE = "FALSE"
+
+
+def _wrap(sql: str, params: list[object] | None = None, exact: bool = True) -> Condition:
+    return Condition(f"COALESCE(({sql}), FALSE)", params or [], exact)
+
+
+def _unprunable() -> Condition:
+    return Condition(_TRUE, [], exact=False)
+
+
+def compile_tree(tree: Node, vocabulary: Vocabulary) -> Compiled:
+    """``tree`` as a condition; ``vocabulary(column)`` lists a column's distinct values."""
+    codes = {leaf.code for leaf in _leaves(tree)}
+    return Compiled(
+        _node(tree, vocabulary),
+        needs_doc=bool(codes & (_DOC_CODES | _BODY_CODES)),
+        needs_bodies=bool(codes & _BODY_CODES),
+    )
+
+
+def _leaves(node: Node) -> list[Leaf]:
+    if isinstance(node, Leaf):
+        return [node]
+    if isinstance(node, Not):
+        return _leaves(node.child)
+    return [leaf for c in node.children for leaf in _leaves(c)]
+
+
+def _node(node: Node, vocabulary: Vocabulary) -> Condition:
+    if isinstance(node, Leaf):
+        return _leaf(node, vocabulary)
+    if isinstance(node, Not):
+        child = _node(node.child, vocabulary)
+        if not child.exact:
+            return _unprunable()
+        if child.sql == _TRUE:
+            return Condition(_FALSE)
+        if child.sql == _FALSE:
+            return Condition(_TRUE)
+        return Condition(f"NOT ({child.sql})", child.params)
+    parts = [_node(c, vocabulary) for c in node.children]
+    exact = all(p.exact for p in parts)
+    if isinstance(node, And):
+        kept = [p for p in parts if p.sql != _TRUE]
+        if any(p.sql == _FALSE for p in kept):
+            return Condition(_FALSE, [], exact)
+        return _join(kept, " AND ", exact, empty=_TRUE)
+    assert isinstance(node, Or)
+    if any(p.sql == _TRUE for p in parts):
+        return Condition(_TRUE, [], exact and all(p.exact for p in parts))
+    kept = [p for p in parts if p.sql != _FALSE]
+    return _join(kept, " OR ", exact, empty=_FALSE)
+
+
+def _join(parts: list[Condition], op: str, exact: bool, empty: str) -> Condition:
+    if not parts:
+        return Condition(empty, [], exact)
+    if len(parts) == 1:
+        return Condition(parts[0].sql, parts[0].params, exact)
+    params: list[object] = []
+    for p in parts:
+        params += p.params
+    return Condition("(" + op.join(f"({p.sql})" for p in parts) + ")", params, exact)
+
+
+def _leaf(leaf: Leaf, vocabulary: Vocabulary) -> Condition:
+    code = leaf.code
+    if code == "all":
+        return Condition(_TRUE)
+    if code in ("udp", "dns"):
+        return Condition(_FALSE)
+    if code == "http":
+        return _wrap(HTTP)
+    if code == "websocket":
+        return _wrap("kind = 'websocket'")
+    if code == "tcp":
+        return _wrap("kind = 'tunnel'")
+    if code == "q":
+        return _wrap(f"{HTTP} AND status IS NULL")
+    if code == "s":
+        return _wrap(f"{HTTP} AND status IS NOT NULL")
+    if code == "c":
+        return _wrap(f"{HTTP} AND status = ?", [leaf.number])
+    if code == "e":
+        return _wrap("error IS NOT NULL AND error <> ''")
+    if code in _VOCABULARY:
+        return _in_vocabulary(leaf, _VOCABULARY[code], vocabulary)
+    if code == "d":
+        return _domain(leaf, vocabulary)
+    if code == "u":
+        return _url(leaf)
+    return _unprunable()
+
+
+def _matching(leaf: Leaf, values: list[str]) -> list[str]:
+    rx = leaf.regex(binary=leaf.code in BINARY)
+    if leaf.code in BINARY:
+        return [v for v in values if rx.search(v.encode("latin-1", "replace")) is not None]
+    return [v for v in values if rx.search(v) is not None]
+
+
+def _in(column: str, values: list[str]) -> tuple[str, list[object]]:
+    if not values:
+        return _FALSE, []
+    return f"{column} IN ({', '.join('?' for _ in values)})", list(values)
+
+
+def _in_vocabulary(leaf: Leaf, column: str, vocabulary: Vocabulary) -> Condition:
+    values = vocabulary(column)
+    if values is None:
+        return _unprunable()
+    sql, params = _in(column, _matching(leaf, values))
+    if sql == _FALSE:
+        return Condition(_FALSE)
+    if leaf.code == "m":
+        return _wrap(f"{HTTP} AND {sql}", params)
+    return _wrap(sql, params)
+
+
+def _domain(leaf: Leaf, vocabulary: Vocabulary) -> Condition:
+    """``~d``: the request's host or the Host header's (``authority``, stored only when
+    it differs from the host)."""
+    hosts = vocabulary("host")
+    authorities = vocabulary("authority")
+    if hosts is not None and authorities is not None:
+        rhosts = [h[::-1] for h in _matching(leaf, hosts)]
+        host_sql, host_params = _in("rhost", rhosts)
+        auth_sql, auth_params = _in("authority", _matching(leaf, authorities))
+        either = [s for s in (host_sql, auth_sql) if s != _FALSE]
+        if not either:
+            return Condition(_FALSE)
+        return _wrap(f"{HTTP} AND ({' OR '.join(either)})", host_params + auth_params)
+    literals = required_literals(leaf.pattern or "")
+    if not literals:
+        return _unprunable()
+    like = _likes("host", literals)
+    like_auth = _likes("authority", literals)
+    return _wrap(
+        f"{HTTP} AND (({like[0]}) OR ({like_auth[0]}))", like[1] + like_auth[1], exact=False
+    )
+
+
+# The URL as ~u sees it, spelled twice: with the port and without (the real URL leaves a
+# default port out, and a literal may span host and path either way).
+_URL_WITH_PORT = (
+    "(COALESCE(scheme, 'http') || '://' || COALESCE(authority, host, '') || ':' "
+    "|| COALESCE(port, '') || COALESCE(path, ''))"
+)
+_URL_NO_PORT = (
+    "(COALESCE(scheme, 'http') || '://' || COALESCE(authority, host, '') || COALESCE(path, ''))"
+)
+
+
+def _url(leaf: Leaf) -> Condition:
+    literals = required_literals(leaf.pattern or "")
+    if not literals:
+        return Condition(_TRUE, [], exact=False) if leaf.pattern else _wrap(HTTP)
+    with_port = _likes(_URL_WITH_PORT, literals)
+    no_port = _likes(_URL_NO_PORT, literals)
+    return _wrap(
+        f"{HTTP} AND (({with_port[0]}) OR ({no_port[0]}))",
+        with_port[1] + no_port[1],
+        exact=False,
+    )
+
+
+def _likes(column: str, literals: list[str]) -> tuple[str, list[object]]:
+    """``lower(column) LIKE '%a%b%'``: the literals, in the order the regex requires them
+    (ASCII case folded on both sides, as the regex folds it)."""
+    pattern = "%" + "%".join(_escape_like(lit.lower()) for lit in literals) + "%"
+    return f"lower({column}) LIKE ? ESCAPE '\\'", [pattern]
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def required_literals(pattern: str) -> list[str]:
+    """Substrings every match of ``pattern`` contains, in order (may be empty).
+
+    Only top-level runs of literal characters count (a group without alternatives is
+    looked into); anything else ends a run. Literals with non-ASCII characters are
+    dropped: SQL ``LIKE`` folds case for ASCII only, and the regex folds all of it.
+    """
+    if _sre_parser is None:
+        return []
+    try:
+        parsed = _sre_parser.parse(pattern)
+    except Exception:
+        return []
+    runs: list[str] = []
+    current: list[str] = []
+
+    def end_run() -> None:
+        if current:
+            runs.append("".join(current))
+            current.clear()
+
+    def walk(items: object) -> None:
+        for op, arg in items:  # type: ignore[attr-defined]
+            name = str(op)
+            if name == "LITERAL":
+                current.append(chr(arg))
+            elif name == "SUBPATTERN" and not _has_branch(arg[-1]):
+                walk(arg[-1])
+            else:
+                end_run()
+
+    walk(parsed)
+    end_run()
+    return [r for r in runs if len(r) >= MIN_LITERAL and r.isascii()]
+
+
+def _has_branch(items: object) -> bool:
+    for op, arg in items:  # type: ignore[attr-defined]
+        name = str(op)
+        if name in ("BRANCH", "GROUPREF", "GROUPREF_EXISTS", "ASSERT", "ASSERT_NOT"):
+            return True
+        if name == "SUBPATTERN" and _has_branch(arg[-1]):
+            return True
+    return False
