@@ -268,6 +268,24 @@ def routes() -> dict[str, tuple[int, str, list[Header], bytes]]:
             [(CT, "text/plain"), (CE, "gzip"), (CE, "br")],
             _brotli(_gzip(b"two codings needle-chain")),
         ),
+        "/enc/chain-one": (
+            200,
+            "OK",
+            [(CT, "text/plain"), (CE, "gzip, br")],
+            _brotli(_gzip(b"one header two codings needle-chainone")),
+        ),
+        "/enc/gzip-zlib": (
+            200,
+            "OK",
+            [(CT, "text/plain"), (CE, "gzip")],
+            zlib.compress(b"zlib data labelled gzip needle-gzipzlib"),
+        ),
+        "/enc/base64": (
+            200,
+            "OK",
+            [(CT, "text/plain"), (CE, "base64")],
+            base64.b64encode(b"a codec that is no coding needle-b64codec"),
+        ),
         "/enc/bad": (
             200,
             "OK",
