@@ -68,7 +68,9 @@ class Store:
                 await self.bus.ensure_streams()
             except Exception as exc:
                 raise StartupError(f"cannot create the JetStream streams: {exc!r}") from None
-            repo = SQLiteRepository(s.db_path, ingest_workers=s.store_ingest_workers)
+            repo = SQLiteRepository(
+                s.db_path, ingest_workers=s.store_ingest_workers, scan_limit=s.store_scan_limit
+            )
             try:
                 await repo.open()
             except RepositoryError as exc:

@@ -15,19 +15,54 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from libs.common.models import FlowQuery
-from services.store.rows import Decoded, split_payloads
+from services.store.rows import FINAL_STATES, Decoded, split_payloads
 
 Summary = dict[str, Any]
 Page = tuple[list[Summary], str | None]
 
 
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A page of a listing with what a client needs to present it.
+
+    ``filtered_count``: flows matching the filters, exact when ``count_exact``, else a
+    lower bound (counting stops at a bound; a filter rechecked row by row counts what
+    it has seen). ``scanned``/``partial``: a filter that SQL cannot decide alone is
+    checked on at most a budget of rows per call; ``partial`` says the budget ran out
+    before the page was full, and ``next_cursor`` then continues where the scan stopped.
+    """
+
+    flows: list[Summary]
+    next_cursor: str | None
+    filtered_count: int | None = None
+    count_exact: bool = True
+    scanned: int | None = None
+    partial: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"flows": self.flows, "next_cursor": self.next_cursor}
+        if self.filtered_count is not None:
+            out["filtered_count"] = self.filtered_count
+            out["filtered_count_exact"] = self.count_exact
+        if self.scanned is not None:
+            out["scanned"] = self.scanned
+            out["partial"] = self.partial
+        return out
+
+
 class QueryError(Exception):
     """A query the store cannot answer as asked (answered as ``BAD_QUERY``)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(
+        self, field: str, message: str, code: str = "BAD_QUERY", position: int | None = None
+    ) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.code = code  # BAD_FILTER for a ``q`` that does not parse
+        self.position = position  # where in ``q`` (0-based), for BAD_FILTER
 
 
 class RepositoryError(Exception):
@@ -46,9 +81,24 @@ class FlowRecord:
     request_body: bytes
     response_body: bytes
 
+    @property
+    def bodies_known(self) -> bool:
+        """Whether the bodies are the flow's own: it is final and its replica said so.
+
+        Bodies travel with the final event only, and the table keeps an empty body as
+        NULL, so "empty" and "not known yet" look alike in the row; the state in the
+        document tells them apart. A flow the store ended itself for a gone replica
+        (``ended_by_store``) is final without its bodies ever having arrived.
+        """
+        doc = self.doc
+        return doc.get("state") in FINAL_STATES and not doc.get("ended_by_store")
+
     def to_wire(self) -> dict[str, Any]:
-        """The record in event form: bodies back in ``request/response.body_b64``."""
+        """The record in event form: bodies back in ``request/response.body_b64``
+        (``""`` for an empty body), absent while they are not known (active flows)."""
         doc = dict(self.doc)
+        if not self.bodies_known:
+            return doc
         request = doc.get("request")
         if isinstance(request, dict):
             doc["request"] = {**request, "body_b64": _b64(self.request_body)}
@@ -69,6 +119,29 @@ class IngestResult:
     @classmethod
     def of(cls, decoded: Decoded, extra_bad: int = 0) -> IngestResult:
         return cls(decoded.events, decoded.bad_events + extra_bad, tuple(decoded.undecodable))
+
+
+@dataclass(frozen=True, slots=True)
+class Exported:
+    """Serialised wire documents of an export page: ``(id, json)`` newest first, and
+    whether every id asked for was looked at (False: the byte budget stopped it)."""
+
+    flows: list[tuple[str, bytes]]
+    complete: bool
+
+
+def wire_bytes(record: FlowRecord, max_bytes: int) -> bytes:
+    """``record.to_wire()`` as JSON; one that is over ``max_bytes`` on its own loses its
+    bodies (the parts say ``body_omitted``), so that any flow can be exported."""
+    doc = record.to_wire()
+    data = orjson.dumps(doc)
+    if len(data) <= max_bytes:
+        return data
+    for name in ("request", "response"):
+        part = doc.get(name)
+        if isinstance(part, dict) and "body_b64" in part:
+            doc[name] = {k: v for k, v in part.items() if k != "body_b64"} | {"body_omitted": True}
+    return orjson.dumps(doc)
 
 
 def _b64(data: bytes) -> str:
@@ -107,9 +180,36 @@ class FlowRepository(abc.ABC):
     async def list(self, query: FlowQuery) -> Page:
         """A page of flow summaries, newest first, and the cursor of the next page (or None)."""
 
+    async def listing(self, query: FlowQuery) -> Listing:
+        """``list`` with its counts (backends that can count cheaply override this)."""
+        flows, cursor = await self.list(query)
+        return Listing(flows, cursor)
+
     @abc.abstractmethod
     async def get(self, flow_id: str) -> FlowRecord | None:
         """The full record of one flow, or None if it is not stored."""
+
+    async def export_records(self, ids: Sequence[str], max_bytes: int) -> Exported:
+        """The flows ``ids`` (newest first, as a listing gives them) in wire form, each
+        serialised (``FlowRecord.to_wire``), as many as fit in ``max_bytes`` together.
+
+        For ``fleet.store.export``: one reply must fit a NATS message, so this stops at
+        the first flow that would not fit (always taking at least one: see
+        ``wire_bytes``). Ids no longer stored (pruned meanwhile) are skipped. Backends
+        override this to read the flows in one query; this default asks ``get`` for each.
+        """
+        out: list[tuple[str, bytes]] = []
+        used = 0
+        for flow_id in ids:
+            record = await self.get(flow_id)
+            if record is None:
+                continue
+            data = wire_bytes(record, max_bytes)
+            if out and used + len(data) + 1 > max_bytes:
+                return Exported(out, complete=False)
+            out.append((flow_id, data))
+            used += len(data) + 1
+        return Exported(out, complete=True)
 
     @abc.abstractmethod
     async def count(self, query: FlowQuery) -> int:

@@ -1,4 +1,4 @@
-"""Store queries over NATS request/reply: ``fleet.store.list|get|count``.
+"""Store queries over NATS request/reply: ``fleet.store.list|get|count|export``.
 
 Every store replica subscribes in queue group ``store``, so NATS hands each
 query to one of them. Every request gets exactly one reply: the result, or
@@ -24,6 +24,7 @@ from libs.common import subjects
 from libs.common.bus import Bus, processing
 from libs.common.models import FlowQuery, StoreError
 from libs.common.tasks import spawn
+from services.store import export
 from services.store.repository import FlowRepository, QueryError, RepositoryError
 
 log = logging.getLogger("proxyfleet.store.rpc")
@@ -71,11 +72,16 @@ def _parse(model: type[BaseModel], data: bytes) -> Any:
         raise _validation_error(exc) from None
 
 
-def error_reply(code: str, message: str, field: str | None = None) -> bytes:
-    """``{"error": {"code", "message"}}``, plus ``field`` (first one at fault) on BAD_QUERY."""
+def error_reply(
+    code: str, message: str, field: str | None = None, position: int | None = None
+) -> bytes:
+    """``{"error": {"code", "message"}}``, plus ``field`` (first one at fault) on BAD_QUERY
+    and BAD_FILTER, and ``position`` (in the filter) on BAD_FILTER."""
     error = StoreError(code=code, message=message).model_dump()
     if field is not None:
         error["field"] = field
+    if position is not None:
+        error["position"] = position
     return orjson.dumps({"error": error})
 
 
@@ -94,6 +100,7 @@ class StoreRPC:
             "list": self._list,
             "get": self._get,
             "count": self._count,
+            "export": self._export,
         }
 
     async def start(self) -> None:
@@ -146,7 +153,7 @@ class StoreRPC:
             return error_reply(exc.code, str(exc), exc.field)
         except QueryError as exc:
             self.failed += 1
-            return error_reply("BAD_QUERY", str(exc), exc.field)
+            return error_reply(exc.code, str(exc), exc.field, exc.position)
         except RepositoryError as exc:
             self.failed += 1
             log.warning("query failed: %s", exc)
@@ -160,12 +167,15 @@ class StoreRPC:
 
     async def _list(self, data: bytes) -> dict[str, Any]:
         query: FlowQuery = _parse(FlowQuery, data)
-        rows, cursor = await self.repo.list(query)
-        return {"flows": rows, "next_cursor": cursor}
+        return (await self.repo.listing(query)).to_wire()
 
     async def _count(self, data: bytes) -> dict[str, Any]:
         query: FlowQuery = _parse(FlowQuery, data)
         return {"count": await self.repo.count(query)}
+
+    async def _export(self, data: bytes) -> dict[str, Any]:
+        query: FlowQuery = _parse(FlowQuery, data)
+        return await export.export_page(self.repo, query, export.budget(self.bus.max_payload))
 
     async def _get(self, data: bytes) -> dict[str, Any]:
         req: GetRequest = _parse(GetRequest, data)

@@ -77,6 +77,9 @@ def conditions(plan: Plan, pinned: tuple[str, object] | None = None) -> Where:
         if plan.status_max is not None:
             clauses.append("status <= ?")
             params.append(plan.status_max)
+    if plan.path_prefix is not None:
+        clauses.append("path >= ? AND path < ?")
+        params += [plan.path_prefix, prefix_end(plan.path_prefix)]
     if plan.id_from is not None:
         clauses.append("id >= ?")
         params.append(plan.id_from)
@@ -146,3 +149,10 @@ def next_value(column: str, high_inclusive: bool, first: bool) -> str:
         f"SELECT {column} FROM flows WHERE {column} {low_op} ? AND {column} {high_op} ? "
         f"ORDER BY {column} LIMIT 1"
     )
+
+
+def records_in(n: int) -> str:
+    """The stored documents and bodies of ``n`` flows by id, newest first (an export page:
+    the ids a listing selected, read by primary key)."""
+    marks = ", ".join("?" for _ in range(n))
+    return f"SELECT id, doc, req_body, resp_body FROM flows WHERE id IN ({marks}) ORDER BY id DESC"

@@ -29,14 +29,17 @@ import orjson
 
 from libs.common import logs
 from libs.common.models import FlowQuery
-from services.store import sql, writer
+from services.store import search, sql, writer
 from services.store.query import Plan, encode_cursor, plan, time_bound
 from services.store.repository import (
+    Exported,
     FlowRecord,
     FlowRepository,
     IngestResult,
+    Listing,
     Page,
     RepositoryError,
+    wire_bytes,
 )
 from services.store.rows import Row, decode_body, decode_payloads, rows_of, summary
 
@@ -44,10 +47,12 @@ log = logging.getLogger("proxyfleet.store.sqlite")
 
 T = TypeVar("T")
 Values = list[object]  # (module-level: inside the class ``list`` is the query method)
+Rows = list[tuple[Any, ...]]
 Statement = tuple[str | None, Values]
 
 # 2: ``presumed`` (flows the store ended for a gone replica) and the ``meta`` table.
-SCHEMA_VERSION = 2
+# 3: ``authority`` (the Host header's host where it differs from ``host``).
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS flows (
     id TEXT PRIMARY KEY,
@@ -71,7 +76,8 @@ CREATE TABLE IF NOT EXISTS flows (
     doc BLOB NOT NULL,
     req_body BLOB,
     resp_body BLOB,
-    presumed INTEGER NOT NULL DEFAULT 0
+    presumed INTEGER NOT NULL DEFAULT 0,
+    authority TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS flows_rhost ON flows (rhost, id);
@@ -79,6 +85,11 @@ CREATE INDEX IF NOT EXISTS flows_method ON flows (method, id);
 CREATE INDEX IF NOT EXISTS flows_status ON flows (status, id);
 CREATE INDEX IF NOT EXISTS flows_state ON flows (state, id);
 CREATE INDEX IF NOT EXISTS flows_replica ON flows (replica, id);
+CREATE INDEX IF NOT EXISTS flows_kind ON flows (kind, id);
+"""
+# Indexes on columns added by a migration (created after it has run).
+LATE_INDEXES = """
+CREATE INDEX IF NOT EXISTS flows_authority ON flows (authority, id) WHERE authority IS NOT NULL;
 """
 
 # Rows, estimated from the rowid range (two b-tree edge lookups, no scan); NULL when empty.
@@ -86,6 +97,7 @@ ROWID_SPAN = "SELECT (SELECT max(rowid) FROM flows) - (SELECT min(rowid) FROM fl
 PRUNE_CHUNK = 2000  # rows per delete transaction: ~10-30 ms of writer time
 SPLIT_MAX_VALUES = 100  # more distinct values than this: let the planner range-scan
 ANALYZE_EVERY = 20  # prune passes between statistics refreshes
+DEFAULT_SCAN_LIMIT = 20_000  # FLEET_STORE_SCAN_LIMIT
 
 
 def _private_file(path: Path) -> None:
@@ -101,9 +113,16 @@ def _private_file(path: Path) -> None:
 class SQLiteRepository(FlowRepository):
     """Flows in one SQLite file (``$FLEET_DATA_DIR/flows.db`` by default)."""
 
-    def __init__(self, path: Path, readers: int = 2, ingest_workers: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        readers: int = 2,
+        ingest_workers: int = 0,
+        scan_limit: int = DEFAULT_SCAN_LIMIT,
+    ) -> None:
         self.path = Path(path)
         self.ingest_workers = ingest_workers
+        self.scan_limit = scan_limit  # rows a rechecked filter looks at per call
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="store-decode")
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="store-reader")
@@ -174,12 +193,16 @@ class SQLiteRepository(FlowRepository):
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot use WAL (journal_mode is {mode})")
-            conn.executescript(SCHEMA)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 1:  # CREATE TABLE IF NOT EXISTS kept the old flows table
-                conn.execute("ALTER TABLE flows ADD COLUMN presumed INTEGER NOT NULL DEFAULT 0")
-            elif version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, 2, SCHEMA_VERSION):
                 raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
+            # CREATE TABLE IF NOT EXISTS keeps an older flows table: add what it lacks
+            if version in (1, 2):
+                if version == 1:
+                    conn.execute("ALTER TABLE flows ADD COLUMN presumed INTEGER NOT NULL DEFAULT 0")
+                conn.execute("ALTER TABLE flows ADD COLUMN authority TEXT")
+            conn.executescript(SCHEMA)
+            conn.executescript(LATE_INDEXES)
             if version != SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute(sql.META_INSERT, ("db_id", secrets.token_hex(8)))
@@ -373,8 +396,28 @@ class SQLiteRepository(FlowRepository):
 
     # -- queries ----------------------------------------------------------------------------
     async def list(self, query: FlowQuery) -> Page:
+        found = await self.listing(query)
+        return found.flows, found.next_cursor
+
+    async def listing(self, query: FlowQuery) -> Listing:
         p = plan(query)
-        return await self._read(self._list, p)
+        return await self._read(self._listing, p)
+
+    def _execute(self, statement: str, params: Values) -> Rows:
+        return self._reader().execute(statement, params).fetchall()
+
+    def _listing(self, p: Plan) -> Listing:
+        try:
+            if p.tree is not None:
+                found = search.listing(self._execute, p, self.scan_limit)
+                assert found is not None
+                return found
+            flows, cursor = self._list(p)
+            where, params = sql.conditions(p)
+            count, exact = search.bounded_count(self._execute, where, params)
+        except sqlite3.Error as exc:
+            raise RepositoryError(f"query failed: {exc}") from None
+        return Listing(flows, cursor, count, exact)
 
     def _list(self, p: Plan) -> Page:
         conn = self._reader()
@@ -432,6 +475,8 @@ class SQLiteRepository(FlowRepository):
     def _count(self, p: Plan) -> int:
         statement, params = sql.count(p)
         try:
+            if p.tree is not None:
+                return search.count(self._execute, p, self.scan_limit)[0]
             return int(self._reader().execute(statement, params).fetchone()[0])
         except sqlite3.Error as exc:
             raise RepositoryError(f"query failed: {exc}") from None
@@ -449,6 +494,35 @@ class SQLiteRepository(FlowRepository):
         doc, req_body, resp_body = row
         return FlowRecord(orjson.loads(doc), decode_body(req_body), decode_body(resp_body))
 
+    async def export_records(self, ids: Sequence[str], max_bytes: int) -> Exported:
+        if not ids:
+            return Exported([], complete=True)
+        return await self._read(self._export_records, list(ids), max_bytes)
+
+    def _export_records(self, ids: Sequence[str], max_bytes: int) -> Exported:
+        """One primary-key read of the page, serialised in this reader thread; rows are
+        taken one at a time and reading stops at the byte budget (memory stays one reply)."""
+        page = Exported([], complete=True)
+        out = page.flows  # (``list`` in this class is the query method: no annotation here)
+        used = 0
+        try:
+            cur = self._reader().execute(sql.records_in(len(ids)), ids)
+            try:
+                for flow_id, doc, req_body, resp_body in cur:
+                    record = FlowRecord(
+                        orjson.loads(doc), decode_body(req_body), decode_body(resp_body)
+                    )
+                    data = wire_bytes(record, max_bytes)
+                    if out and used + len(data) + 1 > max_bytes:
+                        return Exported(out, complete=False)
+                    out.append((flow_id, data))
+                    used += len(data) + 1
+            finally:
+                cur.close()
+        except sqlite3.Error as exc:
+            raise RepositoryError(f"query failed: {exc}") from None
+        return page
+
 
 def _ended_doc(doc: bytes, reason: str, now: float) -> bytes:
     """The stored event document of an active flow, rewritten as the store's error event."""
@@ -458,7 +532,8 @@ def _ended_doc(doc: bytes, reason: str, now: float) -> bytes:
         event = {}
     if not isinstance(event, dict):
         event = {}
-    event.update(event="error", state="error", error=reason)
+    # ended_by_store: final, but its bodies never arrived (FlowRecord.bodies_known)
+    event.update(event="error", state="error", error=reason, ended_by_store=True)
     timings = event.get("timings")
     if isinstance(timings, dict):
         event["timings"] = {**timings, "end": now}

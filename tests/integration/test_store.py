@@ -269,7 +269,12 @@ async def test_invalid_json_unknown_id_and_empty_body(make_store: MakeStore, bus
     assert reply["error"]["code"] == "BAD_QUERY" and reply["error"]["message"].startswith("body:")
     reply = await rpc(bus, "get", {"id": "0123456789abcdef01234567"})
     assert reply["error"]["code"] == "FLOW_NOT_FOUND"
-    assert await rpc(bus, "list", raw=b"") == {"flows": [], "next_cursor": None}
+    assert await rpc(bus, "list", raw=b"") == {
+        "flows": [],
+        "next_cursor": None,
+        "filtered_count": 0,
+        "filtered_count_exact": True,
+    }
     assert await rpc(bus, "count", raw=b"") == {"count": 0}
 
 
