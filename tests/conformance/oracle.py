@@ -18,7 +18,10 @@ What it does, in two stages:
 2. **evaluate** (the 3.12 venv, ``--evaluate FILE``): read the recorded flows with
    ``mitmproxy.io.FlowReader``, convert each HTTP flow into our flow event format
    (ids ``f00``..``fNN`` in recording order), and evaluate every expression of the
-   corpus with ``mitmproxy.flowfilter.parse`` on the *mitmproxy* flow objects.
+   corpus with ``mitmproxy.flowfilter.parse`` on the *mitmproxy* flow objects. As a
+   check of the conversion, each expression is also evaluated on mitmproxy flows
+   rebuilt from the converted docs alone; a difference is printed as a WARNING (our
+   format would then lack something that filter looks at).
 
 Outputs, both committed: ``flows.json`` (header + converted flows) and
 ``expected.json`` (header with the mitmproxy version + one case per expression:
