@@ -219,6 +219,72 @@ async def test_config_hot_reload_etag_validation_history(
     assert [h["config"]["capture_body_limit"] for h in history] == [2048, 10]
 
 
+async def test_config_round_trip_patch_compare_rollback(
+    api: httpx.AsyncClient, make_proxy: MakeProxy
+) -> None:
+    """A real replica applies every kind of write; compare reads what it runs."""
+    proxy = await make_proxy()
+    await registered(api, proxy)
+    # GET's body, edited, goes straight back; its revision is the precondition
+    current = (await api.get("/api/config", headers=READ)).json()
+    current["config"]["capture_body_limit"] = 11
+    put = await api.put("/api/config", json=current, headers=ADMIN)
+    assert put.status_code == 200, put.text
+    first = put.json()["revision"]
+    assert put.json()["applied"] == [proxy.id] and proxy.ctx.config.doc.capture_body_limit == 11
+    replayed = await api.put("/api/config", json=current, headers=ADMIN)  # revision 0: stale
+    assert replayed.status_code == 412 and replayed.json()["code"] == "CONFIG_CONFLICT"
+
+    # a merge patch changes one field and keeps the rest
+    patch = await api.patch(
+        "/api/config",
+        content=b'{"ignore_hosts": ["bank.example"]}',
+        headers={
+            **ADMIN,
+            "Content-Type": "application/merge-patch+json",
+            "If-Match": f'"{first}"',
+        },
+    )
+    assert patch.status_code == 200, patch.text
+    second = patch.json()["revision"]
+    assert patch.json()["applied"] == [proxy.id]
+    assert proxy.ctx.config.doc.ignore_hosts == ["bank.example"]
+    assert proxy.ctx.config.doc.capture_body_limit == 11
+    bad = await api.patch("/api/config", json={"ignore_hosts": "bank.example"}, headers=ADMIN)
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "body.ignore_hosts"
+    assert proxy.ctx.config.revision == second  # the good config stays
+
+    compare = (await api.get("/api/config/compare", headers=READ)).json()
+    assert compare["revision"] == second and compare["in_sync"] is True
+    (view,) = compare["replicas"]
+    assert view["id"] == proxy.id and view["state"] == "applied" and view["revision"] == second
+    assert view["differences"] == [] and view["running"]["ignore_hosts"] == ["bank.example"]
+
+    # rollback to the first write: a new revision with the first document, applied
+    back = await api.post("/api/config/rollback", json={"revision": first}, headers=ADMIN)
+    assert back.status_code == 200, back.text
+    third = back.json()["revision"]
+    assert third > second and back.json()["applied"] == [proxy.id]
+    assert proxy.ctx.config.revision == third and proxy.ctx.config.doc.ignore_hosts == []
+    missing = await api.post("/api/config/rollback", json={"revision": 10**9}, headers=ADMIN)
+    assert missing.status_code == 404 and missing.json()["code"] == "CONFIG_REVISION_NOT_FOUND"
+    for hostile in (0, -1, "1", 10**30):
+        resp = await api.post("/api/config/rollback", json={"revision": hostile}, headers=ADMIN)
+        assert resp.status_code == 422, (hostile, resp.text)
+    history = (await api.get("/api/config/history", headers=READ)).json()["revisions"]
+    assert [h["revision"] for h in history] == [third, second, first]
+    assert history[0]["config"] == history[2]["config"]
+
+    # one replica's status; an unknown one is a 404, an unknown parameter a 422
+    one = await api.get("/api/proxy/status", params={"replica": proxy.id}, headers=READ)
+    assert [r["id"] for r in one.json()["replicas"]] == [proxy.id]
+    assert one.json()["replicas"][0]["config_revision"] == third
+    gone = await api.get("/api/proxy/status", params={"replica": "nope"}, headers=READ)
+    assert gone.status_code == 404 and gone.json()["code"] == "REPLICA_NOT_FOUND"
+    typo = await api.get("/api/proxy/status", params={"replicas": proxy.id}, headers=READ)
+    assert typo.status_code == 422 and typo.json()["errors"][0]["field"] == "query.replicas"
+
+
 # -- CA -------------------------------------------------------------------------------------
 async def test_ca_pem(api: httpx.AsyncClient, make_proxy: MakeProxy) -> None:
     missing = await api.get("/api/ca.pem", headers=READ)
@@ -433,6 +499,8 @@ def _harmless(method: str, path: str) -> Any:
         return {"replica": "not-registered"}  # 404: nothing is stopped
     if path == "/api/proxy/start":
         return {}
-    if path == "/api/config" and method == "PUT":
+    if path == "/api/config" and method in ("PUT", "PATCH"):
         return {"capture_body_limit": -1}  # 422: nothing is written
+    if path == "/api/config/rollback":
+        return {"revision": 0}  # 422: nothing is written
     return None

@@ -14,6 +14,7 @@ import pytest
 
 from libs.common import events, subjects
 from libs.common.bus import Bus
+from libs.common.models import Severity
 from libs.common.natsserver import EmbeddedNats
 from libs.common.settings import StoreSettings
 from libs.common.tasks import cancel_and_wait
@@ -163,6 +164,54 @@ async def test_replica_lifecycle_events_filters_and_pages(
         assert resp.json()["errors"][0]["field"] == field
 
 
+async def test_severity_and_time_range(api: httpx.AsyncClient, nats_url: str) -> None:
+    bus = await Bus.connect(nats_url, "test", 5.0)
+    try:
+        await bus.ensure_streams()
+        severities: tuple[Severity, ...] = ("info", "warning", "error", "info", "warning")
+        for severity in severities:
+            sent = await events.emit(bus, "sev-test", f"t_{severity}", {}, severity)
+            assert sent is not None
+    finally:
+        await bus.close()
+    every = await types_of(api, source="sev-test")
+    assert every == ["t_warning", "t_info", "t_error", "t_warning", "t_info"]
+    # at least: warning means warnings and errors, newest first, paged after filtering
+    assert await types_of(api, source="sev-test", severity="warning") == [
+        "t_warning",
+        "t_error",
+        "t_warning",
+    ]
+    assert await types_of(api, source="sev-test", severity="error") == ["t_error"]
+    assert await types_of(api, source="sev-test", severity="info") == every
+    page = await list_events(api, source="sev-test", severity="warning", limit=2)
+    assert [e["type"] for e in page["events"]] == ["t_warning", "t_error"]
+    rest = await list_events(api, source="sev-test", severity="warning", cursor=page["next_cursor"])
+    assert [e["type"] for e in rest["events"]] == ["t_warning"] and rest["next_cursor"] is None
+    asc = await types_of(api, source="sev-test", severity="warning", order="asc")
+    assert asc == ["t_warning", "t_error", "t_warning"]
+    # time_range: the last n seconds/minutes/hours/days before now, or all
+    for shorthand in ("5m", "1h", "24h", "7d", "all"):
+        assert await types_of(api, source="sev-test", time_range=shorthand) == every
+    await asyncio.sleep(1.1)
+    assert await types_of(api, source="sev-test", time_range="1s") == []
+    assert await types_of(api, source="sev-test", time_range="1s", severity="error") == []
+
+    for query, field in [
+        ({"time_range": "5x"}, "query.time_range"),
+        ({"time_range": "0m"}, "query.time_range"),
+        ({"time_range": "1h", "since": "2025-01-01T00:00:00Z"}, "query.time_range"),
+        ({"time_range": "all", "until": 5}, "query.time_range"),
+        ({"severity": "debug"}, "query.severity"),
+        ({"severity": "critical"}, "query.severity"),
+        ({"level": "error"}, "query.level"),
+    ]:
+        resp = await api.get("/api/events", params=query, headers=READ)
+        assert resp.status_code == 422, (query, resp.text)
+        assert resp.headers["content-type"] == "application/problem+json"
+        assert [e["field"] for e in resp.json()["errors"]] == [field], query
+
+
 # -- config -------------------------------------------------------------------------------
 async def test_config_changes_are_audited_applied_and_rejected(
     api: httpx.AsyncClient, make_proxy: MakeProxy, nats_url: str
@@ -221,6 +270,8 @@ async def test_config_changes_are_audited_applied_and_rejected(
         (403, "viewer"),
         (401, None),
     ]
+    # refused before the route ran, yet recorded with the action it attempted
+    assert [r["data"]["action"] for r in records] == ["proxy.start", "proxy.start"]
 
     # nothing secret anywhere in the log
     everything = await api.get("/api/events", params={"limit": 1000}, headers=READ)

@@ -91,6 +91,37 @@ async def test_status_aggregates_the_registry(
     assert body["state"] == "running" and [r["id"] for r in body["replicas"]] == ["b"]
 
 
+async def test_status_of_one_replica(
+    client: httpx.AsyncClient, fleet: list[FakeReplica], nats_url: str
+) -> None:
+    await add(fleet, nats_url, "a", state="stopped", flows_total=5)
+    await add(fleet, nats_url, "b", active_connections=2, flows_total=10)
+    resp = await client.get("/api/proxy/status", params={"replica": "b"}, headers=READ)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["state"] == "running" and [r["id"] for r in body["replicas"]] == ["b"]
+    assert body["totals"]["replicas"] == 1 and body["totals"]["flows_total"] == 10
+    stopped = (await client.get("/api/proxy/status?replica=a", headers=READ)).json()
+    assert stopped["state"] == "stopped"
+    unknown = await client.get("/api/proxy/status?replica=nope", headers=READ)
+    assert unknown.status_code == 404 and unknown.json()["code"] == "REPLICA_NOT_FOUND"
+    assert unknown.headers["content-type"] == "application/problem+json"
+    for bad in ("", "a.b", "*", "x" * 65, "../a"):
+        resp = await client.get("/api/proxy/status", params={"replica": bad}, headers=READ)
+        assert resp.status_code == 422, (bad, resp.text)
+        assert [e["field"] for e in resp.json()["errors"]] == ["query.replica"]
+
+
+async def test_status_refuses_unknown_parameters(client: httpx.AsyncClient) -> None:
+    resp = await client.get("/api/proxy/status?replcia=a&state=running", headers=READ)
+    assert resp.status_code == 422 and resp.json()["code"] == "VALIDATION_ERROR"
+    errors = resp.json()["errors"]
+    assert [e["field"] for e in errors] == ["query.replcia", "query.state"]
+    assert all(e["type"] == "extra_forbidden" and "replica" in e["message"] for e in errors)
+    # the key is checked first: a bad key is a 401 whatever the query
+    assert (await client.get("/api/proxy/status?replcia=a")).status_code == 401
+
+
 async def test_stop_and_start_all(
     client: httpx.AsyncClient, fleet: list[FakeReplica], nats_url: str
 ) -> None:
