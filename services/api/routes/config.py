@@ -109,6 +109,7 @@ IfMatch = Annotated[
 ]
 
 _DOCUMENT_SCHEMA = RuntimeConfig.model_json_schema()
+_PATCH_SCHEMA = {"type": "object", "description": "fields to change; null = back to the default"}
 _ENVELOPE_SCHEMA = {
     "title": "ConfigView",
     "type": "object",
@@ -206,12 +207,7 @@ async def put_config(
         "requestBody": {
             "required": True,
             "content": {
-                MERGE_PATCH: {
-                    "schema": {
-                        "type": "object",
-                        "description": "fields to change; null = back to the default",
-                    }
-                }
+                media: {"schema": _PATCH_SCHEMA} for media in (MERGE_PATCH, "application/json")
             },
         },
         **audit.action(PATCH_ACTION),
