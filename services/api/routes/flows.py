@@ -17,10 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common import telemetry
 from services.api import audit
-from services.api.bodies import Part, header, raw_body, render_flow
+from services.api.bodies import Part, header, raw_body, render_flow, undo_coding
 from services.api.deps import FleetDep, StoreDep
 from services.api.errors import ApiError, problem_responses
-from services.api.params import FlowListParams, flow_list_params, openapi_parameters
+from services.api.params import (
+    FlowListParams,
+    flow_list_params,
+    openapi_parameters,
+    validate_query,
+)
 
 router = APIRouter(prefix="/flows", tags=["flows"])
 
@@ -67,9 +72,18 @@ class MessagePart(BaseModel):
     """A request or response as recorded, its body inline.
 
     ``body`` is text when the recorded bytes are UTF-8 (``encoding: utf-8``),
-    else base64 (``encoding: base64``); null while the flow is still active.
-    ``size`` is the real size on the wire, ``truncated`` whether capture kept
-    less than that. ``headers`` are ``[name, value]`` pairs in wire order.
+    else base64 (``encoding: base64``); null while the flow is still active
+    (``""`` is an empty body). ``size`` is the real size on the wire,
+    ``truncated`` whether capture kept less than that. ``headers`` are
+    ``[name, value]`` pairs in wire order.
+
+    With ``decode=true`` the part also has ``content_encoding`` (the recorded
+    Content-Encoding, null when none) and ``decoded``: true when ``body`` is the
+    body with that coding undone (its size in ``decoded_size``). When a coding
+    was named but could not be undone, ``body`` is as recorded and
+    ``decode_error`` says why: ``truncated`` (cut at the capture limit),
+    ``unsupported`` (not gzip, deflate, br or zstd) or ``invalid`` (corrupt, or
+    over 64 MiB decoded).
     """
 
     model_config = ConfigDict(extra="allow")
@@ -79,6 +93,10 @@ class MessagePart(BaseModel):
     truncated: bool
     body: str | None
     encoding: Literal["utf-8", "base64"] | None
+    content_encoding: str | None = None
+    decoded: bool | None = None
+    decoded_size: int | None = None
+    decode_error: Literal["truncated", "unsupported", "invalid"] | None = None
 
 
 class ResponsePart(MessagePart):
@@ -123,6 +141,29 @@ class KillResult(BaseModel):
     replica: str = Field(description="the replica that held the connection")
 
 
+class BodyParams(BaseModel):
+    """Query parameters of the detail and raw body routes; any other is a 422."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decode: Literal["true", "false"] = Field(
+        "false",
+        description="undo the body's Content-Encoding (gzip, deflate, br, zstd; layered "
+        "codings in order); a body that does not decode is served as recorded, saying why",
+    )
+
+
+async def body_params(request: Request) -> bool:
+    """``decode`` as a bool; only ``true``/``false``, errors name ``query.<param>``."""
+    if not request.query_params:
+        return False  # the common case: no model to validate
+    return validate_query(BodyParams, dict(request.query_params)).decode == "true"
+
+
+Decode = Annotated[bool, Depends(body_params)]
+_BODY_PARAMS = {"parameters": openapi_parameters(BodyParams)}
+
+
 @router.get(
     "",
     summary="List flows (newest first, cursor pagination)",
@@ -141,23 +182,32 @@ async def list_flows(
 @router.get(
     "/{flow_id}",
     summary="Everything recorded about one flow, bodies inline",
+    description="Bodies are inline as recorded on the wire; `decode=true` undoes their "
+    "Content-Encoding and says so per part (`decoded`, `content_encoding`, `decoded_size`, "
+    "or `decode_error` when the recorded body cannot be decoded and is shown as recorded). "
+    "Bodies are null while the flow is active.",
     response_model=FlowDetail,
     responses=problem_responses(401, 403, 404, 422, 502, 503, _404=_NOT_FOUND),
+    openapi_extra=_BODY_PARAMS,
 )
-async def get_flow(flow_id: FlowId, store: StoreDep) -> Response:
+async def get_flow(flow_id: FlowId, store: StoreDep, decode: Decode) -> Response:
     flow = await store.get_flow(flow_id)
     if telemetry.ENABLED and isinstance(flow.get("traceparent"), str):
         found = telemetry.link(flow["traceparent"], {"proxyfleet.flow.id": flow_id})
         if found is not None:  # this request's span points at the flow's trace
             trace.get_current_span().add_link(found.context, found.attributes)
-    return Response(orjson.dumps(render_flow(flow)), media_type=_JSON)
+    return Response(orjson.dumps(render_flow(flow, decode)), media_type=_JSON)
 
 
 _BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The recorded bytes, with the recorded Content-Type "
         "(application/octet-stream when none). X-Flow-Body-Size is the real size, "
-        "X-Flow-Body-Truncated whether capture kept less.",
+        "X-Flow-Body-Truncated whether capture kept less, X-Flow-Content-Encoding the "
+        "recorded Content-Encoding (the bytes are not decoded). With decode=true the "
+        "coding is undone: the decoded bytes come with X-Flow-Decoded (the coding undone) "
+        "instead; a body that cannot be decoded comes as recorded with X-Flow-Decode-Error "
+        "(truncated, unsupported or invalid).",
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     },
     **problem_responses(
@@ -171,9 +221,10 @@ _BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
     summary="The recorded request body, raw",
     response_class=Response,
     responses=_BODY_RESPONSES,
+    openapi_extra=_BODY_PARAMS,
 )
-async def request_body(flow_id: FlowId, store: StoreDep) -> Response:
-    return await _body(store, flow_id, "request")
+async def request_body(flow_id: FlowId, store: StoreDep, decode: Decode) -> Response:
+    return await _body(store, flow_id, "request", decode)
 
 
 @router.get(
@@ -181,12 +232,13 @@ async def request_body(flow_id: FlowId, store: StoreDep) -> Response:
     summary="The recorded response body, raw",
     response_class=Response,
     responses=_BODY_RESPONSES,
+    openapi_extra=_BODY_PARAMS,
 )
-async def response_body(flow_id: FlowId, store: StoreDep) -> Response:
-    return await _body(store, flow_id, "response")
+async def response_body(flow_id: FlowId, store: StoreDep, decode: Decode) -> Response:
+    return await _body(store, flow_id, "response", decode)
 
 
-async def _body(store: StoreDep, flow_id: str, which: Part) -> Response:
+async def _body(store: StoreDep, flow_id: str, which: Part, decode: bool) -> Response:
     flow = await store.get_flow(flow_id)
     found = raw_body(flow, which)
     if found is None:
@@ -202,9 +254,20 @@ async def _body(store: StoreDep, flow_id: str, which: Part) -> Response:
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": "sandbox",
     }
-    encoding = _safe(header(part.get("headers"), "content-encoding"))
-    if encoding:
-        headers["X-Flow-Content-Encoding"] = encoding  # bytes stay as recorded (not decoded)
+    if decode:
+        uncoded = undo_coding(data, part)
+        data = uncoded.data
+        coding = _safe(uncoded.content_encoding)
+        if uncoded.decoded:
+            headers["X-Flow-Decoded"] = coding or "true"
+        elif coding:
+            headers["X-Flow-Content-Encoding"] = coding
+        if uncoded.error is not None:
+            headers["X-Flow-Decode-Error"] = uncoded.error
+    else:
+        encoding = _safe(header(part.get("headers"), "content-encoding"))
+        if encoding:
+            headers["X-Flow-Content-Encoding"] = encoding  # bytes stay as recorded (not decoded)
     # as a header, not media_type: Starlette would append "; charset=utf-8" to text/*
     headers["Content-Type"] = content_type
     return Response(data, headers=headers)

@@ -1,0 +1,141 @@
+"""``GET /api/flows/har`` and ``/api/flows/{id}/har``: recorded flows as a HAR 1.2 file.
+
+The export takes the listing's filters (whatever ``GET /api/flows`` accepts, passed
+to the store as the listing passes them) and streams every matching flow, newest
+first, page by page from the store's ``export`` verb: one page in memory while the
+next is fetched, so an export of any size costs the API two pages. The first page
+is fetched before the response starts, so a bad filter or a missing store is a
+problem+json error and not a broken file; a failure later ends the download early
+(an incomplete file, which no HAR reader mistakes for a whole one).
+
+Included before ``routes.flows`` so that ``/flows/har`` is not taken for a flow id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+
+from services.api import har
+from services.api.deps import StoreDep
+from services.api.errors import problem_responses
+from services.api.params import FlowListParams, openapi_parameters, validate_query
+from services.api.routes.flows import FlowId
+from services.api.store import StoreClient
+
+router = APIRouter(prefix="/flows", tags=["flows"])
+
+PAGE_FLOWS = 250  # flows asked per store page (the store also ends a page at max_payload)
+EXCLUDED = ("limit", "cursor")  # the export holds every match: no paging parameters
+_HAR_CONTENT = {
+    "description": "A HAR 1.2 document (UTF-8 JSON)",
+    "content": {"application/json": {"schema": {"type": "object"}}},
+}
+
+
+def _refuse(names: list[str], why: str) -> RequestValidationError:
+    return RequestValidationError(
+        [{"loc": ("query", name), "msg": why, "type": "extra_forbidden"} for name in names]
+    )
+
+
+def export_query(request: Request) -> dict[str, Any]:
+    """The store query of an export: the listing's filters, validated as the listing
+    validates them (422 naming ``query.<param>``), without the listing's paging."""
+    query = dict(request.query_params)
+    bad = [name for name in EXCLUDED if name in query]
+    if bad:
+        raise _refuse(bad, "not supported on the HAR export (it holds every matching flow)")
+    params = validate_query(FlowListParams, query)
+    filters = params.to_query().model_dump(exclude_none=True)
+    for name in EXCLUDED:
+        filters.pop(name, None)
+    return filters
+
+
+async def entries(
+    store: StoreClient, query: dict[str, Any], page: dict[str, Any]
+) -> AsyncIterator[bytes]:
+    """The HAR document, one chunk per store page; the next page is fetched while
+    this one is converted (in a thread: conversion is CPU work the loop must not do)."""
+    yield har.log_open()
+    first = True
+    fetch: asyncio.Task[tuple[dict[str, Any], bytes]] | None = None
+    try:
+        while True:
+            cursor = page.get("next_cursor")
+            fetch = (
+                asyncio.ensure_future(
+                    store.call("export", {**query, "cursor": cursor, "limit": PAGE_FLOWS})
+                )
+                if isinstance(cursor, str)
+                else None
+            )
+            flows = page.get("flows")
+            chunk = await asyncio.to_thread(
+                har.entries_chunk, flows if isinstance(flows, list) else [], first
+            )
+            if chunk:
+                first = False
+                yield chunk
+            if fetch is None:
+                break
+            page, _ = await fetch
+            fetch = None
+    finally:
+        if fetch is not None:  # the client went away mid-export
+            fetch.cancel()
+    yield har.LOG_CLOSE
+
+
+@router.get(
+    "/har",
+    summary="Export flows as a HAR 1.2 file (the listing's filters, streamed)",
+    description="Every flow matching the filters of `GET /api/flows` (not `limit` or "
+    "`cursor`), newest first, as one HAR 1.2 document streamed as it is read from the "
+    'store (`Content-Disposition: attachment; filename="flows.har"`). Response bodies '
+    "are decoded (`content.text`, `encoding: base64` when binary or when the recorded "
+    "body does not decode, `_decode_error` saying why); a binary request body is in "
+    "`request._postData` (base64). Flows without a response (errors, killed, active) "
+    "are entries with status 0, `_error` and `_state`.",
+    response_class=StreamingResponse,
+    responses={200: _HAR_CONTENT, **problem_responses(401, 403, 422, 502, 503)},
+    openapi_extra={"parameters": openapi_parameters(exclude=EXCLUDED)},
+)
+async def export_har(request: Request, store: StoreDep) -> StreamingResponse:
+    query = export_query(request)
+    page, _ = await store.call("export", {**query, "limit": PAGE_FLOWS})
+    return StreamingResponse(
+        entries(store, query, page),
+        media_type="application/json",
+        headers={"Content-Disposition": 'attachment; filename="flows.har"'},
+    )
+
+
+@router.get(
+    "/{flow_id}/har",
+    summary="One flow as a HAR 1.2 file",
+    description="The entry `GET /api/flows/har` would write for this flow, in a HAR 1.2 "
+    'document (`Content-Disposition: attachment; filename="<id>.har"`).',
+    response_class=Response,
+    responses={
+        200: _HAR_CONTENT,
+        **problem_responses(401, 403, 404, 422, 502, 503, _404="Unknown flow (FLOW_NOT_FOUND)"),
+    },
+)
+async def flow_har(request: Request, flow_id: FlowId, store: StoreDep) -> Response:
+    if request.query_params:
+        raise _refuse(list(request.query_params), "this route takes no query parameters")
+    flow = await store.get_flow(flow_id)
+    body = await asyncio.to_thread(lambda: orjson.dumps(har.document([flow])))
+    return Response(
+        body,
+        media_type="application/json",
+        headers={"Content-Disposition": f'attachment; filename="{flow_id}.har"'},
+    )
