@@ -141,6 +141,8 @@ async def test_export_of_real_traffic(
     # filters are the listing's
     _, posts = await export(api, replica=proxy.id, method="post")
     assert [x["request"]["method"] for x in posts["log"]["entries"]] == ["POST"]
+    _, posts = await export(api, replica=proxy.id, q="~m POST | ~u coded/gzip")
+    assert sorted(x["request"]["method"] for x in posts["log"]["entries"]) == ["GET", "POST"]
     _, none = await export(api, replica=proxy.id, host="*.example.com")
     assert none["log"]["entries"] == []
     _, since = await export(api, replica=proxy.id, since="2999-01-01T00:00:00Z")

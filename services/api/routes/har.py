@@ -25,7 +25,7 @@ from fastapi.responses import StreamingResponse
 from services.api import har
 from services.api.deps import StoreDep
 from services.api.errors import problem_responses
-from services.api.params import FlowListParams, openapi_parameters, validate_query
+from services.api.params import flow_list_params, openapi_parameters
 from services.api.routes.flows import FlowId
 from services.api.store import StoreClient
 
@@ -45,14 +45,13 @@ def _refuse(names: list[str], why: str) -> RequestValidationError:
     )
 
 
-def export_query(request: Request) -> dict[str, Any]:
-    """The store query of an export: the listing's filters, validated as the listing
-    validates them (422 naming ``query.<param>``), without the listing's paging."""
-    query = dict(request.query_params)
-    bad = [name for name in EXCLUDED if name in query]
+async def export_query(request: Request) -> dict[str, Any]:
+    """The store query of an export: the listing's filters, validated by the listing's
+    own dependency (422 naming ``query.<param>``), without the listing's paging."""
+    bad = [name for name in EXCLUDED if name in request.query_params]
     if bad:
         raise _refuse(bad, "not supported on the HAR export (it holds every matching flow)")
-    params = validate_query(FlowListParams, query)
+    params = await flow_list_params(request)
     filters = params.to_query().model_dump(exclude_none=True)
     for name in EXCLUDED:
         filters.pop(name, None)
@@ -109,7 +108,7 @@ async def entries(
     openapi_extra={"parameters": openapi_parameters(exclude=EXCLUDED)},
 )
 async def export_har(request: Request, store: StoreDep) -> StreamingResponse:
-    query = export_query(request)
+    query = await export_query(request)
     page, _ = await store.call("export", {**query, "limit": PAGE_FLOWS})
     return StreamingResponse(
         entries(store, query, page),
