@@ -32,7 +32,15 @@ from tests.unit.test_har import validate_har
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("store")]
 
 ROOT = Path(__file__).resolve().parents[2]
-MITM_PYTHON = ROOT / "bench" / ".venv-mitm" / "bin" / "python"
+# the project's venvs with mitmproxy (bench's, or the filter conformance oracle's)
+MITM_PYTHON = next(
+    (
+        venv / "bin" / "python"
+        for venv in (ROOT / "bench" / ".venv-mitm", ROOT / "tests" / "conformance" / ".venv-mitm")
+        if (venv / "bin" / "python").exists()
+    ),
+    ROOT / "bench" / ".venv-mitm" / "bin" / "python",
+)
 BLOB = bytes(range(256)) * 2
 
 
@@ -238,12 +246,16 @@ with open(sys.argv[1], "rb") as f:
         r = flow.response
         out.append({"method": flow.request.method, "url": flow.request.url,
                     "status": r.status_code if r else None,
+                    "request_body": flow.request.get_content(strict=False).hex(),
                     "body": r.get_content(strict=False).hex() if r else None})
 print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(not MITM_PYTHON.exists(), reason="bench/.venv-mitm (mitmproxy) is missing")
+@pytest.mark.skipif(
+    not MITM_PYTHON.exists(),
+    reason="no venv with mitmproxy (bench/.venv-mitm or tests/conformance/.venv-mitm)",
+)
 async def test_mitmproxy_reads_our_har(
     api: httpx.AsyncClient, make_proxy: MakeProxy, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -274,3 +286,7 @@ async def test_mitmproxy_reads_our_har(
         text = content.get("text", "")
         want = base64.b64decode(text) if content.get("encoding") == "base64" else text.encode()
         assert bytes.fromhex(flow["body"]) == want, e["request"]["url"]
+        post = e["request"].get("postData")
+        if post is not None:  # text request bodies come back too (binary ones are ours only)
+            assert bytes.fromhex(flow["request_body"]) == post["text"].encode()
+    assert any("postData" in e["request"] for e in doc["log"]["entries"])
