@@ -96,3 +96,34 @@ def _zstd(data: bytes, limit: int) -> bytes:
     if not ending.eof:
         raise zstandard.ZstdError("incomplete stream")
     return out
+
+
+def as_filters_see_it(data: bytes, content_encoding: str, limit: int = DEFAULT_LIMIT) -> bytes:
+    """The body mitmproxy's ``~b`` searches (its ``get_content(strict=False)``): one coding
+    name only (several, or ``x-gzip``, leave the bytes as they are), gzip also taking a
+    zlib stream, a cut stream giving what it decoded up to the cut, anything that fails
+    giving the recorded bytes. Unlike mitmproxy, no other Python codec is tried (its
+    ``bz2_codec`` and ``zlib_codec`` would decompress without a bound)."""
+    name = content_encoding.lower()
+    try:
+        if name == "gzip":
+            return _partial_zlib(data, 32 + zlib.MAX_WBITS, limit)
+        if name == "deflate":
+            try:
+                return _zlib(data, zlib.MAX_WBITS, limit)
+            except zlib.error:
+                return _zlib(data, -zlib.MAX_WBITS, limit)
+        if name == "br":
+            return _brotli(data, limit)
+        if name == "zstd":
+            with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True) as r:
+                return bytes(r.read(limit))
+    except (_TooLarge, ValueError, zlib.error, brotli.error, zstandard.ZstdError):
+        return data
+    return data
+
+
+def _partial_zlib(data: bytes, wbits: int, limit: int) -> bytes:
+    if not data:
+        return b""
+    return zlib.decompressobj(wbits).decompress(data, limit)

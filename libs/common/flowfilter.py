@@ -6,7 +6,8 @@ syntax and semantics follow mitmproxy 12's ``flowfilter`` (its pyparsing grammar
 re-derived here by hand; no code copied), including the quirks users meet:
 
 - juxtaposition (``~q ~b x``) is an AND that binds looser than ``|``, and is not
-  allowed inside parentheses;
+  allowed inside parentheses; ``&``, ``|`` after a term and ``!`` before one must be
+  followed by a term (``~q &`` is an error), while a leading ``&`` or ``|`` is a value;
 - an operator must be followed by whitespace or the end (``~q)`` is an error);
 - unquoted values may hold ``& | !`` but not ``( ) ~ ' "`` or whitespace; a bare
   value is ``~u``; quoting consumes backslashes (``"\\d"`` is the regex ``d``);
@@ -236,24 +237,16 @@ class _Parser:
             if at >= len(self.text) or self.text[at] != op:
                 self.fail(at, f"'{op}'")
                 break
-            try:
-                node, after = operand(at + 1)
-            except _Fail:
-                break
+            node, pos = operand(at + 1)  # an operator commits: a term must follow
             items.append(node)
-            pos = after
         return (items[0] if len(items) == 1 else make(tuple(items))), pos
 
-    # not := "!" not | primary   (a "!" that leads nowhere falls back to primary)
+    # not := "!" not | primary   (a "!" where a term is expected commits, like & and |)
     def neg(self, pos: int) -> tuple[Node, int]:
         at = self.skip(pos)
         if at < len(self.text) and self.text[at] == "!":
-            try:
-                child, after = self.neg(at + 1)
-            except _Fail:
-                pass
-            else:
-                return Not(child), after
+            child, after = self.neg(at + 1)
+            return Not(child), after
         return self.primary(pos)
 
     # primary := atom | "(" infix ")"
@@ -477,7 +470,7 @@ class FlowView:
         ]
 
     def body(self, which: str) -> bytes | None:
-        """The decoded body (content codings undone; as recorded when that fails)."""
+        """The body as ``~b`` sees it (``codings.as_filters_see_it``); None while unknown."""
         key = "body" + which
         if key in self._cache:
             cached: bytes | None = self._cache[key]
@@ -485,24 +478,30 @@ class FlowView:
         part = self._part(which) if which == "request" else self.response
         raw = _b64(part.get("body_b64")) if part is not None else None
         if raw is not None:
-            encoding = None
-            for pair in self.headers(which):
-                if isinstance(pair, list | tuple) and str(pair[0]).lower() == "content-encoding":
-                    encoding = str(pair[1])
-            if encoding:
-                decoded = codings.decode(raw, encoding)
-                raw = decoded if decoded is not None else raw
+            encodings = [
+                str(pair[1])
+                for pair in self.headers(which)
+                if isinstance(pair, list | tuple)
+                and len(pair) == 2
+                and str(pair[0]).lower() == "content-encoding"
+            ]
+            if encodings:  # several headers count as one list, as mitmproxy reads them
+                raw = codings.as_filters_see_it(raw, ", ".join(encodings))
         self._cache[key] = raw
         return raw
 
+    def host_header(self) -> str | None:
+        for pair in self.headers("request"):
+            if isinstance(pair, list | tuple) and len(pair) == 2 and str(pair[0]).lower() == "host":
+                return str(pair[1])
+        return None
+
     def pretty_host(self) -> str:
+        """The Host header's host (port dropped), else the request's host."""
         host = self._cache.get("ph")
         if host is None:
-            host = self.text("host")
-            for pair in self.headers("request"):
-                if isinstance(pair, list | tuple) and str(pair[0]).lower() == "host":
-                    host = authority_host(str(pair[1])) or host
-                    break
+            header = self.host_header()
+            host = (authority_parts(header)[0] if header else "") or self.text("host")
             self._cache["ph"] = host
         return str(host)
 
@@ -511,10 +510,11 @@ class FlowView:
         if url is None:
             url = self._cache["url"] = pretty_url(
                 self.text("scheme") or "http",
-                self.pretty_host(),
+                self.text("host"),
                 self.doc.get("port"),
                 self.text("path"),
                 self.text("method"),
+                self.host_header(),
             )
         return str(url)
 
@@ -525,32 +525,53 @@ class FlowView:
         return None
 
     def destination(self) -> str | None:
-        """mitmproxy's server address: the host and port the client asked for."""
+        """mitmproxy's server address: the host and port the client asked for, once the
+        proxy had a server for it (a refused connection has none)."""
         host = self.doc.get("host")
-        if isinstance(host, str) and host:
+        if self.doc.get("server") and isinstance(host, str) and host:
             return f"{host}:{self.doc.get('port')}"
-        return self.address("server")
+        return None
+
+
+def authority_parts(authority: str) -> tuple[str, int | None]:
+    """A Host header value's host and port (``[::1]:8080`` -> ``("::1", 8080)``)."""
+    value = authority.strip()
+    host, port_text = value, ""
+    if value.startswith("["):
+        end = value.find("]")
+        if end > 0:
+            host, rest = value[1:end], value[end + 1 :]
+            port_text = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, port_text = value.split(":", 1)
+    port = int(port_text) if port_text.isascii() and port_text.isdigit() else None
+    return host, port
 
 
 def authority_host(authority: str) -> str:
-    """The host of a Host header value (``[::1]:8080`` -> ``::1``, ``a.b:80`` -> ``a.b``)."""
-    value = authority.strip()
-    if value.startswith("["):
-        end = value.find("]")
-        return value[1:end] if end > 0 else value
-    if value.count(":") == 1:
-        return value.split(":", 1)[0]
-    return value
+    return authority_parts(authority)[0]
 
 
-def pretty_url(scheme: str, host: str, port: Any, path: str, method: str = "") -> str:
-    """The URL mitmproxy's ``~u`` searches: the Host header's host, default port left out."""
+def url_authority(scheme: str, host: str, port: Any) -> str:
+    """``host[:port]`` as a URL shows it: IPv6 bracketed, the scheme's default port left out."""
     shown = f"[{host}]" if ":" in host else host
-    if method.upper() == "CONNECT":
-        return f"{shown}:{port}"
     if port is not None and DEFAULT_PORTS.get(scheme) != port:
         shown = f"{shown}:{port}"
-    return f"{scheme}://{shown}{path}"
+    return shown
+
+
+def pretty_url(
+    scheme: str, host: str, port: Any, path: str, method: str = "", host_header: str | None = None
+) -> str:
+    """The URL mitmproxy's ``~u`` searches: built from the Host header when there is one
+    (its host and port; no port there means the scheme's default), else from the request."""
+    if method.upper() == "CONNECT":
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if host_header:
+        h, p = authority_parts(host_header)
+        if h:
+            host, port = h, p if p is not None else DEFAULT_PORTS.get(scheme)
+    return f"{scheme}://{url_authority(scheme, host, port)}{path}"
 
 
 # -- evaluation --------------------------------------------------------------------------

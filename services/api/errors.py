@@ -33,6 +33,7 @@ _TITLES = {
     "AUTH_FORBIDDEN": "Not allowed for this key",
     "VALIDATION_ERROR": "Invalid request",
     "BAD_QUERY": "Invalid flow query",
+    "BAD_FILTER": "Invalid filter expression",
     "CONFIG_INVALID": "Invalid configuration",
     "CONFIG_CONFLICT": "Configuration changed meanwhile",
     "CONFIG_REVISION_NOT_FOUND": "Config revision not in the history",
@@ -59,6 +60,10 @@ class FieldError(BaseModel):
     field: str = Field(description="where: query.limit, body.capture_body_limit, path.flow_id")
     message: str
     type: str = Field(description="machine-readable kind, e.g. greater_than_equal, missing")
+    position: int | None = Field(
+        default=None, description="BAD_FILTER: 0-based offset in the expression"
+    )
+    expected: str | None = Field(default=None, description="BAD_FILTER: what would fit there")
 
 
 class Problem(BaseModel):
@@ -128,7 +133,7 @@ def problem(
         "code": code,
     }
     if errors is not None:
-        body["errors"] = [e.model_dump() for e in errors]
+        body["errors"] = [e.model_dump(exclude_none=True) for e in errors]
     return Response(
         orjson.dumps(body), status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE
     )

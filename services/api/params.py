@@ -30,7 +30,10 @@ from pydantic import (
     field_validator,
 )
 
+from libs.common.flowfilter import FilterError
+from libs.common.flowfilter import parse as parse_filter
 from libs.common.models import FlowQuery
+from services.api.errors import ApiError, FieldError
 
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
@@ -134,9 +137,35 @@ def validate_query(model: type[M], query: dict[str, Any]) -> M:
         ) from None
 
 
+def check_filter(q: str | None) -> None:
+    """A ``q`` that does not parse is a 422 ``BAD_FILTER`` naming its position and what
+    would fit there (checked here so the store is not asked; it checks again)."""
+    if q is None:
+        return
+    try:
+        parse_filter(q)
+    except FilterError as exc:
+        raise ApiError(
+            422,
+            "BAD_FILTER",
+            exc.message,
+            errors=[
+                FieldError(
+                    field="query.q",
+                    message=exc.message,
+                    type="bad_filter",
+                    position=exc.position,
+                    expected=exc.expected,
+                )
+            ],
+        ) from None
+
+
 async def flow_list_params(request: Request) -> FlowListParams:
     """The listing's query string, validated; errors are 422s naming ``query.<param>``."""
-    return validate_query(FlowListParams, dict(request.query_params))
+    params = validate_query(FlowListParams, dict(request.query_params))
+    check_filter(params.q)
+    return params
 
 
 # Listing-only parameters: a live stream has no page, and its time is "from now on".
@@ -159,7 +188,9 @@ async def flow_stream_params(request: Request) -> FlowListParams:
                 for name in bad
             ]
         )
-    return validate_query(FlowListParams, query)
+    params = validate_query(FlowListParams, query)
+    check_filter(params.q)
+    return params
 
 
 def openapi_parameters(

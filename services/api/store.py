@@ -20,7 +20,7 @@ from services.api.errors import ApiError, FieldError
 if TYPE_CHECKING:
     from services.api.metrics import ApiMetrics
 
-_STATUS = {"FLOW_NOT_FOUND": 404, "BAD_QUERY": 422, "STORE_UNAVAILABLE": 503}
+_STATUS = {"FLOW_NOT_FOUND": 404, "BAD_QUERY": 422, "BAD_FILTER": 422, "STORE_UNAVAILABLE": 503}
 
 
 class StoreClient:
@@ -80,7 +80,7 @@ def _store_error(error: Any) -> ApiError:
     message = str(error.get("message") or code)
     status = _STATUS.get(code, 502)
     errors = None
-    if code == "BAD_QUERY":
+    if code in ("BAD_QUERY", "BAD_FILTER"):
         name = error.get("field")
         if not name and ": " in message:  # "cursor: not a cursor returned by this store"
             name = message.split(": ", 1)[0]

@@ -29,6 +29,7 @@ from nats.js.api import DeliverPolicy
 
 from libs.common import subjects
 from libs.common.bus import Bus
+from libs.common.flowfilter import Filter, compile_filter
 from libs.common.models import FlowQuery
 from libs.common.tasks import spawn
 from services.api.eventlog import EventLog
@@ -36,7 +37,8 @@ from services.api.eventlog import EventLog
 log = logging.getLogger("proxyfleet.api.streams")
 
 Position = tuple[int, int]  # (stream sequence, index of the event in that message)
-_LAST = 1 << 30  # index meaning "every event of this message"
+LAST = 1 << 30  # index meaning "every event of this message"
+_LAST = LAST
 
 
 def format_id(pos: Position) -> str:
@@ -62,6 +64,8 @@ class FlowFilter:
     max_status: int | None = None
     state: str | None = None
     replica: str | None = None
+    path: str | None = None
+    expression: Filter | None = None  # ``q``, the filter language (the store runs the same)
 
     @classmethod
     def of(cls, query: FlowQuery) -> FlowFilter:
@@ -73,10 +77,19 @@ class FlowFilter:
             max_status=query.max_status,
             state=query.state,
             replica=query.replica,
+            path=query.path,
+            expression=compile_filter(query.q) if query.q is not None else None,
         )
 
     def matches(self, ev: dict[str, Any]) -> bool:
+        if not self._fields(ev):
+            return False
+        return self.expression is None or self.expression.matches(ev)
+
+    def _fields(self, ev: dict[str, Any]) -> bool:
         if self.replica is not None and ev.get("replica") != self.replica:
+            return False
+        if self.path is not None and not str(ev.get("path") or "").startswith(self.path):
             return False
         if self.state is not None and ev.get("state") != self.state:
             return False
@@ -197,6 +210,11 @@ class FlowHub:
         sub = Subscriber(FlowFilter.of(query), self.queue_size)
         sub.on_drop = self._dropped
         return sub
+
+    async def bounds(self) -> tuple[int, int]:
+        """The FLOWS stream's first and last sequence (what a resume can reach)."""
+        info = await self.bus.js.stream_info(subjects.FLOWS_STREAM)
+        return int(info.state.first_seq), int(info.state.last_seq)
 
     async def join(self, sub: Subscriber) -> None:
         """Start receiving live events (starting the shared consumer if needed)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from libs.common.flowfilter import BINARY, And, Leaf, Node, Not, Or
+from libs.common.flowfilter import BINARY, And, Leaf, Node, Not, Or, authority_host
 
 try:  # CPython's own regex parser: the literals a pattern requires (best effort)
     from re import _parser as _sre_parser  # type: ignore[attr-defined]
@@ -195,12 +195,17 @@ def _in_vocabulary(leaf: Leaf, column: str, vocabulary: Vocabulary) -> Condition
 def _domain(leaf: Leaf, vocabulary: Vocabulary) -> Condition:
     """``~d``: the request's host or the Host header's (``authority``, stored only when
     it differs from the host)."""
-    hosts = vocabulary("host")
-    authorities = vocabulary("authority")
+    # hosts are listed lowercased (from ``rhost``): a pattern that turns case folding off
+    # inline cannot be run over them
+    hosts = vocabulary("host") if "(?" not in (leaf.pattern or "") else None
+    authorities = vocabulary("authority") if hosts is not None else None
     if hosts is not None and authorities is not None:
         rhosts = [h[::-1] for h in _matching(leaf, hosts)]
         host_sql, host_params = _in("rhost", rhosts)
-        auth_sql, auth_params = _in("authority", _matching(leaf, authorities))
+        rx = leaf.regex()
+        auth_sql, auth_params = _in(
+            "authority", [a for a in authorities if rx.search(authority_host(a)) is not None]
+        )
         either = [s for s in (host_sql, auth_sql) if s != _FALSE]
         if not either:
             return Condition(_FALSE)
@@ -215,11 +220,12 @@ def _domain(leaf: Leaf, vocabulary: Vocabulary) -> Condition:
     )
 
 
-# The URL as ~u sees it, spelled twice: with the port and without (the real URL leaves a
-# default port out, and a literal may span host and path either way).
+# The URL as ~u sees it, spelled twice: with the request's port and without (the real
+# URL leaves a default port out, and a literal may span host and path either way); a
+# Host header that says otherwise is ``authority``, stored as the URL shows it.
 _URL_WITH_PORT = (
-    "(COALESCE(scheme, 'http') || '://' || COALESCE(authority, host, '') || ':' "
-    "|| COALESCE(port, '') || COALESCE(path, ''))"
+    "(COALESCE(scheme, 'http') || '://' || COALESCE(authority, COALESCE(host, '') || ':' "
+    "|| COALESCE(port, '')) || COALESCE(path, ''))"
 )
 _URL_NO_PORT = (
     "(COALESCE(scheme, 'http') || '://' || COALESCE(authority, host, '') || COALESCE(path, ''))"
@@ -283,7 +289,11 @@ def required_literals(pattern: str) -> list[str]:
 
     walk(parsed)
     end_run()
-    return [r for r in runs if len(r) >= MIN_LITERAL and r.isascii()]
+    # non-ASCII: LIKE folds ASCII case only; brackets: the URL brackets IPv6 hosts, the
+    # host column does not
+    return [
+        r for r in runs if len(r) >= MIN_LITERAL and r.isascii() and "[" not in r and "]" not in r
+    ]
 
 
 def _has_branch(items: object) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from libs.common.flowfilter import authority_host
+from libs.common.flowfilter import DEFAULT_PORTS, authority_parts, url_authority
 
 FINAL_STATES = frozenset({"completed", "error", "killed"})
 STATES = FINAL_STATES | {"active"}
@@ -26,8 +26,8 @@ BODY_COMPRESSION_LEVEL = 1  # zlib: ~3x on text bodies at a few microseconds per
 
 # Table columns in insert order. ``rhost`` is the host reversed (suffix globs become
 # prefix ranges on an index); bodies are zlib-compressed, NULL when empty; ``authority``
-# is the Host header's host, lowercased, only where it differs from ``host`` (the
-# filter language's ``~d`` and ``~u`` read it: see ``services.store.filtersql``).
+# is the URL authority the Host header gives (``host[:port]``, as ``~u`` sees the URL),
+# only where it differs from the request's own (see ``services.store.filtersql``).
 COLUMNS = (
     "id",
     "replica",
@@ -128,7 +128,7 @@ def event_row(event: Mapping[str, Any], owned: bool = False) -> Row:
             request = event["request"] = dict(request)
         req_body = _take_body(request)
         req_size, req_truncated = request.get("size"), request.get("truncated")
-        authority = _authority(request.get("headers"))
+        authority = request.get("headers")  # the Host header, resolved below
     elif request is None:
         req_body = req_size = req_truncated = None
     else:
@@ -158,19 +158,20 @@ def event_row(event: Mapping[str, Any], owned: bool = False) -> Row:
     host = get("host")
     if type(host) is not str:
         host = None
-    if authority is not None and host is not None and authority == host.lower():
-        authority = None
+    scheme = _str(get("scheme"))
+    port = _int(get("port"))
+    authority = _authority(authority, scheme or "http", host, port)
     method = get("method")
     return (
         flow_id,
         _str(get("replica")),
         state,
         _str(get("kind")),
-        _str(get("scheme")),
+        scheme,
         method.upper() if type(method) is str else None,
         host,
         host.lower()[::-1] if host is not None else None,
-        _int(get("port")),
+        port,
         _str(get("path")),
         _int(status) or None,
         started_at,
@@ -187,14 +188,21 @@ def event_row(event: Mapping[str, Any], owned: bool = False) -> Row:
     )
 
 
-def _authority(headers: Any) -> str | None:
-    """The host of the first Host header, lowercased (None when there is none)."""
+def _authority(headers: Any, scheme: str, host: str | None, port: int | None) -> str | None:
+    """The URL authority the first Host header gives (``host[:port]``, default port left
+    out, case kept), or None when there is none or it says what the request says."""
     if type(headers) is not list:
         return None
     for pair in headers:
         if type(pair) is list and len(pair) == 2 and type(pair[0]) is str:
             if pair[0].lower() == "host" and type(pair[1]) is str:
-                return authority_host(pair[1]).lower() or None
+                h, p = authority_parts(pair[1])
+                if not h:
+                    return None
+                shown = url_authority(scheme, h, p if p is not None else DEFAULT_PORTS.get(scheme))
+                if host is not None and shown == url_authority(scheme, host, port):
+                    return None
+                return shown
     return None
 
 

@@ -12,8 +12,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
+from libs.common import subjects
+from libs.common.bus import Bus
 from libs.common.natsserver import EmbeddedNats
 from tests.integration.conftest import MakeProxy
 from tests.integration.harness import Upstream
@@ -120,7 +123,10 @@ async def test_flow_stream_filters_and_resume(
         elsewhere = await stack.enter_async_context(
             sse(server.url, "/api/flows/stream", READ, {"host": "*.example.com"})
         )
-        for stream in (everything, missing, posts, elsewhere):
+        searched = await stack.enter_async_context(  # the filter language, bodies included
+            sse(server.url, "/api/flows/stream", READ, {"q": "~m post & ~bq 'secret b.dy'"})
+        )
+        for stream in (everything, missing, posts, elsewhere, searched):
             assert (await connected(stream)).json() == {"resumed_after": None}
 
         async with httpx.AsyncClient(proxy=proxy.url, timeout=10) as client:
@@ -145,6 +151,9 @@ async def test_flow_stream_filters_and_resume(
         assert only_404.json()["path"] == "/status/404"
         assert only_404.json()["response"]["status"] == 404
         assert only_404.id in ids
+        found = await collect(searched, 1)
+        assert final_paths(found) == ["/echo/two"]
+        assert [e.json()["event"] for e in found] == ["completed"]  # bodies: final events only
         post_events = await collect(posts, 1)
         assert final_paths(post_events) == ["/echo/two"]
         assert all(e.json()["method"] == "POST" for e in post_events)
@@ -156,9 +165,9 @@ async def test_flow_stream_filters_and_resume(
     # resume after the first event: exactly the ones after it, then live
     headers = {**READ, "Last-Event-ID": ids[0] or ""}
     async with sse(server.url, "/api/flows/stream", headers) as resumed:
+        assert (await connected(resumed)).json() == {"resumed_after": ids[0]}  # always first
         replayed = [await resumed.next() for _ in ids[1:]]
         assert [e.id for e in replayed] == ids[1:]
-        assert (await connected(resumed)).json() == {"resumed_after": ids[0]}
         async with httpx.AsyncClient(proxy=proxy.url, timeout=10) as client:
             assert (await client.get(f"{upstream.http}/echo/three")).status_code == 200
         live = await collect(resumed, 1)
@@ -171,6 +180,17 @@ async def test_flow_stream_filters_and_resume(
             assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == field
         bad = await api.get("/api/flows/stream", headers={**READ, "Last-Event-ID": "nope"})
         assert bad.status_code == 422
+        # an id this stream never gave (another installation, or the future): said, not silent
+        last_seq = int(ids[-1].split(":")[0]) if ids[-1] else 0
+        future = await api.get(
+            "/api/flows/stream", headers={**READ, "Last-Event-ID": f"{last_seq + 10_000}:0"}
+        )
+        assert future.status_code == 422
+        assert "not an id of this stream" in future.json()["errors"][0]["message"]
+        bad_q = await api.get("/api/flows/stream", params={"q": "~c 404 &"}, headers=READ)
+        assert bad_q.status_code == 422 and bad_q.json()["code"] == "BAD_FILTER"
+        assert bad_q.json()["errors"][0]["field"] == "query.q"
+        assert bad_q.json()["errors"][0]["position"] == 8
 
 
 async def test_a_client_that_stops_reading_is_dropped(
@@ -248,5 +268,32 @@ async def test_a_client_that_stops_reading_is_dropped(
     assert b"event: dropped" in text
     dropped = text[text.index(b"event: dropped") :]
     assert b"reads too slowly" in dropped and b"last_event_id" in dropped
+    assert b'"last_event_id":null' not in dropped  # always an id to resume from
     assert b"\ndata: {" not in dropped.split(b"\n\n", 1)[1]  # nothing after `dropped`
     assert not hub.subscribers or all(s.dropped is None for s in hub.subscribers)
+
+
+async def test_a_resume_id_older_than_the_stream_says_where_it_goes_on(
+    restartable_nats: EmbeddedNats, tmp_path: Path
+) -> None:
+    """Events between the client's id and the oldest one kept were pruned: ``connected``
+    says so (``gap``) and where the stream resumes, then the kept events follow."""
+    bus = await Bus.connect(restartable_nats.url, "gap test", 5.0)
+    try:
+        await bus.ensure_streams()
+        event = {"event": "completed", "id": "x", "state": "completed", "path": "/kept"}
+        for _ in range(3):
+            await bus.js_publish(subjects.flows_subject("r1"), orjson.dumps([event]))
+        await bus.js.purge_stream(subjects.FLOWS_STREAM)
+        ack = await bus.js_publish(subjects.flows_subject("r1"), orjson.dumps([event]))
+        settings = api_settings(restartable_nats.url, tmp_path / "api", api_sse_heartbeat=0.3)
+        async with (
+            serve_api(settings) as api,
+            sse(api.url, "/api/flows/stream", {**READ, "Last-Event-ID": "1:0"}) as stream,
+        ):
+            hello = (await connected(stream)).json()
+            assert hello == {"resumed_after": "1:0", "gap": True, "resumes_at": f"{ack.seq}:0"}
+            kept = await stream.next()
+            assert kept.id == f"{ack.seq}:0" and kept.json()["path"] == "/kept"
+    finally:
+        await bus.close()

@@ -1,7 +1,8 @@
 """Live streams over Server-Sent Events: ``/api/flows/stream`` and ``/api/events/stream``.
 
-Both send ``event: connected`` once the subscription is in place (everything stored
-after it is delivered), then one SSE event per flow event / system event with an
+Both send ``event: connected`` first (on a fresh connect once the subscription is in
+place, so everything stored after it is delivered; on a resume before the replay), then
+one SSE event per flow event / system event with an
 ``id:`` to resume from: reconnecting with ``Last-Event-ID`` (the header browsers send
 by themselves, or the ``last_event_id`` parameter) continues right after it, with no
 gap and no repeat while the stream still holds it. A ``: heartbeat`` comment goes out
@@ -10,7 +11,10 @@ every ``FLEET_API_SSE_HEARTBEAT`` seconds.
 - flows: ``id: <FLOWS stream sequence>:<index>`` (one FLOWS message carries a batch of
   events, the index is the event's place in it); ``data`` is the flow event without
   bodies. A client that falls more than ``FLEET_API_STREAM_QUEUE_SIZE`` events behind
-  gets ``event: dropped`` and the stream ends (reconnect with its last id to catch up).
+  gets ``event: dropped`` and the stream ends (reconnect with its ``last_event_id``, which
+  is always set, to catch up). A resume id beyond the stream's end is a 422; one older
+  than the oldest event kept gets ``connected`` with ``gap: true`` and ``resumes_at``.
+  ``q`` filters with the filter language, on the same code the store rechecks with.
 - events: ``id: <EVENTS stream sequence>``; ``data`` is the ``SystemEvent`` plus ``seq``.
   This stream is read at the client's pace from JetStream, so it never drops.
 """
@@ -36,6 +40,9 @@ from services.api.params import (
     validate_query,
 )
 from services.api.routes.events import EventFilter
+from services.api.streams import (
+    LAST as _LAST,
+)
 from services.api.streams import FlowHub, Item, Position, Subscriber, format_id, parse_id
 
 log = logging.getLogger("proxyfleet.api.live")
@@ -84,8 +91,8 @@ def _bad_id(value: str, expected: str) -> ApiError:
     )
 
 
-def _connected(resumed_after: str | None) -> ServerSentEvent:
-    body = orjson.dumps({"resumed_after": resumed_after}).decode()
+def _connected(resumed_after: str | None, **extra: Any) -> ServerSentEvent:
+    body = orjson.dumps({"resumed_after": resumed_after, **extra}).decode()
     return ServerSentEvent(body, event="connected", sep=_SEP)
 
 
@@ -94,17 +101,32 @@ def _frame(item: Item) -> bytes:
     return b"id: " + format_id(item.pos).encode() + b"\ndata: " + item.payload + b"\n\n"
 
 
-async def flow_events(hub: FlowHub, sub: Subscriber, resume: Position | None) -> AsyncIterator[Any]:
-    """Replay (when resuming), then the live feed; see ``services.api.streams``."""
-    last: Position = resume if resume is not None else (0, -1)
+async def flow_events(
+    hub: FlowHub,
+    sub: Subscriber,
+    resume: Position | None,
+    start: Position,
+    gap: int | None = None,
+) -> AsyncIterator[Any]:
+    """``connected``, the replay (when resuming), then the live feed; see
+    ``services.api.streams``. ``start``: where the stream stood when the client came (what
+    ``dropped`` names when nothing was sent yet); ``gap``: the oldest sequence the stream
+    still holds, when the resume id is older (``connected`` says so and where it goes on).
+    """
+    last: Position = resume if resume is not None else start
     try:
         if resume is not None:
+            extra: dict[str, Any] = {}
+            if gap is not None:
+                extra = {"gap": True, "resumes_at": format_id((gap, 0))}
+            yield _connected(format_id(resume), **extra)
             async for item in hub.replay(sub, last):
                 last = item.pos
                 yield _frame(item)
             sub.after = last
         await hub.join(sub)
-        yield _connected(format_id(resume) if resume is not None else None)
+        if resume is None:
+            yield _connected(None)
         if resume is not None:  # what was stored while joining
             async for item in hub.replay(sub, last):
                 last = item.pos
@@ -131,7 +153,7 @@ async def flow_events(hub: FlowHub, sub: Subscriber, resume: Position | None) ->
 
 
 def _dropped(reason: str, last: Position) -> ServerSentEvent:
-    body = {"reason": reason, "last_event_id": format_id(last) if last[1] >= 0 else None}
+    body = {"reason": reason, "last_event_id": format_id(last)}  # always: resume from it
     return ServerSentEvent(orjson.dumps(body).decode(), event="dropped", sep=_SEP)
 
 
@@ -159,8 +181,31 @@ async def flow_stream(
         resume = parse_id(raw)
         if resume is None:
             raise _bad_id(raw, "expected <sequence>:<index> as sent in an id: line")
+    first, last_seq = await _bounds(hub)
+    gap: int | None = None
+    if resume is not None:
+        if resume[0] > last_seq:
+            raise _bad_id(
+                raw or "",
+                f"not an id of this stream: it ends at sequence {last_seq} (an id from "
+                "another installation, or from before the stream was reset?); reconnect "
+                "without Last-Event-ID",
+            )
+        if resume[0] + 1 < first:  # events between it and the oldest kept were pruned
+            gap = first
+    # a client dropped before anything was sent resumes from where it came in
+    start: Position = resume if resume is not None else (last_seq, _LAST)
     sub = hub.subscriber(params.to_query())
-    return _response(flow_events(hub, sub, resume), settings.api_sse_heartbeat)
+    return _response(flow_events(hub, sub, resume, start, gap), settings.api_sse_heartbeat)
+
+
+async def _bounds(hub: FlowHub) -> tuple[int, int]:
+    try:
+        return await hub.bounds()
+    except Exception as exc:  # NATS or the stream away
+        raise ApiError(
+            503, "BUS_UNAVAILABLE", f"the flow stream is not reachable: {exc!r}"
+        ) from None
 
 
 # -- events -----------------------------------------------------------------------------------
