@@ -42,8 +42,8 @@ class Uncoded:
 def undo_coding(raw: bytes, part: dict[str, Any]) -> Uncoded:
     """``raw`` with the Content-Encoding of ``part`` undone, or as recorded and why not."""
     coding = content_encoding(part.get("headers"))
-    if not [c for c in codings.codings(coding) if c not in codings.IDENTITY]:
-        return Uncoded(raw, coding, False, None)  # nothing to undo
+    if not raw or not [c for c in codings.codings(coding) if c not in codings.IDENTITY]:
+        return Uncoded(raw, coding, False, None)  # nothing to undo (HEAD, 204, 304: no bytes)
     if not codings.decodable(coding):
         return Uncoded(raw, coding, False, UNSUPPORTED)
     data = codings.decode(raw, coding)

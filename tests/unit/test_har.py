@@ -500,3 +500,9 @@ def test_the_redaction_mark_is_the_proxys() -> None:
     from services.proxy.redact import MARK
 
     assert har.REDACTED == MARK
+
+
+def test_empty_body_with_a_coding_is_empty_not_an_error() -> None:
+    head = flow(method="HEAD")  # GZIP_FLOW's headers (Content-Encoding: gzip), no bytes
+    content = one(head)["response"]["content"]
+    assert content == {"size": 0, "mimeType": "application/json; charset=utf-8", "text": ""}
