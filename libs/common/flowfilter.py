@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import regex
 
 from libs.common import codings
 
 MAX_EXPRESSION = 4096  # characters: filters travel in query strings and NATS requests
+MAX_NESTING = 64  # parentheses and "!" inside one another
 
 _WHITESPACE = " \t\n\r"  # what the reference grammar skips between tokens
 _NOT_IN_WORD = "()~'\"" + _WHITESPACE
@@ -118,8 +122,12 @@ class Leaf:
     pattern: str | None = None
     number: int | None = None
 
-    def regex(self, binary: bool = False) -> re.Pattern[Any]:
+    def regex(self, binary: bool = False) -> Any:
         return _compile(self.code, self.pattern or "", binary)
+
+    def searcher(self) -> Callable[[Any], bool]:
+        """``pattern`` as a bounded search (``FilterTimeout`` past ``SEARCH_TIMEOUT``)."""
+        return _searcher(self.regex(binary=self.code in BINARY), self.code)
 
 
 @dataclass(frozen=True)
@@ -140,22 +148,45 @@ class Or:
 Node = Leaf | Not | And | Or
 
 _FLAGS = {
-    "h": re.MULTILINE,
-    "hq": re.MULTILINE,
-    "hs": re.MULTILINE,
-    "b": re.DOTALL,
-    "bq": re.DOTALL,
-    "bs": re.DOTALL,
-    "meta": re.MULTILINE,
-    "comment": re.MULTILINE,
+    "h": regex.MULTILINE,
+    "hq": regex.MULTILINE,
+    "hs": regex.MULTILINE,
+    "b": regex.DOTALL,
+    "bq": regex.DOTALL,
+    "bs": regex.DOTALL,
+    "meta": regex.MULTILINE,
+    "comment": regex.MULTILINE,
 }
 BINARY = frozenset({"b", "bq", "bs", "h", "hq", "hs", "m", "t", "tq", "ts"})  # bytes regexes
 
 
-def _compile(code: str, pattern: str, binary: bool) -> re.Pattern[Any]:
-    flags = re.IGNORECASE | _FLAGS.get(code, 0)
+def _compile(code: str, pattern: str, binary: bool) -> Any:
+    """The pattern, compiled by the ``regex`` engine in its ``re``-compatible mode: it
+    takes a timeout per search (``re`` cannot be stopped, and one catastrophic pattern
+    on a large body would hold a store reader, or the API's event loop, for hours)."""
+    flags = regex.IGNORECASE | regex.V0 | _FLAGS.get(code, 0)
     source: str | bytes = pattern.encode("utf-8", "surrogateescape") if binary else pattern
-    return re.compile(source, flags)
+    return regex.compile(source, flags)
+
+
+class FilterTimeout(Exception):
+    """One regex search ran past ``SEARCH_TIMEOUT`` (a pattern that backtracks badly)."""
+
+
+SEARCH_TIMEOUT = 0.05  # seconds per search: a 1 MiB body takes about a millisecond
+
+
+def _searcher(rx: Any, code: str) -> Callable[[Any], bool]:
+    def search(text: Any) -> bool:
+        try:
+            return rx.search(text, timeout=SEARCH_TIMEOUT) is not None
+        except TimeoutError:
+            raise FilterTimeout(
+                f"the ~{code} pattern took over {SEARCH_TIMEOUT * 1000:g} ms on one flow "
+                "(it backtracks badly): simplify it"
+            ) from None
+
+    return search
 
 
 # -- parsing -----------------------------------------------------------------------------
@@ -170,6 +201,7 @@ class _Fail(Exception):
 class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
+        self.depth = 0  # parentheses and "!" open at this point
         self.furthest = 0
         self.expected: list[str] = []  # what would have continued the parse at ``furthest``
 
@@ -245,9 +277,22 @@ class _Parser:
     def neg(self, pos: int) -> tuple[Node, int]:
         at = self.skip(pos)
         if at < len(self.text) and self.text[at] == "!":
-            child, after = self.neg(at + 1)
+            with self.nested(at):
+                child, after = self.neg(at + 1)
             return Not(child), after
         return self.primary(pos)
+
+    @contextlib.contextmanager
+    def nested(self, at: int) -> Iterator[None]:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise FilterError(
+                f"filter nested more than {MAX_NESTING} deep at column {at + 1}", at, "less nesting"
+            )
+        try:
+            yield
+        finally:
+            self.depth -= 1
 
     # primary := atom | "(" infix ")"
     def primary(self, pos: int) -> tuple[Node, int]:
@@ -258,7 +303,8 @@ class _Parser:
         at = self.skip(pos)
         if at >= len(self.text) or self.text[at] != "(":
             raise self.fail(at, "an operator, a value or '('")
-        node, after = self.infix(at + 1)
+        with self.nested(at):
+            node, after = self.infix(at + 1)
         close = self.skip(after)
         if close >= len(self.text) or self.text[close] != ")":
             raise self.fail(close, "')'")
@@ -298,7 +344,7 @@ class _Parser:
         leaf = Leaf(code, pattern=pattern)
         try:
             leaf.regex(binary=code in BINARY)
-        except (re.error, OverflowError, RecursionError) as exc:
+        except (regex.error, OverflowError, RecursionError, ValueError) as exc:
             raise FilterError(
                 f"invalid regex for ~{code} at column {at + 1}: {exc}", at, "a valid regex"
             ) from None
@@ -580,17 +626,13 @@ Predicate = Callable[[FlowView], bool]
 
 def _regex_leaf(leaf: Leaf) -> Predicate:
     code = leaf.code
-    rx = leaf.regex(binary=code in BINARY)
-    search = rx.search
+    search = leaf.searcher()
     if code == "u":
-        return lambda f: f.is_http and search(f.url()) is not None
+        return lambda f: f.is_http and search(f.url())
     if code == "d":
-        return lambda f: (
-            f.is_http
-            and (search(f.text("host")) is not None or search(f.pretty_host()) is not None)
-        )
+        return lambda f: f.is_http and (search(f.text("host")) or search(f.pretty_host()))
     if code == "m":
-        return lambda f: f.is_http and search(_bytes(f.text("method"))) is not None
+        return lambda f: f.is_http and search(_bytes(f.text("method")))
     if code in ("h", "hq", "hs"):
         parts = {"h": ("request", "response"), "hq": ("request",), "hs": ("response",)}[code]
 
@@ -600,7 +642,7 @@ def _regex_leaf(leaf: Leaf) -> Predicate:
             for which in parts:
                 if which == "response" and f.response is None:
                     continue
-                if search(f.header_block(which)) is not None:
+                if search(f.header_block(which)):
                     return True
             return False
 
@@ -614,7 +656,7 @@ def _regex_leaf(leaf: Leaf) -> Predicate:
             for which in parts:
                 if which == "response" and f.response is None:
                     continue
-                if any(search(v) is not None for v in f.content_types(which)):
+                if any(search(v) for v in f.content_types(which)):
                     return True
             return False
 
@@ -627,28 +669,28 @@ def _regex_leaf(leaf: Leaf) -> Predicate:
                 return False
             for which in parts:
                 content = f.body(which)
-                if content is not None and search(content) is not None:
+                if content is not None and search(content):
                     return True
             return False
 
         return body
     if code == "src":
-        return lambda f: (a := f.address("client")) is not None and search(a) is not None
+        return lambda f: (a := f.address("client")) is not None and search(a)
     if code == "dst":
-        return lambda f: (a := f.destination()) is not None and search(a) is not None
+        return lambda f: (a := f.destination()) is not None and search(a)
     if code in ("replica", "state", "kind"):
-        return lambda f: search(f.text(code)) is not None
+        return lambda f: search(f.text(code))
     if code == "meta":
 
         def meta(f: FlowView) -> bool:
             data = f.doc.get("metadata")
             items = data.items() if isinstance(data, dict) else ()
-            return search("\n".join(f"{k}: {v}" for k, v in items)) is not None
+            return search("\n".join(f"{k}: {v}" for k, v in items))
 
         return meta
     if code in ("marker", "comment"):
         field = "marked" if code == "marker" else "comment"
-        return lambda f: search(f.text(field)) is not None
+        return lambda f: search(f.text(field))
     raise AssertionError(code)
 
 

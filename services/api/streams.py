@@ -29,7 +29,7 @@ from nats.js.api import DeliverPolicy
 
 from libs.common import subjects
 from libs.common.bus import Bus
-from libs.common.flowfilter import Filter, compile_filter
+from libs.common.flowfilter import Filter, FilterTimeout, compile_filter
 from libs.common.models import FlowQuery
 from libs.common.tasks import spawn
 from services.api.eventlog import EventLog
@@ -172,8 +172,14 @@ class Subscriber:
             return
         added = False
         for item in items:
-            if item.pos <= self.after or not self.filter.matches(item.event):
+            if item.pos <= self.after:
                 continue
+            try:
+                if not self.filter.matches(item.event):
+                    continue
+            except FilterTimeout as exc:  # said to the client: never a silent gap
+                self.drop(str(exc))
+                return
             if len(self.queue) >= self.bound:
                 self.drop(
                     f"more than {self.bound} events waited for this client: it reads too slowly"
@@ -276,8 +282,12 @@ class FlowHub:
                 for msg in msgs:
                     remaining = msg.metadata.num_pending
                     for item in items_of(msg):
-                        if item.pos > after and sub.filter.matches(item.event):
-                            yield item
+                        try:
+                            if item.pos > after and sub.filter.matches(item.event):
+                                yield item
+                        except FilterTimeout as exc:
+                            sub.drop(str(exc))
+                            return
         finally:
             self._log.discard_consumer(sub_, info.name)
 

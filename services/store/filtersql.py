@@ -155,6 +155,8 @@ def _leaf(leaf: Leaf, vocabulary: Vocabulary) -> Condition:
     if code == "s":
         return _wrap(f"{HTTP} AND status IS NOT NULL")
     if code == "c":
+        if leaf.number is None or leaf.number >= 1 << 63:  # no stored status is that big
+            return Condition(_FALSE)
         return _wrap(f"{HTTP} AND status = ?", [leaf.number])
     if code == "e":
         return _wrap("error IS NOT NULL AND error <> ''")
@@ -168,10 +170,10 @@ def _leaf(leaf: Leaf, vocabulary: Vocabulary) -> Condition:
 
 
 def _matching(leaf: Leaf, values: list[str]) -> list[str]:
-    rx = leaf.regex(binary=leaf.code in BINARY)
+    search = leaf.searcher()
     if leaf.code in BINARY:
-        return [v for v in values if rx.search(v.encode("latin-1", "replace")) is not None]
-    return [v for v in values if rx.search(v) is not None]
+        return [v for v in values if search(v.encode("latin-1", "replace"))]
+    return [v for v in values if search(v)]
 
 
 def _in(column: str, values: list[str]) -> tuple[str, list[object]]:
@@ -202,9 +204,9 @@ def _domain(leaf: Leaf, vocabulary: Vocabulary) -> Condition:
     if hosts is not None and authorities is not None:
         rhosts = [h[::-1] for h in _matching(leaf, hosts)]
         host_sql, host_params = _in("rhost", rhosts)
-        rx = leaf.regex()
+        search = leaf.searcher()
         auth_sql, auth_params = _in(
-            "authority", [a for a in authorities if rx.search(authority_host(a)) is not None]
+            "authority", [a for a in authorities if search(authority_host(a))]
         )
         either = [s for s in (host_sql, auth_sql) if s != _FALSE]
         if not either:

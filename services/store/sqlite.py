@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import orjson
 
 from libs.common import logs
+from libs.common.flowfilter import FilterTimeout
 from libs.common.models import FlowQuery
 from services.store import search, sql, writer
 from services.store.query import Plan, encode_cursor, plan, time_bound
@@ -38,6 +39,7 @@ from services.store.repository import (
     IngestResult,
     Listing,
     Page,
+    QueryError,
     RepositoryError,
     wire_bytes,
 )
@@ -408,6 +410,12 @@ class SQLiteRepository(FlowRepository):
 
     def _listing(self, p: Plan) -> Listing:
         try:
+            return self._listing_of(p)
+        except FilterTimeout as exc:
+            raise QueryError("q", str(exc), code="BAD_FILTER") from None
+
+    def _listing_of(self, p: Plan) -> Listing:
+        try:
             if p.tree is not None:
                 found = search.listing(self._execute, p, self.scan_limit)
                 assert found is not None
@@ -478,6 +486,8 @@ class SQLiteRepository(FlowRepository):
             if p.tree is not None:
                 return search.count(self._execute, p, self.scan_limit)[0]
             return int(self._reader().execute(statement, params).fetchone()[0])
+        except FilterTimeout as exc:
+            raise QueryError("q", str(exc), code="BAD_FILTER") from None
         except sqlite3.Error as exc:
             raise RepositoryError(f"query failed: {exc}") from None
 

@@ -353,6 +353,32 @@ async def test_flows_end_to_end(
         f["path"] for f in flows
     ]
     assert await paths(since="2999-01-01T00:00:00Z") == []
+    assert await paths(path="/echo/") == ["/echo/two", "/echo/one"]
+
+    # the filter language, as mitmproxy users type it, decided by the store
+    assert await paths(q="~m post | ~c 404") == ["/status/404", "/echo/two"]
+    assert await paths(q="~d 127.0.0.1 & !~c 200") == ["/status/404"]
+    assert await paths(q="~u echo/t ~s") == ["/echo/two"]  # juxtaposition is AND
+    assert await paths(q="~bq héllo") == ["/echo/two"]  # a body, rechecked in the store
+    assert await paths(q="~hq 'content-type: text/plain'", replica=proxy.id) == ["/echo/two"]
+    assert await paths(q=f"~replica ^{proxy.id}$ & ~state completed & ~kind http") == [
+        f["path"] for f in flows
+    ]
+    listing = (await api.get("/api/flows", params={"q": "~s", "limit": 2}, headers=READ)).json()
+    assert listing["filtered_count"] == 4 and listing["filtered_count_exact"] is True
+    body_search = (await api.get("/api/flows", params={"q": "~b x"}, headers=READ)).json()
+    assert body_search["scanned"] >= 4 and body_search["partial"] is False
+    for q, position in (("~c 404 &", 8), ("(~q)", 1), ("~d [", 0)):
+        bad = await api.get("/api/flows", params={"q": q}, headers=READ)
+        assert bad.status_code == 422 and bad.json()["code"] == "BAD_FILTER", bad.text
+        error = bad.json()["errors"][0]
+        assert error["field"] == "query.q" and error["position"] == position
+    helped = await api.get("/api/filter-help", params={"q": "~d a & ~c 2"}, headers=READ)
+    assert helped.status_code == 200
+    assert helped.json()["explain"] == "(domain matches 'a' and response code is 2)"
+    assert {"~d regex", "~c int", "~b regex", "!"} <= {
+        o["operator"] for o in helped.json()["operators"]
+    }
 
     # pagination
     seen: list[str] = []

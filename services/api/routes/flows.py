@@ -66,6 +66,20 @@ class FlowPage(BaseModel):
 
     flows: list[FlowSummary]
     next_cursor: str | None
+    filtered_count: int | None = Field(
+        None, description="flows matching the filters (a lower bound unless exact)"
+    )
+    filtered_count_exact: bool | None = Field(
+        None, description="false: at least filtered_count (counting stops at 10,000)"
+    )
+    scanned: int | None = Field(
+        None, description="q filters rechecked row by row: rows looked at for this page"
+    )
+    partial: bool | None = Field(
+        None,
+        description="the scan budget (FLEET_STORE_SCAN_LIMIT) ran out before the page was "
+        "full: next_cursor continues the scan",
+    )
 
 
 class MessagePart(BaseModel):
@@ -294,6 +308,7 @@ def _safe(value: str | None) -> str | None:
         _404=_NOT_FOUND,
         _409="The flow has finished (FLOW_NOT_ACTIVE)",
     ),
+    openapi_extra=audit.action("flow.kill"),
 )
 async def kill_flow(
     request: Request, flow_id: FlowId, fleet: FleetDep, store: StoreDep

@@ -1,0 +1,171 @@
+"""Filters in the store: SQL pushdown plus recheck selects exactly what the evaluator does.
+
+The conformance flows (recorded through mitmproxy, see tests/conformance) go into a real
+SQLite store; every corpus expression mitmproxy accepts is asked of the store's listing
+and count and must select the same flows as ``libs.common.flowfilter`` on the documents.
+Then the parts of a scan: the budget, its cursor, the bounded count, hostile patterns.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libs.common.flowfilter import compile_filter
+from libs.common.models import FlowQuery
+from services.store import search
+from services.store.repository import QueryError
+from services.store.sqlite import SQLiteRepository
+from tests.conformance.test_filter_conformance import BY_EXPR, FLOWS
+
+ACCEPTED = [e for e, case in BY_EXPR.items() if not case.get("error")]
+
+
+@pytest.fixture
+async def corpus_store(tmp_path: Path) -> AsyncIterator[SQLiteRepository]:
+    repo = SQLiteRepository(tmp_path / "flows.db", scan_limit=1000)
+    await repo.open()
+    await repo.upsert_events(copy.deepcopy(FLOWS))
+    try:
+        yield repo
+    finally:
+        await repo.close()
+
+
+async def _all_ids(repo: SQLiteRepository, q: str, limit: int = 7) -> list[str]:
+    ids: list[str] = []
+    cursor = None
+    while True:
+        page = await repo.listing(FlowQuery(q=q, limit=limit, cursor=cursor))
+        ids += [f["id"] for f in page.flows]
+        if page.next_cursor is None:
+            return ids
+        cursor = page.next_cursor
+
+
+async def test_every_accepted_corpus_expression_selects_what_the_evaluator_does(
+    corpus_store: SQLiteRepository,
+) -> None:
+    assert len(ACCEPTED) > 250
+    wrong = []
+    for expr in ACCEPTED:
+        flt = compile_filter(expr)
+        want = sorted((f["id"] for f in FLOWS if flt.matches(f)), reverse=True)
+        got = await _all_ids(corpus_store, expr)
+        counted = await corpus_store.count(FlowQuery(q=expr))
+        if got != want or counted != len(want):
+            wrong.append((expr, got, want, counted))
+    assert not wrong, "\n".join(
+        f"{e!r}: store {g} count {c}, evaluator {w}" for e, g, w, c in wrong
+    )
+
+
+async def test_exact_filters_are_one_query_and_rechecked_ones_say_what_they_scanned(
+    corpus_store: SQLiteRepository,
+) -> None:
+    for q in ("~c 200", "~m post & ~c 201", "~d example", "!~s", "~tcp | ~websocket", "~e"):
+        page = await corpus_store.listing(FlowQuery(q=q))
+        assert page.scanned is None and page.count_exact, q  # no recheck: counted by SQL
+        assert page.filtered_count == len(page.flows)
+    page = await corpus_store.listing(FlowQuery(q="~b needle"))
+    assert page.scanned is not None and not page.partial and page.count_exact
+    assert page.filtered_count == len(page.flows) > 0
+
+
+def _flow(i: int, body: bytes = b"hay", host: str = "h.test") -> dict[str, Any]:
+    return {
+        "event": "completed",
+        "id": f"{1_700_000_000_000 + i:012x}{i:012x}",
+        "replica": "r1",
+        "kind": "http",
+        "state": "completed",
+        "client": ["127.0.0.1", 40000],
+        "server": ["127.0.0.1", 80],
+        "scheme": "http",
+        "method": "GET",
+        "host": host,
+        "port": 80,
+        "path": f"/item/{i}",
+        "request": {"headers": [["Host", host]], "size": 0, "truncated": False, "body_b64": ""},
+        "response": {
+            "status": 200,
+            "reason": "OK",
+            "headers": [["Content-Type", "text/plain"]],
+            "size": len(body),
+            "truncated": False,
+            "body_b64": base64.b64encode(body).decode(),
+        },
+        "timings": {"start": 1.0, "end": 2.0},
+        "error": None,
+    }
+
+
+async def test_a_scan_stops_at_its_budget_and_its_cursor_continues(tmp_path: Path) -> None:
+    repo = SQLiteRepository(tmp_path / "flows.db", scan_limit=100)
+    await repo.open()
+    try:
+        flows = [_flow(i, b"needle" if i % 97 == 0 else b"hay") for i in range(1000)]
+        await repo.upsert_events(flows)
+        want = sorted((f["id"] for i, f in enumerate(flows) if i % 97 == 0), reverse=True)
+        page = await repo.listing(FlowQuery(q="~bs needle", limit=50))
+        assert page.partial and page.scanned == 100  # the budget, not the whole table
+        assert not page.count_exact and page.next_cursor is not None
+        found, cursor, calls = [f["id"] for f in page.flows], page.next_cursor, 1
+        while cursor is not None:
+            page = await repo.listing(FlowQuery(q="~bs needle", limit=50, cursor=cursor))
+            assert page.scanned is not None and page.scanned <= 100
+            found += [f["id"] for f in page.flows]
+            cursor, calls = page.next_cursor, calls + 1
+        assert found == want  # every match once, newest first, across partial pages
+        assert calls <= 11  # 1000 rows at 100 a call (the last may only find the end)
+    finally:
+        await repo.close()
+
+
+async def test_filtered_count_is_exact_up_to_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(search, "COUNT_BOUND", 25)
+    repo = SQLiteRepository(tmp_path / "flows.db")
+    await repo.open()
+    try:
+        await repo.upsert_events(
+            [_flow(i, host="a.test" if i < 20 else "b.test") for i in range(60)]
+        )
+        page = await repo.listing(FlowQuery(q="~d ^a\\.test$", limit=5))
+        assert (page.filtered_count, page.count_exact) == (20, True)
+        page = await repo.listing(FlowQuery(q="~d test", limit=5))
+        assert (page.filtered_count, page.count_exact) == (25, False)  # "at least 25"
+        plain = await repo.listing(FlowQuery(limit=5))
+        assert (plain.filtered_count, plain.count_exact) == (25, False)
+        assert await repo.count(FlowQuery(q="~d test")) == 60  # count stays exact
+    finally:
+        await repo.close()
+
+
+async def test_a_pattern_that_backtracks_badly_is_refused_not_run_for_hours(
+    tmp_path: Path,
+) -> None:
+    repo = SQLiteRepository(tmp_path / "flows.db")
+    await repo.open()
+    try:
+        await repo.upsert_events([_flow(1, b"foo" * 300_000)])
+        with pytest.raises(QueryError) as caught:
+            await repo.listing(FlowQuery(q="~b 'foo.*bar'"))
+        assert caught.value.code == "BAD_FILTER" and "backtracks" in str(caught.value)
+        with pytest.raises(QueryError) as caught:
+            await repo.listing(FlowQuery(q="~c 200 &"))
+        assert caught.value.code == "BAD_FILTER" and caught.value.position == 8
+    finally:
+        await repo.close()
+
+
+def test_conformance_flows_are_the_committed_ones() -> None:
+    data = json.loads((Path(__file__).parents[1] / "conformance" / "flows.json").read_text())
+    assert len(data["flows"]) == len(FLOWS) > 50
