@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run proxy test lint fmt bench bench-store bench-visibility conformance-oracle clean
+.PHONY: setup run proxy test lint fmt bench bench-store bench-visibility bench-queries conformance-oracle clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,9 @@ bench-store: setup
 
 bench-visibility: setup
 	$(BIN)/python bench/visibility.py
+
+bench-queries: setup
+	$(BIN)/python bench/queries.py
 
 conformance-oracle: setup
 	$(BIN)/python tests/conformance/oracle.py

@@ -56,9 +56,9 @@ def vocabulary(execute: Execute) -> filtersql.Vocabulary:
     return distinct
 
 
-def listing(execute: Execute, p: Plan, scan_limit: int) -> Listing | None:
+def listing(execute: Execute, p: Plan, scan_limit: int, counted: bool = True) -> Listing | None:
     """The page for a plan with a filter, or None when the plan has none (the caller's
-    plain listing applies)."""
+    plain listing applies); ``counted``: with the bounded ``filtered_count``."""
     if p.tree is None:
         return None
     compiled = filtersql.compile_tree(p.tree, vocabulary(execute))
@@ -75,8 +75,11 @@ def listing(execute: Execute, p: Plan, scan_limit: int) -> Listing | None:
         more = len(rows) > p.limit
         rows = rows[: p.limit]
         cursor = encode_cursor(rows[-1][0]) if more and rows else None
+        flows = [summary(r) for r in rows]
+        if not counted:
+            return Listing(flows, cursor)
         count, exact = bounded_count(execute, where, params)
-        return Listing([summary(r) for r in rows], cursor, count, exact)
+        return Listing(flows, cursor, count, exact)
     return _scan(execute, p, compiled, where, params, scan_limit)
 
 

@@ -398,31 +398,29 @@ class SQLiteRepository(FlowRepository):
 
     # -- queries ----------------------------------------------------------------------------
     async def list(self, query: FlowQuery) -> Page:
-        found = await self.listing(query)
+        found = await self._read(self._listing, plan(query), False)
         return found.flows, found.next_cursor
 
     async def listing(self, query: FlowQuery) -> Listing:
-        p = plan(query)
-        return await self._read(self._listing, p)
+        return await self._read(self._listing, plan(query), True)
 
     def _execute(self, statement: str, params: Values) -> Rows:
         return self._reader().execute(statement, params).fetchall()
 
-    def _listing(self, p: Plan) -> Listing:
-        try:
-            return self._listing_of(p)
-        except FilterTimeout as exc:
-            raise QueryError("q", str(exc), code="BAD_FILTER") from None
-
-    def _listing_of(self, p: Plan) -> Listing:
+    def _listing(self, p: Plan, counted: bool) -> Listing:
+        """A page; ``counted``: with its ``filtered_count`` (a listing, not an export)."""
         try:
             if p.tree is not None:
-                found = search.listing(self._execute, p, self.scan_limit)
+                found = search.listing(self._execute, p, self.scan_limit, counted)
                 assert found is not None
                 return found
             flows, cursor = self._list(p)
+            if not counted:
+                return Listing(flows, cursor)
             where, params = sql.conditions(p)
             count, exact = search.bounded_count(self._execute, where, params)
+        except FilterTimeout as exc:
+            raise QueryError("q", str(exc), code="BAD_FILTER") from None
         except sqlite3.Error as exc:
             raise RepositoryError(f"query failed: {exc}") from None
         return Listing(flows, cursor, count, exact)
