@@ -28,9 +28,13 @@ head's exact bytes are not recorded). Custom fields start with ``_``: ``_flow_id
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
+import math
+import re
+import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from importlib import metadata
 from typing import Any
@@ -46,6 +50,7 @@ REDACTED = "<redacted>"  # the proxy's mark for a masked header (services.proxy.
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 # characters left as they are in a URL path (RFC 3986 reserved and unreserved, and "%")
 _URL_SAFE = "!#$%&'()*+,/:;=?@[]~-._"
+_URL_CLEAN = re.compile("[A-Za-z0-9" + re.escape(_URL_SAFE) + "]*")
 
 
 def _version() -> str:
@@ -286,6 +291,8 @@ def url(flow: dict[str, Any]) -> str:
 
 def _quote(text: str) -> str:
     """Bytes outside printable ASCII (recorded as latin-1) percent-encoded, escapes kept."""
+    if _URL_CLEAN.fullmatch(text):  # the usual path: nothing to encode
+        return text
     return quote(text.encode("latin-1", "replace"), safe=_URL_SAFE)
 
 
@@ -365,7 +372,12 @@ def server_ip(server: Any) -> str | None:
     """The server's IP address (omitted when the recorded address is not one)."""
     if not isinstance(server, list) or not server or not isinstance(server[0], str):
         return None
-    text = server[0].strip("[]").split("%", 1)[0]  # an IPv6 zone is not part of an address
+    return _ip(server[0])
+
+
+@functools.lru_cache(maxsize=4096)  # an export meets the same few servers again and again
+def _ip(address: str) -> str | None:
+    text = address.strip("[]").split("%", 1)[0]  # an IPv6 zone is not part of an address
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
@@ -375,10 +387,15 @@ def server_ip(server: Any) -> str | None:
 def iso_time(seconds: float) -> str:
     """Epoch seconds as ISO 8601 in UTC with milliseconds (``2025-01-31T12:00:00.123Z``)."""
     try:
-        moment = datetime.fromtimestamp(seconds, UTC)
+        whole = math.floor(seconds)
+        parts = time.gmtime(whole)
+        if not 1 <= parts.tm_year <= 9999:
+            raise ValueError(seconds)
     except (OverflowError, OSError, ValueError):
-        moment = datetime.fromtimestamp(0, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        whole, parts = 0, time.gmtime(0)
+        seconds = 0.0
+    millis = min(int((seconds - whole) * 1000), 999)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", parts) + f".{millis:03d}Z"
 
 
 def _http_date(text: str) -> str | None:

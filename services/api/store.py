@@ -33,6 +33,20 @@ class StoreClient:
 
     async def call(self, verb: str, body: dict[str, Any] | bytes) -> tuple[dict[str, Any], bytes]:
         """The decoded reply and its raw bytes; store errors raised as ``ApiError``."""
+        data, reply = await self._exchange(verb, body, raw=False)
+        assert reply is not None
+        return reply, data
+
+    async def call_raw(self, verb: str, body: dict[str, Any] | bytes) -> bytes:
+        """The reply's bytes, undecoded unless it is an error (raised as ``ApiError``).
+
+        For large replies (export pages) that the caller decodes off the event loop: the
+        store writes an error reply as ``{"error": ...}``, that key first."""
+        return (await self._exchange(verb, body, raw=True))[0]
+
+    async def _exchange(
+        self, verb: str, body: dict[str, Any] | bytes, raw: bool
+    ) -> tuple[bytes, dict[str, Any] | None]:
         payload = body if isinstance(body, bytes) else orjson.dumps(body)
         start = time.perf_counter()
         outcome = "error"
@@ -49,20 +63,28 @@ class StoreClient:
                     "STORE_UNAVAILABLE",
                     f"the flow store did not answer within {self.timeout:g}s",
                 ) from None
-            try:
-                reply = orjson.loads(msg.data)
-            except orjson.JSONDecodeError:
-                reply = None
-            if not isinstance(reply, dict):
-                raise ApiError(502, "STORE_ERROR", "the flow store sent an unreadable reply")
-            error = reply.get("error")
-            if error is not None:
-                raise _store_error(error)
+            data = bytes(msg.data)
+            reply = None
+            if not raw or data.startswith(b'{"error"') or not data.startswith(b"{"):
+                reply = self._decode(data)  # raises the store's error, or an unreadable reply
             outcome = "ok"
-            return reply, msg.data
+            return data, reply
         finally:
             if self.metrics is not None:
                 self.metrics.observe_store(verb, outcome, time.perf_counter() - start)
+
+    @staticmethod
+    def _decode(data: bytes) -> dict[str, Any]:
+        try:
+            reply = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            reply = None
+        if not isinstance(reply, dict):
+            raise ApiError(502, "STORE_ERROR", "the flow store sent an unreadable reply")
+        error = reply.get("error")
+        if error is not None:
+            raise _store_error(error)
+        return reply
 
     async def get_flow(self, flow_id: str) -> dict[str, Any]:
         """The full merged flow (bodies base64), or 404 FLOW_NOT_FOUND."""

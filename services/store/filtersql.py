@@ -15,8 +15,10 @@ evaluator the stream uses, so SQL never decides alone what it cannot decide exac
 
 AND of children is exact when all are; OR likewise, and one unprunable child makes
 the OR unprunable; NOT negates only an exact child (an inexact one under NOT cannot
-prune, since its superset negated would lose flows). Every leaf is wrapped in
-``COALESCE(..., FALSE)`` so that NULL columns never turn a NOT into "unknown".
+prune, since its superset negated would lose flows). A NULL column makes a leaf
+"unknown", which outside a NOT excludes the row as false would; a NOT wraps its child
+in ``COALESCE(..., FALSE)`` so that it does there too. Leaves stay bare otherwise, so
+the planner can match them to indexes.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ _DOC_CODES = frozenset(
 )  # fmt: skip
 _BODY_CODES = frozenset({"b", "bq", "bs"})
 _VOCABULARY = {"m": "method", "replica": "replica", "state": "state", "kind": "kind"}
-HTTP = "(kind IS NULL OR kind IN ('http', 'websocket'))"
+HTTP = "COALESCE(kind, 'http') IN ('http', 'websocket')"  # one term: no index merge
 MIN_LITERAL = 2  # shorter literals prune too little to be worth a LIKE
 
 # distinct values of a column (None: too many to list)
@@ -76,7 +78,7 @@ _FALSE = "FALSE"
 
 
 def _wrap(sql: str, params: list[object] | None = None, exact: bool = True) -> Condition:
-    return Condition(f"COALESCE(({sql}), FALSE)", params or [], exact)
+    return Condition(sql, params or [], exact)
 
 
 def _unprunable() -> Condition:
@@ -112,7 +114,8 @@ def _node(node: Node, vocabulary: Vocabulary) -> Condition:
             return Condition(_FALSE)
         if child.sql == _FALSE:
             return Condition(_TRUE)
-        return Condition(f"NOT ({child.sql})", child.params)
+        # outside a NOT a NULL already counts as false; under one it must stay false
+        return Condition(f"NOT COALESCE(({child.sql}), FALSE)", child.params)
     parts = [_node(c, vocabulary) for c in node.children]
     exact = all(p.exact for p in parts)
     if isinstance(node, And):

@@ -12,7 +12,10 @@ amount per call, and the client decides whether to go on.
 from __future__ import annotations
 
 import base64
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -31,37 +34,112 @@ Execute = Callable[[str, list[object]], list[tuple[Any, ...]]]
 _N_SUMMARY = len(SUMMARY_COLUMNS)
 
 
-def vocabulary(execute: Execute) -> filtersql.Vocabulary:
+def _source(column: str) -> str:
+    return "rhost" if column == "host" else column  # hosts are listed from their index
+
+
+def _value(column: str, stored: str) -> str:
+    return stored[::-1] if column == "host" else stored
+
+
+def distinct_values(execute: Execute, column: str) -> list[str] | None:
     """Distinct values of a column by index seeks (None when there are too many)."""
+    source = _source(column)
+    values: list[str] = []
+    last = ""
+    op = ">="
+    while len(values) <= VOCABULARY_MAX:
+        rows = execute(
+            f"SELECT {source} FROM flows WHERE {source} {op} ? ORDER BY {source} LIMIT 1",
+            [last],
+        )
+        if not rows:
+            return values
+        last = rows[0][0]
+        op = ">"
+        values.append(_value(column, last))
+    return None
 
-    def distinct(column: str) -> list[str] | None:
-        source = "rhost" if column == "host" else column
-        values: list[str] = []
-        last = ""
-        op = ">="
-        while len(values) <= VOCABULARY_MAX:
-            rows = execute(
-                f"SELECT {source} FROM flows WHERE {source} {op} ? ORDER BY {source} LIMIT 1",
-                [last],
+
+@dataclass
+class _Known:
+    values: set[str] | None  # None: more than VOCABULARY_MAX
+    top: int  # the largest rowid looked at
+    at: float  # when the values were last listed in full
+
+
+class Vocabularies:
+    """Distinct values of the columns a flow gets when it is inserted and keeps (method,
+    host, Host-header authority, replica), kept current between queries by reading only
+    the rows added since: rowids grow with insertion, and pruning deletes the oldest.
+
+    Listing every host is a few hundred index seeks; reading the rows since the last
+    query is usually a handful. A value whose flows were all pruned lingers until the
+    next full listing (``REFRESH`` seconds): an ``IN`` with one name too many selects the
+    same rows. Columns an update changes (``state``, ``kind``) are always listed afresh.
+    """
+
+    CACHED = frozenset({"method", "host", "authority", "replica"})
+    REFRESH = 60.0
+    MAX_NEW_ROWS = 20_000  # more rows added since than this: list the values afresh
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: dict[str, _Known] = {}
+
+    def bind(self, execute: Execute) -> filtersql.Vocabulary:
+        return lambda column: self.values(execute, column)
+
+    def values(self, execute: Execute, column: str) -> list[str] | None:
+        if column not in self.CACHED:
+            return distinct_values(execute, column)
+        top = int(execute(MAX_ROWID, [])[0][0] or 0)
+        now = time.monotonic()
+        with self._lock:
+            known = self._known.get(column)
+        if (
+            known is None
+            or now - known.at > self.REFRESH
+            or top < known.top
+            or top - known.top > self.MAX_NEW_ROWS
+        ):
+            listed = distinct_values(execute, column)
+            known = _Known(set(listed) if listed is not None else None, top, now)
+        elif top > known.top and known.values is not None:
+            source = _source(column)
+            added = execute(
+                f"SELECT DISTINCT {source} FROM flows WHERE rowid > ? AND rowid <= ? "
+                f"AND {source} IS NOT NULL",
+                [known.top, top],
             )
-            if not rows:
-                break
-            last = rows[0][0]
-            op = ">"
-            values.append(last[::-1] if column == "host" else last)
-        else:
-            return None
-        return values
-
-    return distinct
+            values = known.values | {_value(column, r[0]) for r in added}
+            known = _Known(values if len(values) <= VOCABULARY_MAX else None, top, known.at)
+        with self._lock:
+            self._known[column] = known
+        return sorted(known.values) if known.values is not None else None
 
 
-def listing(execute: Execute, p: Plan, scan_limit: int, counted: bool = True) -> Listing | None:
+MAX_ROWID = "SELECT max(rowid) FROM flows"
+
+
+def vocabulary(execute: Execute) -> filtersql.Vocabulary:
+    """Distinct values of a column, listed afresh (see ``Vocabularies`` for the cache)."""
+    return lambda column: distinct_values(execute, column)
+
+
+def listing(
+    execute: Execute,
+    p: Plan,
+    scan_limit: int,
+    counted: bool = True,
+    vocab: filtersql.Vocabulary | None = None,
+) -> Listing | None:
     """The page for a plan with a filter, or None when the plan has none (the caller's
-    plain listing applies); ``counted``: with the bounded ``filtered_count``."""
+    plain listing applies); ``counted``: with the bounded ``filtered_count``; ``vocab``:
+    the columns' distinct values (listed afresh when not given)."""
     if p.tree is None:
         return None
-    compiled = filtersql.compile_tree(p.tree, vocabulary(execute))
+    compiled = filtersql.compile_tree(p.tree, vocab or vocabulary(execute))
     where, params = sql.conditions(p)
     cond = compiled.condition
     if cond.prunes:
@@ -175,11 +253,13 @@ def _view(row: tuple[Any, ...], compiled: filtersql.Compiled) -> FlowView:
     return FlowView(doc)
 
 
-def count(execute: Execute, p: Plan, scan_limit: int) -> tuple[int, bool]:
+def count(
+    execute: Execute, p: Plan, scan_limit: int, vocab: filtersql.Vocabulary | None = None
+) -> tuple[int, bool]:
     """``count`` with a filter: exact SQL counts exactly; a rechecked filter counts the
     matches among at most ``scan_limit`` candidates (exact if they were all of them)."""
     assert p.tree is not None
-    compiled = filtersql.compile_tree(p.tree, vocabulary(execute))
+    compiled = filtersql.compile_tree(p.tree, vocab or vocabulary(execute))
     where, params = sql.conditions(p)
     cond = compiled.condition
     if cond.prunes:

@@ -169,3 +169,20 @@ async def test_a_pattern_that_backtracks_badly_is_refused_not_run_for_hours(
 def test_conformance_flows_are_the_committed_ones() -> None:
     data = json.loads((Path(__file__).parents[1] / "conformance" / "flows.json").read_text())
     assert len(data["flows"]) == len(FLOWS) > 50
+
+
+async def test_a_host_seen_for_the_first_time_is_found_at_once(tmp_path: Path) -> None:
+    """The distinct hosts behind ``~d`` are cached between queries: flows stored after a
+    query, with a host never seen before, are found by the very next query."""
+    repo = SQLiteRepository(tmp_path / "flows.db")
+    await repo.open()
+    try:
+        await repo.upsert_events([_flow(i, host="old.test") for i in range(5)])
+        assert len((await repo.listing(FlowQuery(q="~d test"))).flows) == 5
+        await repo.upsert_events([_flow(i, host="new.test") for i in range(5, 8)])
+        fresh = await repo.listing(FlowQuery(q="~d new & ~c 200"))
+        assert [f["host"] for f in fresh.flows] == ["new.test"] * 3 and fresh.scanned is None
+        assert len((await repo.listing(FlowQuery(q="~d test"))).flows) == 8
+        assert len((await repo.listing(FlowQuery(q="~m get & ~replica r1"))).flows) == 8
+    finally:
+        await repo.close()
