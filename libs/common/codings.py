@@ -56,15 +56,19 @@ def _undo(name: str, data: bytes, limit: int) -> bytes:
     if name in ("gzip", "x-gzip"):
         return _zlib(data, 16 + zlib.MAX_WBITS, limit)
     if name == "deflate":
-        try:  # RFC 9110 says zlib-wrapped; many servers send raw deflate
-            return _zlib(data, zlib.MAX_WBITS, limit)
-        except zlib.error:
-            return _zlib(data, -zlib.MAX_WBITS, limit)
+        return _deflate(data, limit)
     if name == "br":
         return _brotli(data, limit)
     if name == "zstd":
         return _zstd(data, limit)
     raise KeyError(name)
+
+
+def _deflate(data: bytes, limit: int) -> bytes:
+    try:  # RFC 9110 says zlib-wrapped; many servers send raw deflate
+        return _zlib(data, zlib.MAX_WBITS, limit)
+    except zlib.error:
+        return _zlib(data, -zlib.MAX_WBITS, limit)
 
 
 def _zlib(data: bytes, wbits: int, limit: int) -> bytes:
@@ -109,10 +113,7 @@ def as_filters_see_it(data: bytes, content_encoding: str, limit: int = DEFAULT_L
         if name == "gzip":
             return _partial_zlib(data, 32 + zlib.MAX_WBITS, limit)
         if name == "deflate":
-            try:
-                return _zlib(data, zlib.MAX_WBITS, limit)
-            except zlib.error:
-                return _zlib(data, -zlib.MAX_WBITS, limit)
+            return _deflate(data, limit)
         if name == "br":
             return _brotli(data, limit)
         if name == "zstd":

@@ -462,10 +462,18 @@ def _b64(data: Any) -> bytes | None:
 class FlowView:
     """Read-only accessors over one flow event, each computed once (lazily)."""
 
-    __slots__ = ("_cache", "doc")
+    __slots__ = ("_bodies", "_cache", "doc")
 
-    def __init__(self, doc: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        doc: dict[str, Any],
+        bodies: Callable[[str], bytes | None] | None = None,
+    ) -> None:
+        """``bodies(which)``: the recorded bytes of the request or response body (None:
+        not known), for a caller that holds them as bytes (the store); otherwise they
+        are read from ``body_b64`` in the document."""
         self.doc = doc
+        self._bodies = bodies
         self._cache: dict[str, Any] = {}
 
     def _part(self, name: str) -> dict[str, Any] | None:
@@ -522,7 +530,12 @@ class FlowView:
             cached: bytes | None = self._cache[key]
             return cached
         part = self._part(which) if which == "request" else self.response
-        raw = _b64(part.get("body_b64")) if part is not None else None
+        if part is None:
+            raw = None
+        elif self._bodies is not None:
+            raw = self._bodies(which)
+        else:
+            raw = _b64(part.get("body_b64"))
         if raw is not None:
             encodings = [
                 str(pair[1])

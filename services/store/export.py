@@ -26,11 +26,12 @@ def budget(max_payload: int) -> int:
 
 
 async def export_page(repo: FlowRepository, query: FlowQuery, max_bytes: int) -> dict[str, Any]:
-    """``{"flows": [wire documents], "next_cursor": str | None}`` for one page."""
+    """``{"next_cursor": str | None, "flows": [wire documents]}`` for one page."""
     summaries, cursor = await repo.list(query)
     ids = [s["id"] for s in summaries]
     exported = await repo.export_records(ids, max_bytes)
     if not exported.complete and exported.flows:
         cursor = encode_cursor(exported.flows[-1][0])
-    # already serialised: orjson embeds each document as it is
-    return {"flows": [orjson.Fragment(data) for _, data in exported.flows], "next_cursor": cursor}
+    # the cursor first, so a reader can ask for the next page before decoding this one;
+    # the documents are already serialised: orjson embeds each as it is
+    return {"next_cursor": cursor, "flows": [orjson.Fragment(data) for _, data in exported.flows]}

@@ -11,7 +11,6 @@ amount per call, and the client decides whether to go on.
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from collections.abc import Callable
@@ -140,11 +139,7 @@ def listing(
     if p.tree is None:
         return None
     compiled = filtersql.compile_tree(p.tree, vocab or vocabulary(execute))
-    where, params = sql.conditions(p)
-    cond = compiled.condition
-    if cond.prunes:
-        where = f"{where} AND ({cond.sql})" if where else f" WHERE ({cond.sql})"
-        params = [*params, *cond.params]
+    where, params = _where(p, compiled)
     if compiled.exact:
         rows = execute(
             f"SELECT {sql.SUMMARY} FROM flows{where} ORDER BY id DESC LIMIT ?",
@@ -159,6 +154,16 @@ def listing(
         count, exact = bounded_count(execute, where, params)
         return Listing(flows, cursor, count, exact)
     return _scan(execute, p, compiled, where, params, scan_limit)
+
+
+def _where(p: Plan, compiled: filtersql.Compiled) -> tuple[str, list[object]]:
+    """The plan's column conditions and the filter's, as one WHERE clause."""
+    where, params = sql.conditions(p)
+    cond = compiled.condition
+    if cond.prunes:
+        where = f"{where} AND ({cond.sql})" if where else f" WHERE ({cond.sql})"
+        params = [*params, *cond.params]
+    return where, params
 
 
 def bounded_count(execute: Execute, where: str, params: list[object]) -> tuple[int, bool]:
@@ -237,12 +242,16 @@ def _view(row: tuple[Any, ...], compiled: filtersql.Compiled) -> FlowView:
     authority = row[_N_SUMMARY]
     if compiled.needs_doc:
         doc: dict[str, Any] = orjson.loads(row[_N_SUMMARY + 1])
-        if compiled.needs_bodies:
-            for name, blob in (("request", row[_N_SUMMARY + 2]), ("response", row[_N_SUMMARY + 3])):
-                part = doc.get(name)
-                if isinstance(part, dict) and doc.get("state") != "active":
-                    part["body_b64"] = base64.b64encode(decode_body(blob)).decode("ascii")
-        return FlowView(doc)
+        if not compiled.needs_bodies:
+            return FlowView(doc)
+        # bodies travel with the final event (not with one the store wrote for a gone replica)
+        known = doc.get("state") != "active" and not doc.get("ended_by_store")
+        blobs = {"request": row[_N_SUMMARY + 2], "response": row[_N_SUMMARY + 3]}
+
+        def body(which: str) -> bytes | None:  # decompressed only if the filter asks
+            return decode_body(blobs[which]) if known else None
+
+        return FlowView(doc, body)
     doc = {k: s[k] for k in ("kind", "scheme", "method", "host", "port", "path", "state")}
     doc["replica"] = s["replica"]
     doc["error"] = s["error"]
@@ -260,11 +269,7 @@ def count(
     matches among at most ``scan_limit`` candidates (exact if they were all of them)."""
     assert p.tree is not None
     compiled = filtersql.compile_tree(p.tree, vocab or vocabulary(execute))
-    where, params = sql.conditions(p)
-    cond = compiled.condition
-    if cond.prunes:
-        where = f"{where} AND ({cond.sql})" if where else f" WHERE ({cond.sql})"
-        params = [*params, *cond.params]
+    where, params = _where(p, compiled)
     if compiled.exact:
         rows = execute(f"SELECT count(*) FROM flows{where}", params)
         return int(rows[0][0]), True

@@ -16,11 +16,13 @@ from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import brotli
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from jsonschema import Draft6Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT6
@@ -506,3 +508,13 @@ def test_empty_body_with_a_coding_is_empty_not_an_error() -> None:
     head = flow(method="HEAD")  # GZIP_FLOW's headers (Content-Encoding: gzip), no bytes
     content = one(head)["response"]["content"]
     assert content == {"size": 0, "mimeType": "application/json; charset=utf-8", "text": ""}
+
+
+@given(st.text(alphabet="ab=&%+2F#x ", max_size=30))
+def test_query_strings_are_parsed_as_parse_qsl_parses_them(query: str) -> None:
+    """The fast path (no escapes) and the general one agree with the standard library."""
+    expected = [
+        {"name": k, "value": v}
+        for k, v in parse_qsl(query.split("#", 1)[0], keep_blank_values=True, errors="replace")
+    ]
+    assert har.query_string("/p?" + query) == expected

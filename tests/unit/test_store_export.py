@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from libs.common.models import FlowQuery
+from services.api.routes.har import peek_cursor
 from services.store.export import export_page
 from services.store.repository import FlowRepository, wire_bytes
 from services.store.sqlite import SQLiteRepository
@@ -82,8 +83,10 @@ async def test_export_pages_stop_at_the_byte_budget_and_resume(repo: SQLiteRepos
     while True:
         query = FlowQuery(limit=5, cursor=cursor)
         page = await export_page(repo, query, budget)
-        reply = orjson.loads(orjson.dumps(page))
-        assert len(orjson.dumps(page)) <= budget + 100
+        raw = orjson.dumps(page)
+        reply = orjson.loads(raw)
+        assert len(raw) <= budget + 100
+        assert peek_cursor(raw) == reply["next_cursor"]  # readable before decoding
         seen += [f["id"] for f in reply["flows"]]
         pages += 1
         cursor = reply["next_cursor"]

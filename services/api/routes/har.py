@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,7 +33,7 @@ from services.api.store import StoreClient
 
 router = APIRouter(prefix="/flows", tags=["flows"])
 
-PAGE_FLOWS = 250  # flows asked per store page (the store also ends a page at max_payload)
+PAGE_FLOWS = 500  # flows asked per store page (the store also ends a page at max_payload)
 EXCLUDED = ("limit", "cursor")  # the export holds every match: no paging parameters
 _HAR_CONTENT = {
     "description": "A HAR 1.2 document (UTF-8 JSON)",
@@ -79,33 +80,51 @@ def convert_page(raw: bytes, first: bool) -> tuple[bytes, str | None]:
             gc.enable()
 
 
+_CURSOR_FIRST = re.compile(rb'\{"next_cursor":(?:null|"([A-Za-z0-9_-]{1,128})")')
+_UNKNOWN = "?"  # the page does not say its cursor up front: decode it first
+
+
+def peek_cursor(raw: bytes) -> str | None:
+    """The next cursor of an export page without decoding it (the store writes it first),
+    ``_UNKNOWN`` when the page does not start with it."""
+    found = _CURSOR_FIRST.match(raw, 0, 200)
+    if found is None:
+        return _UNKNOWN
+    return found.group(1).decode("ascii") if found.group(1) is not None else None
+
+
 async def entries(store: StoreClient, query: dict[str, Any], raw: bytes) -> AsyncIterator[bytes]:
-    """The HAR document, one chunk per store page; the next page is fetched while this
-    one is converted (in a thread: decoding and conversion are CPU work the loop must
-    not do)."""
+    """The HAR document, one chunk per store page. The next page is asked for before this
+    one is converted (its cursor leads the reply), so the store reads page N+1 while
+    the API converts page N in a thread (CPU work the loop must not do) and sends it."""
+
+    def fetch(cursor: str | None) -> asyncio.Task[bytes] | None:
+        if cursor is None:
+            return None
+        return asyncio.ensure_future(
+            store.call_raw("export", {**query, "cursor": cursor, "limit": PAGE_FLOWS})
+        )
+
     yield har.log_open()
     first = True
-    fetch: asyncio.Task[bytes] | None = None
+    pending: asyncio.Task[bytes] | None = None
     try:
         while True:
+            ahead = peek_cursor(raw)
+            pending = fetch(ahead) if ahead != _UNKNOWN else None
             chunk, cursor = await asyncio.to_thread(convert_page, raw, first)
-            fetch = (
-                asyncio.ensure_future(
-                    store.call_raw("export", {**query, "cursor": cursor, "limit": PAGE_FLOWS})
-                )
-                if cursor is not None
-                else None
-            )
+            if ahead == _UNKNOWN:
+                pending = fetch(cursor)
             if chunk:
                 first = False
                 yield chunk
-            if fetch is None:
+            if pending is None:
                 break
-            raw = await fetch
-            fetch = None
+            raw = await pending
+            pending = None
     finally:
-        if fetch is not None:  # the client went away mid-export
-            fetch.cancel()
+        if pending is not None:  # the client went away mid-export
+            pending.cancel()
     yield har.LOG_CLOSE
 
 
