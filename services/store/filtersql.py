@@ -185,11 +185,19 @@ def _in(column: str, values: list[str]) -> tuple[str, list[object]]:
     return f"{column} IN ({', '.join('?' for _ in values)})", list(values)
 
 
+def _matches_nothing_recorded(leaf: Leaf) -> bool:
+    """Whether the pattern matches the empty string: the evaluator reads a missing field
+    as "", so then rows with the column NULL match too."""
+    return _matching(leaf, [""]) == [""]
+
+
 def _in_vocabulary(leaf: Leaf, column: str, vocabulary: Vocabulary) -> Condition:
     values = vocabulary(column)
     if values is None:
         return _unprunable()
     sql, params = _in(column, _matching(leaf, values))
+    if _matches_nothing_recorded(leaf):
+        sql = f"{column} IS NULL" if sql == _FALSE else f"({sql} OR {column} IS NULL)"
     if sql == _FALSE:
         return Condition(_FALSE)
     if leaf.code == "m":
@@ -212,6 +220,8 @@ def _domain(leaf: Leaf, vocabulary: Vocabulary) -> Condition:
             "authority", [a for a in authorities if search(authority_host(a))]
         )
         either = [s for s in (host_sql, auth_sql) if s != _FALSE]
+        if _matches_nothing_recorded(leaf):
+            either.append("rhost IS NULL")
         if not either:
             return Condition(_FALSE)
         return _wrap(f"{HTTP} AND ({' OR '.join(either)})", host_params + auth_params)

@@ -21,6 +21,9 @@ from libs.common.flowfilter import DEFAULT_PORTS, authority_parts, url_authority
 
 FINAL_STATES = frozenset({"completed", "error", "killed"})
 STATES = FINAL_STATES | {"active"}
+# The kinds a proxy records; another publisher's kind is stored as none (column and
+# document alike), so that the filter language's ~kind reads one fixed vocabulary.
+KINDS = ("http", "tunnel", "websocket")
 MAX_ID_LEN = 64
 BODY_COMPRESSION_LEVEL = 1  # zlib: ~3x on text bodies at a few microseconds per KiB
 
@@ -151,6 +154,9 @@ def event_row(event: Mapping[str, Any], owned: bool = False) -> Row:
         started_at = ended_at = None
     else:
         raise BadEvent(f"flow {flow_id}: timings is not an object")
+    kind = get("kind")
+    if kind is not None and kind not in KINDS:
+        kind = event["kind"] = None
     try:
         doc = _dumps(event)
     except TypeError as exc:  # orjson.JSONEncodeError: values JSON cannot carry
@@ -166,7 +172,7 @@ def event_row(event: Mapping[str, Any], owned: bool = False) -> Row:
         flow_id,
         _str(get("replica")),
         state,
-        _str(get("kind")),
+        kind,
         scheme,
         method.upper() if type(method) is str else None,
         host,

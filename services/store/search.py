@@ -23,7 +23,7 @@ from libs.common.flowfilter import FlowView, predicate
 from services.store import filtersql, sql
 from services.store.query import Plan, encode_cursor
 from services.store.repository import Listing
-from services.store.rows import SUMMARY_COLUMNS, decode_body, summary
+from services.store.rows import KINDS, STATES, SUMMARY_COLUMNS, decode_body, summary
 
 COUNT_BOUND = 10_000  # filtered_count is exact up to this many flows
 SCAN_CHUNK = 500  # candidate rows fetched per query of a scan
@@ -31,6 +31,9 @@ VOCABULARY_MAX = 5000  # distinct values listed for a regex-over-values rewrite
 
 Execute = Callable[[str, list[object]], list[tuple[Any, ...]]]
 _N_SUMMARY = len(SUMMARY_COLUMNS)
+
+
+FIXED_VOCABULARIES = {"state": tuple(sorted(STATES)), "kind": KINDS}
 
 
 def _source(column: str) -> str:
@@ -42,7 +45,11 @@ def _value(column: str, stored: str) -> str:
 
 
 def distinct_values(execute: Execute, column: str) -> list[str] | None:
-    """Distinct values of a column by index seeks (None when there are too many)."""
+    """Distinct values of a column by index seeks (None when there are too many); the
+    columns ingest keeps to a fixed set need no query."""
+    fixed = FIXED_VOCABULARIES.get(column)
+    if fixed is not None:
+        return list(fixed)
     source = _source(column)
     values: list[str] = []
     last = ""

@@ -186,3 +186,30 @@ async def test_a_host_seen_for_the_first_time_is_found_at_once(tmp_path: Path) -
         assert len((await repo.listing(FlowQuery(q="~m get & ~replica r1"))).flows) == 8
     finally:
         await repo.close()
+
+
+async def test_missing_fields_and_foreign_kinds_select_as_the_evaluator_does(
+    tmp_path: Path,
+) -> None:
+    """A field a publisher left out reads as "" to the evaluator, so a pattern matching ""
+    selects it; SQL must not lose those rows to NULL. A kind no proxy records is stored as
+    none, in the column and the document alike."""
+    repo = SQLiteRepository(tmp_path / "flows.db")
+    await repo.open()
+    try:
+        bare = _flow(1)
+        for name in ("replica", "host", "method"):
+            bare[name] = None
+        foreign = {**_flow(2), "kind": "grpc"}
+        await repo.upsert_events([bare, foreign, _flow(3), {**_flow(4), "kind": "tunnel"}])
+        stored = [(await repo.get(f["id"])) for f in (bare, foreign)]
+        assert stored[1] is not None and stored[1].doc["kind"] is None
+        docs = [r.doc for r in stored if r is not None] + [_flow(3), {**_flow(4), "kind": "tunnel"}]
+        for q in ("~replica ^$", "~d ^$", "~m ^$", "~kind ^$", "~kind http", "~kind .",
+                  "~http", "~tcp", "!~replica r1", "~d ''", "~m 'g?'"):  # fmt: skip
+            flt = compile_filter(q)
+            want = sorted((d["id"] for d in docs if flt.matches(d)), reverse=True)
+            got = [f["id"] for f in (await repo.listing(FlowQuery(q=q))).flows]
+            assert got == want, q
+    finally:
+        await repo.close()
