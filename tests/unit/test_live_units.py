@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any
 
 import orjson
@@ -133,3 +134,20 @@ def test_throttle() -> None:
 def test_event_loop_free_emit_soon_is_a_no_op() -> None:
     assert events.emit_soon(None, "r", "x") is None
     asyncio.run(asyncio.sleep(0))
+
+
+def test_q_on_the_stream_matches_with_the_filter_language() -> None:
+    flt = FlowFilter.of(FlowQuery(q="~d api & ~c 503 & ~bq abc", path="/v1"))
+    assert flt.matches(flow(path="/v1/x"))
+    assert not flt.matches(flow(path="/v2/x"))  # the path prefix
+    assert not flt.matches(flow(path="/v1/x", host="www.example.com"))
+
+
+def test_a_filter_that_backtracks_badly_drops_the_subscriber_with_the_reason() -> None:
+    """Never a silent gap: the client hears why its stream ended, and the API's event loop
+    is held for one search timeout at most."""
+    sub = Subscriber(FlowFilter.of(FlowQuery(q="~bq 'foo.*bar'")), bound=10)
+    hostile = flow(request={"headers": [], "body_b64": base64.b64encode(b"foo" * 300_000).decode()})
+    sub.offer([Item((1, 0), flow()), Item((1, 1), hostile), Item((1, 2), flow())])
+    assert sub.dropped is not None and "backtracks" in sub.dropped
+    assert not sub.queue  # dropped: nothing more is delivered

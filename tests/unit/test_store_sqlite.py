@@ -557,3 +557,31 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_mod.SCHEMA_VERSION
     conn.close()
+
+
+async def test_a_version_2_database_gains_the_authority_column(tmp_path: Path) -> None:
+    """Schema 3 adds ``authority`` (the Host header's, where it differs): a database of
+    version 2 keeps its flows and stores it for new ones."""
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(sqlite_mod.SCHEMA.replace(",\n    authority TEXT", ""))
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    old = fid()
+    r = SQLiteRepository(path)
+    await r.open()
+    try:
+        await r.upsert_events([ev(old)])
+        routed = {**ev(fid()), "request": {"headers": [["Host", "Virtual.Example:8080"]]}}
+        await r.upsert_events([routed])
+        page = await r.listing(FlowQuery(q="~d virtual.example"))
+        assert [f["id"] for f in page.flows] == [routed["id"]] and page.scanned is None
+        assert len((await r.listing(FlowQuery(q="~u 'http://virtual.example:8080/'"))).flows) == 1
+        assert (await r.get(old)) is not None
+    finally:
+        await r.close()
+    conn = sqlite3.connect(path)
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(flows)")]
+    assert "authority" in columns
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_mod.SCHEMA_VERSION
+    conn.close()
