@@ -61,9 +61,9 @@ import httpx  # noqa: E402
 import orjson  # noqa: E402
 import psutil  # noqa: E402
 
+from libs.common import har  # noqa: E402
 from libs.common.models import FlowQuery  # noqa: E402
 from libs.common.natsserver import EmbeddedNats  # noqa: E402
-from services.api import har  # noqa: E402
 from services.store import search  # noqa: E402
 from services.store.query import plan  # noqa: E402
 from services.store.sqlite import SQLiteRepository  # noqa: E402

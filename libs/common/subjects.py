@@ -40,7 +40,7 @@ CMD_ALL = "all"
 # Store queries (request/reply, queue group).
 STORE_PREFIX = "fleet.store"
 STORE_QUEUE = "store"
-STORE_VERBS = ("list", "get", "count", "export")
+STORE_VERBS = ("list", "get", "count", "export", "har")
 
 # The durable JetStream consumer every store replica pulls FLOWS from (a shared work queue).
 STORE_DURABLE = "store"

@@ -11,14 +11,15 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from libs.common import har
 from libs.common.models import FlowQuery
-from services.store.rows import FINAL_STATES, Decoded, split_payloads
+from services.store.rows import FINAL_STATES, Decoded, decode_body, split_payloads
 
 Summary = dict[str, Any]
 Page = tuple[list[Summary], str | None]
@@ -130,6 +131,9 @@ class Exported:
     complete: bool
 
 
+Render = Callable[["FlowRecord", int], bytes]  # a record, the byte budget -> its JSON
+
+
 def wire_bytes(record: FlowRecord, max_bytes: int) -> bytes:
     """``record.to_wire()`` as JSON; one that is over ``max_bytes`` on its own loses its
     bodies (the parts say ``body_omitted``), so that any flow can be exported."""
@@ -142,6 +146,37 @@ def wire_bytes(record: FlowRecord, max_bytes: int) -> bytes:
         if isinstance(part, dict) and "body_b64" in part:
             doc[name] = {k: v for k, v in part.items() if k != "body_b64"} | {"body_omitted": True}
     return orjson.dumps(doc)
+
+
+def har_entry(record: FlowRecord, max_bytes: int) -> bytes:
+    """A record as its HAR entry (``fleet.store.har``): built here from the stored bytes,
+    so that an export page crosses NATS once, already in the form the API streams."""
+    known = record.bodies_known
+    return har.record_entry(
+        record.doc,
+        record.request_body if known else None,
+        record.response_body if known else None,
+        max_bytes,
+    )
+
+
+RENDERERS: dict[str, Render] = {"wire": wire_bytes, "har": har_entry}  # by name: picklable
+
+
+def render_rows(rows: Iterable[tuple[Any, ...]], max_bytes: int, render: str) -> Exported:
+    """Stored rows ``(id, doc, req_body, resp_body)`` rendered one at a time until the
+    byte budget: what a reader thread or an ingest worker process does with a page."""
+    fn = RENDERERS[render]
+    out: list[tuple[str, bytes]] = []
+    used = 0
+    for flow_id, doc, req_body, resp_body in rows:
+        record = FlowRecord(orjson.loads(doc), decode_body(req_body), decode_body(resp_body))
+        data = fn(record, max_bytes)
+        if out and used + len(data) + 1 > max_bytes:
+            return Exported(out, complete=False)
+        out.append((flow_id, data))
+        used += len(data) + 1
+    return Exported(out, complete=True)
 
 
 def _b64(data: bytes) -> str:
@@ -189,13 +224,17 @@ class FlowRepository(abc.ABC):
     async def get(self, flow_id: str) -> FlowRecord | None:
         """The full record of one flow, or None if it is not stored."""
 
-    async def export_records(self, ids: Sequence[str], max_bytes: int) -> Exported:
+    async def export_records(
+        self, ids: Sequence[str], max_bytes: int, render: str = "wire"
+    ) -> Exported:
         """The flows ``ids`` (newest first, as a listing gives them) in wire form, each
         serialised (``FlowRecord.to_wire``), as many as fit in ``max_bytes`` together.
 
         For ``fleet.store.export``: one reply must fit a NATS message, so this stops at
         the first flow that would not fit (always taking at least one: see
-        ``wire_bytes``). Ids no longer stored (pruned meanwhile) are skipped. Backends
+        ``wire_bytes``; ``render`` names another serialisation in ``export.RENDERERS``,
+        e.g. ``"har"``).
+        Ids no longer stored (pruned meanwhile) are skipped. Backends
         override this to read the flows in one query; this default asks ``get`` for each.
         """
         out: list[tuple[str, bytes]] = []
@@ -204,7 +243,7 @@ class FlowRepository(abc.ABC):
             record = await self.get(flow_id)
             if record is None:
                 continue
-            data = wire_bytes(record, max_bytes)
+            data = RENDERERS[render](record, max_bytes)
             if out and used + len(data) + 1 > max_bytes:
                 return Exported(out, complete=False)
             out.append((flow_id, data))

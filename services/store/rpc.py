@@ -91,6 +91,7 @@ class StoreRPC:
     def __init__(self, bus: Bus, repo: FlowRepository) -> None:
         self.bus = bus
         self.repo = repo
+        self._read_ahead = export.ReadAhead(repo, lambda: export.budget(bus.max_payload))
         self.served = 0
         self.failed = 0
         self._subs: list[Subscription] = []
@@ -101,6 +102,7 @@ class StoreRPC:
             "get": self._get,
             "count": self._count,
             "export": self._export,
+            "har": self._har,
         }
 
     async def start(self) -> None:
@@ -120,6 +122,7 @@ class StoreRPC:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop taking queries and let the ones in progress answer."""
+        self._read_ahead.close()
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -176,6 +179,10 @@ class StoreRPC:
     async def _export(self, data: bytes) -> dict[str, Any]:
         query: FlowQuery = _parse(FlowQuery, data)
         return await export.export_page(self.repo, query, export.budget(self.bus.max_payload))
+
+    async def _har(self, data: bytes) -> dict[str, Any]:
+        query: FlowQuery = _parse(FlowQuery, data)
+        return await self._read_ahead.page(query)
 
     async def _get(self, data: bytes) -> dict[str, Any]:
         req: GetRequest = _parse(GetRequest, data)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from services.store import sql
-from services.store.repository import RepositoryError
+from services.store.repository import Exported, RepositoryError, render_rows
 from services.store.rows import Row, decode_payloads
 
 log = logging.getLogger("proxyfleet.store.writer")
@@ -158,3 +158,14 @@ def worker_ingest(payloads: Sequence[bytes]) -> WorkerResult:
     decoded = without_gc(decode_payloads, payloads)
     extra_bad = write_rows(_worker_conn, decoded.rows) if decoded.rows else 0
     return decoded.events, decoded.bad_events + extra_bad, decoded.undecodable
+
+
+def worker_export(ids: list[str], max_bytes: int, render: str) -> Exported:
+    """Read and render a share of an export page, in this worker process."""
+    if _worker_conn is None:
+        raise RepositoryError("ingest worker has no database connection")
+    cur = _worker_conn.execute(sql.records_in(len(ids)), ids)
+    try:
+        return without_gc(render_rows, cur, max_bytes, render)
+    finally:
+        cur.close()

@@ -19,11 +19,11 @@ TEXT = ("coded body: héllo wörld " * 64).encode()
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 BIG = os.urandom(64 << 10)  # random: gzip cannot shrink it below a small capture limit
 CODERS = {
-    "gzip": gzip.compress,
+    "gzip": lambda d: gzip.compress(d, mtime=0),  # the same bytes whenever it is made
     "deflate": zlib.compress,
     "br": brotli.compress,
     "zstd": lambda d: zstandard.ZstdCompressor().compress(d),
-    "gzip, br": lambda d: brotli.compress(gzip.compress(d)),
+    "gzip, br": lambda d: brotli.compress(gzip.compress(d, mtime=0)),
 }
 SLUGS = {name: name.replace(", ", "-") for name in CODERS}  # URL path segment per coding
 

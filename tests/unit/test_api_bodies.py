@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
+from libs.common.bodies import decode_text, header, inline_body, render_flow
 from libs.common.natsserver import EmbeddedNats
-from services.api.bodies import decode_text, header, inline_body, render_flow
 from tests.unit.test_api_support import READ, CannedStore, api_client, api_settings
 
 

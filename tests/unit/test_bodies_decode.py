@@ -9,7 +9,7 @@ from typing import Any
 import brotli
 import pytest
 
-from services.api.bodies import content_encoding, inline_body, undo_coding
+from libs.common.bodies import content_encoding, inline_body, undo_coding
 
 TEXT = "décodé ".encode() * 50
 

@@ -1,4 +1,4 @@
-"""Flows -> HAR 1.2 (``services.api.har``), checked by an independent validator.
+"""Flows -> HAR 1.2 (``libs.common.har``), checked by an independent validator.
 
 The validator is npm har-schema 2.0.0 (vendored under tests/data/har-schema, the
 schema har-validator and HTTP Toolkit use) run with jsonschema's Draft 6 validator
@@ -27,7 +27,7 @@ from jsonschema import Draft6Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT6
 
-from services.api import har
+from libs.common import har
 
 SCHEMA_DIR = Path(__file__).parents[1] / "data" / "har-schema"
 TIMING_NAMES = ("blocked", "dns", "connect", "ssl", "send", "wait", "receive")

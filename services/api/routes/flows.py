@@ -16,8 +16,8 @@ from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common import telemetry
+from libs.common.bodies import Part, header, raw_body, render_flow, undo_coding
 from services.api import audit
-from services.api.bodies import Part, header, raw_body, render_flow, undo_coding
 from services.api.deps import FleetDep, StoreDep
 from services.api.errors import ApiError, problem_responses
 from services.api.params import (

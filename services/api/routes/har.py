@@ -2,8 +2,10 @@
 
 The export takes the listing's filters (whatever ``GET /api/flows`` accepts, passed
 to the store as the listing passes them) and streams every matching flow, newest
-first, page by page from the store's ``export`` verb: one page in memory while the
-next is fetched, so an export of any size costs the API two pages. The first page
+first, page by page from the store's ``har`` verb, which builds the entries itself
+(``libs.common.har``) from the stored bytes: the API copies them into the file as they
+came, one page in memory while the next is fetched, so an export of any size costs the
+API two pages and almost no CPU. The first page
 is fetched before the response starts, so a bad filter or a missing store is a
 problem+json error and not a broken file; a failure later ends the download early
 (an incomplete file, which no HAR reader mistakes for a whole one).
@@ -14,7 +16,6 @@ Included before ``routes.flows`` so that ``/flows/har`` is not taken for a flow 
 from __future__ import annotations
 
 import asyncio
-import gc
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +25,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
-from services.api import har
+from libs.common import har
 from services.api.deps import StoreDep
 from services.api.errors import problem_responses
 from services.api.params import flow_list_params, openapi_parameters
@@ -60,49 +61,35 @@ async def export_query(request: Request) -> dict[str, Any]:
     return filters
 
 
-def convert_page(raw: bytes, first: bool) -> tuple[bytes, str | None]:
-    """One export page (the store's reply bytes) as HAR entries, and its next cursor.
-
-    Runs in a worker thread with the cyclic collector paused: a page decodes to some
-    thousands of containers, all freed by reference counting, and each collection the
-    allocations would set off walks the whole heap (half the decode time, measured)."""
-    paused = gc.isenabled()
-    if paused:
-        gc.disable()
-    try:
-        page = orjson.loads(raw)
-        flows = page.get("flows") if isinstance(page, dict) else None
-        cursor = page.get("next_cursor") if isinstance(page, dict) else None
-        chunk = har.entries_chunk(flows if isinstance(flows, list) else [], first)
-        return chunk, cursor if isinstance(cursor, str) else None
-    finally:
-        if paused:
-            gc.enable()
+_PAGE = re.compile(rb'\{"next_cursor":(?:null|"([A-Za-z0-9_-]{1,128})"),"entries":\[')
 
 
-_CURSOR_FIRST = re.compile(rb'\{"next_cursor":(?:null|"([A-Za-z0-9_-]{1,128})")')
-_UNKNOWN = "?"  # the page does not say its cursor up front: decode it first
-
-
-def peek_cursor(raw: bytes) -> str | None:
-    """The next cursor of an export page without decoding it (the store writes it first),
-    ``_UNKNOWN`` when the page does not start with it."""
-    found = _CURSOR_FIRST.match(raw, 0, 200)
-    if found is None:
-        return _UNKNOWN
-    return found.group(1).decode("ascii") if found.group(1) is not None else None
+def page_parts(raw: bytes) -> tuple[bytes, str | None]:
+    """A ``fleet.store.har`` page (the store's reply bytes) as the JSON text of its entries
+    and its next cursor, without decoding it: the store writes exactly
+    ``{"next_cursor":…,"entries":[…]}`` and the entries go into the file as they are.
+    Anything else is decoded and re-serialised (slower, same result)."""
+    found = _PAGE.match(raw, 0, 200)
+    if found is not None and raw.endswith(b"]}"):
+        cursor = found.group(1)
+        return raw[found.end() : -2], cursor.decode("ascii") if cursor is not None else None
+    page = orjson.loads(raw)
+    items = page.get("entries") if isinstance(page, dict) else None
+    cursor = page.get("next_cursor") if isinstance(page, dict) else None
+    body = b",".join(orjson.dumps(e) for e in items) if isinstance(items, list) else b""
+    return body, cursor if isinstance(cursor, str) else None
 
 
 async def entries(store: StoreClient, query: dict[str, Any], raw: bytes) -> AsyncIterator[bytes]:
-    """The HAR document, one chunk per store page. The next page is asked for before this
-    one is converted (its cursor leads the reply), so the store reads page N+1 while
-    the API converts page N in a thread (CPU work the loop must not do) and sends it."""
+    """The HAR document, one chunk per store page: the store builds the entries (from the
+    stored bytes, one serialisation), the API asks for page N+1 as soon as page N's
+    cursor is read and streams page N's entries as they came."""
 
     def fetch(cursor: str | None) -> asyncio.Task[bytes] | None:
         if cursor is None:
             return None
         return asyncio.ensure_future(
-            store.call_raw("export", {**query, "cursor": cursor, "limit": PAGE_FLOWS})
+            store.call_raw("har", {**query, "cursor": cursor, "limit": PAGE_FLOWS})
         )
 
     yield har.log_open()
@@ -110,14 +97,11 @@ async def entries(store: StoreClient, query: dict[str, Any], raw: bytes) -> Asyn
     pending: asyncio.Task[bytes] | None = None
     try:
         while True:
-            ahead = peek_cursor(raw)
-            pending = fetch(ahead) if ahead != _UNKNOWN else None
-            chunk, cursor = await asyncio.to_thread(convert_page, raw, first)
-            if ahead == _UNKNOWN:
-                pending = fetch(cursor)
-            if chunk:
+            body, cursor = page_parts(raw)
+            pending = fetch(cursor)
+            if body:
+                yield body if first else b"," + body
                 first = False
-                yield chunk
             if pending is None:
                 break
             raw = await pending
@@ -144,7 +128,7 @@ async def entries(store: StoreClient, query: dict[str, Any], raw: bytes) -> Asyn
 )
 async def export_har(request: Request, store: StoreDep) -> StreamingResponse:
     query = await export_query(request)
-    raw = await store.call_raw("export", {**query, "limit": PAGE_FLOWS})
+    raw = await store.call_raw("har", {**query, "limit": PAGE_FLOWS})
     return StreamingResponse(
         entries(store, query, raw),
         media_type="application/json",

@@ -33,7 +33,7 @@ import ipaddress
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from importlib import metadata
@@ -42,7 +42,7 @@ from urllib.parse import parse_qsl, quote
 
 import orjson
 
-from services.api.bodies import Uncoded, b64decode, decode_text, header, undo_coding
+from libs.common.bodies import Uncoded, b64decode, decode_text, header, undo_coding
 
 HAR_VERSION = "1.2"
 UNKNOWN_MIME = "x-unknown"  # what Chrome writes for a response it has no type for
@@ -94,8 +94,25 @@ def document(flows: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- one entry ------------------------------------------------------------------------------
-def entry(flow: dict[str, Any]) -> dict[str, Any]:
-    """The HAR entry of one flow in the store's wire form."""
+Bodies = Callable[[str], bytes | None]  # "request"/"response" -> recorded bytes (None: unknown)
+
+
+def wire_bodies(flow: dict[str, Any]) -> Bodies:
+    """The bodies of a flow in the store's wire form (base64 in ``body_b64``)."""
+
+    def body(which: str) -> bytes | None:
+        part = flow.get(which)
+        b64 = part.get("body_b64") if isinstance(part, dict) else None
+        return b64decode(b64) if isinstance(b64, str) else None
+
+    return body
+
+
+def entry(flow: dict[str, Any], bodies: Bodies | None = None) -> dict[str, Any]:
+    """The HAR entry of one flow: a flow document with its ``bodies`` (by default the
+    ``body_b64`` of the wire form; the store passes the stored bytes, no base64 between)."""
+    if bodies is None:
+        bodies = wire_bodies(flow)
     raw_timings = flow.get("timings")
     times = raw_timings if isinstance(raw_timings, dict) else {}
     start = _num(times.get("start"))
@@ -106,9 +123,13 @@ def entry(flow: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "startedDateTime": iso_time(start if start is not None else 0.0),
         "time": round(timings["send"] + timings["wait"] + timings["receive"], 3),
-        "request": request(flow, request_part if isinstance(request_part, dict) else {}),
+        "request": request(
+            flow,
+            request_part if isinstance(request_part, dict) else {},
+            bodies("request") if isinstance(request_part, dict) else None,
+        ),
         "response": (
-            response(flow, response_part, start)
+            response(flow, response_part, start, bodies("response"))
             if isinstance(response_part, dict)
             else no_response(flow)
         ),
@@ -164,7 +185,7 @@ def har_timings(times: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def request(flow: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+def request(flow: dict[str, Any], part: dict[str, Any], raw: bytes | None) -> dict[str, Any]:
     pairs = _pairs(part.get("headers"))
     size = part.get("size")
     out: dict[str, Any] = {
@@ -177,12 +198,10 @@ def request(flow: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
         "headersSize": -1,
         "bodySize": size if isinstance(size, int) and size >= 0 else -1,
     }
-    b64 = part.get("body_b64")
     if part.get("body_omitted"):
         out["_body_omitted"] = True
-    if not isinstance(b64, str):
+    if raw is None:
         return out  # not known yet (active flow)
-    raw = b64decode(b64)
     if not raw and not size:
         return out  # no request body
     uncoded = undo_coding(raw, part)
@@ -200,12 +219,13 @@ def request(flow: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def response(flow: dict[str, Any], part: dict[str, Any], start: float | None) -> dict[str, Any]:
+def response(
+    flow: dict[str, Any], part: dict[str, Any], start: float | None, raw: bytes | None
+) -> dict[str, Any]:
     pairs = _pairs(part.get("headers"))
     status = part.get("status")
     size = part.get("size")
-    b64 = part.get("body_b64")
-    known = isinstance(b64, str) or bool(part.get("body_omitted"))
+    known = raw is not None or bool(part.get("body_omitted"))
     wire_size = size if known and isinstance(size, int) and size >= 0 else -1
     out: dict[str, Any] = {
         "status": status if isinstance(status, int) else 0,
@@ -213,7 +233,7 @@ def response(flow: dict[str, Any], part: dict[str, Any], start: float | None) ->
         "httpVersion": http_version(part.get("http_version") or flow.get("http_version")),
         "cookies": response_cookies(pairs, start),
         "headers": _headers(pairs),
-        "content": content(part, pairs, wire_size),
+        "content": content(part, pairs, wire_size, raw),
         "redirectURL": header(pairs, "location") or "",
         "headersSize": -1,
         "bodySize": wire_size,
@@ -238,13 +258,13 @@ def no_response(flow: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def content(part: dict[str, Any], pairs: list[tuple[str, str]], wire_size: int) -> dict[str, Any]:
+def content(
+    part: dict[str, Any], pairs: list[tuple[str, str]], wire_size: int, raw: bytes | None
+) -> dict[str, Any]:
     """``response.content``: decoded size and text (base64 when binary or undecodable)."""
     mime = header(pairs, "content-type") or UNKNOWN_MIME
-    b64 = part.get("body_b64")
-    if not isinstance(b64, str):  # not known yet (active), or left out of the store's reply
+    if raw is None:  # not known yet (active), or left out of the store's reply
         return {"size": max(wire_size, 0), "mimeType": mime}
-    raw = b64decode(b64)
     uncoded = undo_coding(raw, part)
     truncated = bool(part.get("truncated")) and not uncoded.decoded
     out: dict[str, Any] = {"size": len(uncoded.data), "mimeType": mime}
@@ -439,3 +459,24 @@ def _int(text: str) -> int | None:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
+
+
+def record_entry(
+    doc: dict[str, Any],
+    request_body: bytes | None,
+    response_body: bytes | None,
+    max_bytes: int,
+) -> bytes:
+    """One stored flow's entry as JSON, for the store's ``har`` export (bodies as stored,
+    None while not known). An entry over ``max_bytes`` on its own is written without its
+    bodies (``_body_omitted``), so that any flow can be exported."""
+    stored = {"request": request_body, "response": response_body}
+    data = orjson.dumps(entry(doc, stored.get))
+    if len(data) <= max_bytes:
+        return data
+    lean = dict(doc)
+    for name in ("request", "response"):
+        part = lean.get(name)
+        if isinstance(part, dict):
+            lean[name] = {**part, "body_omitted": True}
+    return orjson.dumps(entry(lean, lambda which: None))
