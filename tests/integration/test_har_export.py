@@ -21,6 +21,7 @@ import pytest
 
 from libs.common.bus import Bus
 from services.api.routes.har import PAGE_FLOWS
+from services.store import sqlite as sqlite_store
 from tests.integration.coded import PNG, TEXT, coded_upstream
 from tests.integration.conftest import MakeProxy
 from tests.integration.harness import Upstream, free_port
@@ -203,8 +204,13 @@ async def test_export_streams_thousands_of_flows_over_many_pages(
     )
 
 
-async def test_store_export_pages_end_at_the_reply_limit(bus: Bus) -> None:
-    """Flows too big for one reply come over several pages, each under max_payload."""
+@pytest.mark.parametrize("verb", ["export", "har"])
+async def test_store_export_pages_end_at_the_reply_limit(
+    bus: Bus, verb: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flows too big for one reply come over several pages, each under max_payload; also
+    when the page is split over the ingest workers (small shares here, to split 25)."""
+    monkeypatch.setattr(sqlite_store, "EXPORT_SPLIT_MIN", 4)
     big = os.urandom(600_000)  # ~800 KB in base64: an 8 MiB reply holds about ten
     ids = [new_id() for _ in range(25)]
     for fid in ids:
@@ -219,21 +225,28 @@ async def test_store_export_pages_end_at_the_reply_limit(bus: Bus) -> None:
     cursor = None
     while True:
         msg = await bus.request(
-            "fleet.store.export",
+            f"fleet.store.{verb}",
             orjson.dumps({"replica": "huge", "limit": 1000, "cursor": cursor}),
             timeout=10.0,
         )
         assert len(msg.data) <= bus.max_payload
         reply = orjson.loads(msg.data)
         pages += 1
-        for flow in reply["flows"]:
-            assert base64.b64decode(flow["response"]["body_b64"]) == big
-            seen.append(flow["id"])
+        if verb == "export":
+            for flow in reply["flows"]:
+                assert base64.b64decode(flow["response"]["body_b64"]) == big
+                seen.append(flow["id"])
+        else:
+            for entry in reply["entries"]:
+                content = entry["response"]["content"]
+                assert content["encoding"] == "base64"
+                assert base64.b64decode(content["text"]) == big
+                seen.append(entry["_flow_id"])
         cursor = reply["next_cursor"]
         if cursor is None:
             break
     assert seen == sorted(ids, reverse=True) and pages >= 3
-    bad = await rpc(bus, "export", {"cursor": "!!"})
+    bad = await rpc(bus, verb, {"cursor": "!!"})
     assert bad["error"]["code"] == "BAD_QUERY" and bad["error"]["field"] == "cursor"
 
 
