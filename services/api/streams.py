@@ -38,11 +38,10 @@ log = logging.getLogger("proxyfleet.api.streams")
 
 Position = tuple[int, int]  # (stream sequence, index of the event in that message)
 LAST = 1 << 30  # index meaning "every event of this message"
-_LAST = LAST
 
 
 def format_id(pos: Position) -> str:
-    return str(pos[0]) if pos[1] >= _LAST else f"{pos[0]}:{pos[1]}"
+    return str(pos[0]) if pos[1] >= LAST else f"{pos[0]}:{pos[1]}"
 
 
 def parse_id(value: str) -> Position | None:
@@ -50,7 +49,7 @@ def parse_id(value: str) -> Position | None:
     seq, sep, index = value.strip().partition(":")
     if not seq.isdigit() or (sep and not index.isdigit()):
         return None
-    return int(seq), int(index) if sep else _LAST
+    return int(seq), int(index) if sep else LAST
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +269,7 @@ class FlowHub:
         """The subscriber's matching events after ``after`` up to the stream's end, read
         at the caller's pace (a pull consumer of its own, from the stream)."""
         filter_subject = subjects.flows_filter(sub.filter.replica)
-        start = after[0] if after[1] != _LAST else after[0] + 1
+        start = after[0] if after[1] != LAST else after[0] + 1
         sub_, info = await self._log.open_consumer(filter_subject, start_seq=start)
         try:
             remaining = info.num_pending or 0

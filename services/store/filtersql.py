@@ -26,16 +26,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from libs.common.flowfilter import BINARY, And, Leaf, Node, Not, Or, authority_host
+from libs.common.flowfilter import BINARY, And, Leaf, Node, Not, Or, authority_host, leaves
 
 try:  # CPython's own regex parser: the literals a pattern requires (best effort)
     from re import _parser as _sre_parser  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - other interpreters: no literal prefilter
     _sre_parser = None
 
-# Columns answerable without the stored document (the recheck builds a flow from them).
-ROW_COLUMNS = ("kind", "scheme", "method", "host", "authority", "port", "path", "state",
-               "replica", "error", "status")  # fmt: skip
 _DOC_CODES = frozenset(
     {"h", "hq", "hs", "t", "tq", "ts", "a", "src", "dst", "meta", "marker", "comment",
      "marked", "replay", "replayq", "replays"}
@@ -87,20 +84,12 @@ def _unprunable() -> Condition:
 
 def compile_tree(tree: Node, vocabulary: Vocabulary) -> Compiled:
     """``tree`` as a condition; ``vocabulary(column)`` lists a column's distinct values."""
-    codes = {leaf.code for leaf in _leaves(tree)}
+    codes = {leaf.code for leaf in leaves(tree)}
     return Compiled(
         _node(tree, vocabulary),
         needs_doc=bool(codes & (_DOC_CODES | _BODY_CODES)),
         needs_bodies=bool(codes & _BODY_CODES),
     )
-
-
-def _leaves(node: Node) -> list[Leaf]:
-    if isinstance(node, Leaf):
-        return [node]
-    if isinstance(node, Not):
-        return _leaves(node.child)
-    return [leaf for c in node.children for leaf in _leaves(c)]
 
 
 def _node(node: Node, vocabulary: Vocabulary) -> Condition:

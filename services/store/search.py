@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -280,10 +280,6 @@ def count(
     if compiled.exact:
         rows = execute(f"SELECT count(*) FROM flows{where}", params)
         return int(rows[0][0]), True
-    wide = Plan(**{**_fields(p), "limit": scan_limit})
+    wide = replace(p, limit=scan_limit)
     result = _scan(execute, wide, compiled, where, params, scan_limit)
     return len(result.flows), not result.partial and result.next_cursor is None
-
-
-def _fields(p: Plan) -> dict[str, Any]:
-    return {name: getattr(p, name) for name in p.__dataclass_fields__}

@@ -40,10 +40,7 @@ from services.api.params import (
     validate_query,
 )
 from services.api.routes.events import EventFilter
-from services.api.streams import (
-    LAST as _LAST,
-)
-from services.api.streams import FlowHub, Item, Position, Subscriber, format_id, parse_id
+from services.api.streams import LAST, FlowHub, Item, Position, Subscriber, format_id, parse_id
 
 log = logging.getLogger("proxyfleet.api.live")
 
@@ -194,7 +191,7 @@ async def flow_stream(
         if resume[0] + 1 < first:  # events between it and the oldest kept were pruned
             gap = first
     # a client dropped before anything was sent resumes from where it came in
-    start: Position = resume if resume is not None else (last_seq, _LAST)
+    start: Position = resume if resume is not None else (last_seq, LAST)
     sub = hub.subscriber(params.to_query())
     return _response(flow_events(hub, sub, resume, start, gap), settings.api_sse_heartbeat)
 
