@@ -240,6 +240,12 @@ class Bus:
             KeyValueConfig(bucket=subjects.CONFIG_BUCKET, history=subjects.CONFIG_HISTORY)
         )
 
+    async def policy_kv(self) -> KeyValue:
+        """The rules-policy bucket (history kept for audit and rollback)."""
+        return await self._ensure_kv(
+            KeyValueConfig(bucket=subjects.POLICY_BUCKET, history=subjects.POLICY_HISTORY)
+        )
+
     async def replicas_kv(self, ttl: float) -> KeyValue:
         """The replica registry: an entry disappears ``ttl`` seconds after its last heartbeat."""
         return await self._ensure_kv(

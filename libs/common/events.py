@@ -35,6 +35,11 @@ LISTENER_STOPPED = "listener_stopped"
 CONFIG_APPLIED = "config_applied"
 CONFIG_REJECTED = "config_rejected"
 FLOW_KILLED = "flow_killed"
+POLICY_APPLIED = "policy_applied"
+POLICY_REJECTED = "policy_rejected"  # the replica keeps its last good policy
+INTERCEPT_CREATED = "intercept_created"
+INTERCEPT_RESOLVED = "intercept_resolved"
+INTERCEPT_TIMEOUT = "intercept_timeout"
 INGEST_ERROR = "ingest_error"  # the store could not commit a batch (it is redelivered)
 INGEST_DECODE_ERROR = "ingest_decode_error"  # messages/events the store had to drop
 AUDIT = subjects.AUDIT_EVENT  # one per mutating API call
@@ -48,6 +53,11 @@ TYPES = (
     CONFIG_APPLIED,
     CONFIG_REJECTED,
     FLOW_KILLED,
+    POLICY_APPLIED,
+    POLICY_REJECTED,
+    INTERCEPT_CREATED,
+    INTERCEPT_RESOLVED,
+    INTERCEPT_TIMEOUT,
     INGEST_ERROR,
     INGEST_DECODE_ERROR,
     AUDIT,

@@ -167,6 +167,9 @@ class ReplicaStatus(BaseModel):
     events_queued: int = 0
     config_revision: int = 0
     config_error: str | None = None
+    policy_revision: int = 0  # the rules policy in force (0: none)
+    policy_error: str | None = None  # "revision N rejected: why" (the last good one runs)
+    intercepts_pending: int = 0  # exchanges held for a decision
     started_at: float
     updated_at: float
     version: str = "0.1.0"

@@ -24,6 +24,10 @@ CONFIG_BUCKET = "fleet_config"
 CONFIG_KEY = "proxy"
 CA_CERT_KEY = "ca_cert"  # the proxies' CA certificate (PEM), for client onboarding via the API
 CONFIG_HISTORY = 64
+# The rules policy (``libs.common.policy``): one document, revision = KV revision.
+POLICY_BUCKET = "fleet_policy"
+POLICY_KEY = "policy"
+POLICY_HISTORY = 64
 REPLICAS_BUCKET = "fleet_replicas"
 # SHA-256 digests of the management API's keys (key: the hex digest, value: JSON with the
 # key's id and scope): proxies mask these keys wherever they see them in recorded traffic.

@@ -194,7 +194,13 @@ def flow_event(
         "stats": flow.stats,
         "trace_id": flow.trace_id,
         "traceparent": flow.traceparent,
-        "tags": [],
+        "tags": flow.tags or [],
+        "policy": None
+        if flow.policy is None
+        else {"revision": flow.policy[0], "matched": flow.policy[1]},
+        "intercept": flow.intercept,
+        "replay_of": flow.replay_of,
+        "is_replay": "request" if flow.replay_of else None,
     }
 
 

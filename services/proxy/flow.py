@@ -41,11 +41,14 @@ class Flow:
         "host",
         "http_version",
         "id",
+        "intercept",
         "kind",
         "method",
         "path",
+        "policy",
         "port",
         "reason",
+        "replay_of",
         "req_body",
         "req_headers",
         "req_size",
@@ -64,6 +67,7 @@ class Flow:
         "t_first_byte",
         "t_request_sent",
         "t_start",
+        "tags",
         "trace_id",
         "traceparent",
     )
@@ -100,6 +104,12 @@ class Flow:
         self.trace_id: str | None = None  # with ``traceparent``: set when tracing is on
         self.traceparent: str | None = None  # W3C value naming the flow's span
         self.final_sent = False  # set by the publisher once the final event went out
+        # the rules policy's decision (``services.proxy.addons.rules``): None while no rule
+        # is in force, else (revision, [{"rule", "phase", "action"[, "note"]}, ...])
+        self.policy: tuple[int, list[dict[str, Any]]] | None = None
+        self.tags: list[str] | None = None
+        self.intercept: dict[str, Any] | None = None  # held for a decision: what happened
+        self.replay_of: str | None = None  # the flow this one replays
 
     def finish(self, state: str = COMPLETED, error: str | None = None) -> bool:
         """Move to a final state once; later calls (a kill racing a completion) are ignored."""
