@@ -246,6 +246,14 @@ class Bus:
             KeyValueConfig(bucket=subjects.POLICY_BUCKET, history=subjects.POLICY_HISTORY)
         )
 
+    async def approvals_kv(self) -> KeyValue:
+        """Cached intercept approvals (each entry says when it expires)."""
+        return await self._ensure_kv(
+            KeyValueConfig(
+                bucket=subjects.APPROVALS_BUCKET, history=1, ttl=subjects.APPROVALS_MAX_AGE
+            )
+        )
+
     async def replicas_kv(self, ttl: float) -> KeyValue:
         """The replica registry: an entry disappears ``ttl`` seconds after its last heartbeat."""
         return await self._ensure_kv(

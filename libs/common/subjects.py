@@ -28,6 +28,10 @@ CONFIG_HISTORY = 64
 POLICY_BUCKET = "fleet_policy"
 POLICY_KEY = "policy"
 POLICY_HISTORY = 64
+# Cached intercept approvals (``libs.common.approvals``): key = ``cache_key``, value JSON;
+# entries carry their own expiry, the bucket's max age bounds them all.
+APPROVALS_BUCKET = "fleet_approvals"
+APPROVALS_MAX_AGE = 7 * 24 * 3600.0
 REPLICAS_BUCKET = "fleet_replicas"
 # SHA-256 digests of the management API's keys (key: the hex digest, value: JSON with the
 # key's id and scope): proxies mask these keys wherever they see them in recorded traffic.
