@@ -360,24 +360,61 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def resume(self, ex: Exchange) -> None:
-        """Called by ``Exchange.resume``: go on with a held exchange."""
+        """Called by ``Exchange.resume``: go on with a held exchange, or send the answer
+        an addon gave it while it was held (``RESPOND``)."""
         if ex is not self.held or self.closed:
             return
         self.held = None
+        answered = ex.verdict == RESPOND
         if ex.held_framing is not None and ex.upstream is not None:  # held at response head
-            self._release_response(ex, ex.upstream)
+            if answered:
+                ex.held_framing = None
+                self._replace_response(ex)
+            else:
+                self._release_response(ex, ex.upstream)
             return
         if ex.flow.method == b"CONNECT":
             self.halt &= ~HALT_HELD  # still halted for the switch
-            self._connect_decided(ex)
+            if answered:
+                ex.keep_alive = False
+                self._verdict(ex)
+            else:
+                self._connect_decided(ex)
             return
         self.feeding = True
         try:
-            self._after_request_head(ex)
+            if answered:
+                self._verdict(ex)
+            else:
+                self._after_request_head(ex)
             self._unhalt(HALT_HELD)
         finally:
             self.feeding = False
             self.flush_upstream()
+
+    def retarget(self, ex: Exchange, url: str) -> str | None:
+        """Point a request (at its head) at another absolute URL: scheme, host, port,
+        path and the Host header follow, as for an absolute-form request."""
+        try:
+            u = parse_url(url.encode("latin-1"))
+        except (HttpParserError, UnicodeEncodeError):
+            return "not a URL"
+        scheme = u.schema.decode("latin-1").lower() if u.schema else ""
+        scheme = _WS_SCHEMES.get(scheme, scheme)
+        if scheme not in _DEFAULT_PORT or not u.host or u.userinfo:
+            return "not an http(s) URL with a host"
+        if u.port is not None and not 0 < u.port < 65536:
+            return "invalid port"
+        path = u.path or b"/"
+        if u.query is not None:
+            path += b"?" + u.query
+        flow = ex.flow
+        flow.scheme = scheme
+        flow.host = u.host.decode("latin-1").lower().rstrip(".")
+        flow.port = u.port if u.port is not None else _DEFAULT_PORT[scheme]
+        flow.path = path
+        ex.host_header = u.host if u.port is None else b"%s:%d" % (u.host, u.port)
+        return None
 
     def _route(self, ex: Exchange, req: RequestHead) -> None:
         """Resolve the request target (``FramingError`` if it cannot be relayed)."""
@@ -565,7 +602,8 @@ class ClientConnection(asyncio.Protocol):
                     ctx,
                     ex.key,
                     lambda: UpstreamConnection(ctx, ex.key),
-                    self.sni if scheme == "https" and self.tls_target is not None else None,
+                    # the client's server name, unless an addon sent it elsewhere
+                    self.sni if scheme == "https" and (host, port) == self.tls_target else None,
                     ex.span,
                 )
         except (OSError, ssl.SSLError, TimeoutError, Exception) as exc:
@@ -648,6 +686,9 @@ class ClientConnection(asyncio.Protocol):
                 return
             if flow.status != status:  # rewritten: the upstream's phrase no longer fits
                 flow.reason = b""
+            if ex.verdict == RESPOND:  # the upstream's response is dropped for the answer
+                self._replace_response(ex)
+                return
             if ex.verdict == HOLD:  # sent on when resumed; the upstream waits meanwhile
                 ex.held_framing = framing
                 ex.retried = True  # the response head is in: never resent elsewhere
@@ -700,6 +741,17 @@ class ClientConnection(asyncio.Protocol):
         finally:
             self.uncork()
         up.resume_after_hold()
+
+    def _replace_response(self, ex: Exchange) -> None:
+        """Answer with what an addon gave at the response head instead of the upstream's
+        response, whose connection is then dropped (its body is never read)."""
+        assert ex.answer is not None
+        self._drop_upstream(ex)
+        ex.response_started = True
+        ex.keep_alive = ex.keep_alive and ex.req_done and not self.closing
+        self.send(ex.answer)
+        self._finish(ex, COMPLETED)
+        self._next(ex)
 
     def interim_response(self, ex: Exchange, up: UpstreamConnection) -> None:
         """Relay a 1xx (e.g. 100 Continue) to an HTTP/1.1 client."""
@@ -891,6 +943,8 @@ class ClientConnection(asyncio.Protocol):
         chain = ctx.chain.request_head
         if chain:
             hooks.run(chain, ex)
+            if ex.verdict == RESPOND:  # a CONNECT answered (refused): nothing follows it
+                ex.keep_alive = False
             if ex.verdict and self._verdict(ex):
                 return
         self._connect_decided(ex)

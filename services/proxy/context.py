@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
-from services.proxy.addons import build_chain
+from services.proxy.addons import build_chain, rules
 from services.proxy.capture import Capture
 from services.proxy.config import ProxyConfig
 from services.proxy.destinations import DestinationPolicy, ProtectedEndpoints
@@ -95,6 +95,7 @@ class ProxyContext:
         # upstreams that broke the protocol, by fault (read by the metrics collector)
         self.upstream_faults = dict.fromkeys(UPSTREAM_FAULTS, 0)
         self.draining = False
+        self.policy = rules.EMPTY
         self.apply_config(config)
 
     def apply_config(self, config: ProxyConfig) -> None:
@@ -107,9 +108,15 @@ class ProxyContext:
         self.destinations = DestinationPolicy.build(
             allow, doc.destination_deny, self.endpoints, self.restrict_private
         )
-        self.chain = build_chain(config)
+        self.chain = build_chain(config, self.policy, self.replica)
         self.config = config
         self.pool.clear()
+
+    def apply_policy(self, policy: rules.CompiledPolicy) -> None:
+        """Switch to a new rules-policy revision: exchanges already past a phase keep
+        what the old one decided; the next hook point runs the new one."""
+        self.policy = policy
+        self.chain = build_chain(self.config, policy, self.replica)
 
     def protect(self, endpoints: ProtectedEndpoints) -> None:
         """Replace the protected endpoints (e.g. once the listener's real port is known)."""

@@ -19,7 +19,9 @@ from pydantic import ValidationError
 from libs.common import events, subjects
 from libs.common.bus import Bus, processing
 from libs.common.models import CommandReply, ReplicaStatus, RuntimeConfig, Severity
+from libs.common.policy import Policy
 from libs.common.settings import ProxySettings
+from services.proxy.addons.rules import EMPTY, CompiledPolicy
 from services.proxy.config import ProxyConfig
 from services.proxy.context import ProxyContext
 from services.proxy.server import ListenError, ProxyServer
@@ -60,8 +62,10 @@ class Control:
         self.server = server
         self.settings = settings
         self.config_error: str | None = None
+        self.policy_error: str | None = None
         self._subs: list[Any] = []
         self._watcher: Any = None
+        self._policy_watcher: Any = None
         self._keys_watcher: Any = None
         server.on_event = self.event
 
@@ -87,6 +91,8 @@ class Control:
             events_queued=ctx.capture.pending,
             config_revision=ctx.config.revision,
             config_error=self.config_error,
+            policy_revision=ctx.policy.revision,
+            policy_error=self.policy_error,
             started_at=self.server.started_at,
             updated_at=time.time(),
         )
@@ -247,6 +253,54 @@ class Control:
                 log.warning("config watch interrupted: %r", exc)
                 await asyncio.sleep(1.0)
 
+    # -- rules policy -----------------------------------------------------------------------
+    def apply_policy(self, raw: bytes | None, revision: int) -> bool:
+        """Validate, compile and apply one policy revision (``raw`` None: the key was
+        deleted, no rules); keep the last good one on failure."""
+        try:
+            if raw is None:
+                compiled = CompiledPolicy(revision, EMPTY.request, EMPTY.response)
+            else:
+                compiled = CompiledPolicy.build(Policy.model_validate_json(raw), revision)
+        except (ValidationError, ValueError) as exc:
+            kept = self.ctx.policy.revision
+            self.policy_error = f"revision {revision} rejected: {_reason(exc)}"
+            log.warning("policy %s (keeping revision %d)", self.policy_error, kept)
+            self._config_event(
+                events.POLICY_REJECTED,
+                "warning",
+                revision=revision,
+                reason=self.policy_error,
+                kept_revision=kept,
+            )
+            return False
+        previous = self.ctx.policy.revision
+        self.ctx.apply_policy(compiled)
+        self.policy_error = None
+        rules = len(compiled.request) + len(compiled.response)
+        log.info("policy revision %d applied (%d rules enabled)", revision, rules)
+        self._config_event(
+            events.POLICY_APPLIED, "info", revision=revision, previous=previous, rules=rules
+        )
+        return True
+
+    async def watch_policy(self) -> None:
+        """Follow the policy bucket forever, like the config (last good kept on failure)."""
+        while True:
+            try:
+                kv = await self.bus.policy_kv()
+                self._policy_watcher = await kv.watch(subjects.POLICY_KEY)
+                async for entry in self._policy_watcher:
+                    if entry is None or entry.revision == self.ctx.policy.revision:
+                        continue
+                    self.apply_policy(None if entry.operation else entry.value, entry.revision)
+                    await self.heartbeat_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("policy watch interrupted: %r", exc)
+                await asyncio.sleep(1.0)
+
     # -- API-key digests ------------------------------------------------------------------
     async def watch_keys(self) -> None:
         """Follow KV ``fleet_keys`` (the API's key digests) and hand the set to capture,
@@ -283,7 +337,7 @@ class Control:
                 await sub.unsubscribe()
             except Exception:
                 pass
-        for watcher in (self._watcher, self._keys_watcher):
+        for watcher in (self._watcher, self._policy_watcher, self._keys_watcher):
             if watcher is not None:
                 try:
                     await watcher.stop()

@@ -29,6 +29,8 @@ class Owner(Protocol):
 
     def resume(self, ex: Exchange) -> None: ...
 
+    def retarget(self, ex: Exchange, url: str) -> str | None: ...
+
 
 class Exchange:
     """Relay state of one request/response."""
@@ -136,7 +138,16 @@ class Exchange:
         self.verdict = HOLD
 
     def resume(self) -> None:
-        """Go on from the hook where the exchange was held."""
+        """Go on from the hook where the exchange was held; if ``respond`` was called
+        while it was held, that answer is sent instead (at the response head it
+        replaces the upstream's response)."""
         if self.verdict == HOLD:
             self.verdict = 0
-            self.conn.resume(self)
+        elif self.verdict != RESPOND:
+            return
+        self.conn.resume(self)
+
+    def retarget(self, url: str) -> str | None:
+        """Send the request to this absolute ``http(s)://`` URL instead (request head
+        only); None when done, else why not (the exchange is unchanged)."""
+        return self.conn.retarget(self, url)

@@ -1,0 +1,286 @@
+"""The rules policy on the hook seam: match, edit, answer, hold (``libs.common.policy``).
+
+A policy revision is compiled once (``CompiledPolicy.build``): filters become
+predicates, regexes and header edits become bytes, rules are put in evaluation order
+per phase. Per exchange, a phase costs one ``LiveView`` and one predicate call per
+rule of that phase; only matching rules do more. The decision is recorded on the flow
+(``flow.policy``: the revision and, per applied rule, its id, phase and action).
+
+Waiting (``delay``, ``intercept``) never blocks: the exchange is held at its hook
+(``Exchange.hold``) and a timer or a decision resumes it (``Exchange.resume``),
+answering it first where the outcome is an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import regex
+
+from libs.common import flowfilter
+from libs.common.policy import FINAL_ACTIONS, Phase, Policy, Rule, ordered
+from services.proxy.exchange import HOLD, RESPOND
+from services.proxy.flowview import LiveView
+from services.proxy.hooks import Addon
+
+if TYPE_CHECKING:
+    from services.proxy.exchange import Exchange
+
+log = logging.getLogger("proxyfleet.rules")
+
+# a rule whose filter times out on an exchange counts as matching it for these actions
+FAIL_CLOSED = frozenset({"block", "intercept"})
+SUB_TIMEOUT = 0.05  # seconds a map_remote / replace_body substitution may take
+_TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
+
+Apply = Callable[["Exchange", "Evaluation"], str | None]  # -> a note for the decision
+
+
+@dataclass(slots=True)
+class Evaluation:
+    """What the matching rules of one phase add up to, before it is acted on."""
+
+    delay_ms: int = 0
+    final: CompiledRule | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    id: str
+    phase: Phase
+    kind: str  # the action's type
+    matches: Callable[[LiveView], bool]
+    apply: Apply
+    spec: Any  # the validated action (final actions read it when they act)
+
+    @property
+    def final(self) -> bool:
+        return self.kind in FINAL_ACTIONS
+
+
+# -- edits ------------------------------------------------------------------------------
+def _pairs(pairs: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in pairs]
+
+
+def _set_headers(pairs: list[tuple[str, str]], phase: Phase) -> Apply:
+    new = _pairs(pairs)
+    names = frozenset(n.lower() for n, _ in new)
+    response = phase == "response"
+
+    def apply(ex: Exchange, ev: Evaluation) -> str | None:
+        flow = ex.flow
+        old = flow.resp_headers if response else flow.req_headers
+        kept = [h for h in old if h[0].lower() not in names]
+        kept.extend(new)
+        if response:
+            flow.resp_headers = kept
+        else:
+            flow.req_headers = kept
+        return None
+
+    return apply
+
+
+def _remove_headers(names_in: list[str], phase: Phase) -> Apply:
+    names = frozenset(n.lower().encode("latin-1") for n in names_in)
+    response = phase == "response"
+
+    def apply(ex: Exchange, ev: Evaluation) -> str | None:
+        flow = ex.flow
+        if response:
+            flow.resp_headers = [h for h in flow.resp_headers if h[0].lower() not in names]
+        else:
+            flow.req_headers = [h for h in flow.req_headers if h[0].lower() not in names]
+        return None
+
+    return apply
+
+
+def _map_remote(pattern: str, replacement: str) -> Apply:
+    rx = regex.compile(pattern, regex.V0)
+
+    def apply(ex: Exchange, ev: Evaluation) -> str | None:
+        flow = ex.flow
+        if flow.method == b"CONNECT":
+            return "not applied to CONNECT"
+        url = flowfilter.pretty_url(flow.scheme, flow.host, flow.port, flow.path.decode("latin-1"))
+        try:
+            new = rx.sub(lambda _m: replacement, url, timeout=SUB_TIMEOUT)
+        except TimeoutError:
+            return "pattern timed out: not applied"
+        if new == url:
+            return None
+        why = ex.retarget(new)
+        return f"{why}: not applied" if why else f"to {new[:200]}"
+
+    return apply
+
+
+def _tag(tags: list[str]) -> Apply:
+    def apply(ex: Exchange, ev: Evaluation) -> str | None:
+        flow = ex.flow
+        if flow.tags is None:
+            flow.tags = []
+        flow.tags.extend(t for t in tags if t not in flow.tags)
+        return None
+
+    return apply
+
+
+def _delay(ms: int) -> Apply:
+    def apply(ex: Exchange, ev: Evaluation) -> str | None:
+        ev.delay_ms += ms
+        return None
+
+    return apply
+
+
+def _final(ex: Exchange, ev: Evaluation) -> str | None:
+    return None  # acted on once the phase's edits and delays are done (``_act``)
+
+
+def _unsupported(ex: Exchange, ev: Evaluation) -> str | None:
+    return "not supported yet: not applied"
+
+
+def compile_rule(rule: Rule) -> CompiledRule:
+    action = rule.action
+    phase = rule.match.phase
+    kind = action.type
+    apply: Apply
+    if kind == "set_headers":
+        apply = _set_headers(action.headers, phase)  # type: ignore[union-attr]
+    elif kind == "remove_headers":
+        apply = _remove_headers(action.names, phase)  # type: ignore[union-attr]
+    elif kind == "map_remote":
+        apply = _map_remote(action.pattern, action.replacement)  # type: ignore[union-attr]
+    elif kind == "tag":
+        apply = _tag(action.tags)  # type: ignore[union-attr]
+    elif kind == "delay":
+        apply = _delay(action.ms)  # type: ignore[union-attr]
+    elif kind in FINAL_ACTIONS:
+        apply = _final
+    else:
+        apply = _unsupported
+    pred = flowfilter.predicate(flowfilter.parse(rule.match.filter))
+    return CompiledRule(rule.id, phase, kind, pred, apply, action)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    """One policy revision, ready for the relay."""
+
+    revision: int
+    request: tuple[CompiledRule, ...]
+    response: tuple[CompiledRule, ...]
+
+    @classmethod
+    def build(cls, policy: Policy, revision: int) -> CompiledPolicy:
+        return cls(
+            revision,
+            tuple(compile_rule(r) for r in ordered(policy.rules, "request")),
+            tuple(compile_rule(r) for r in ordered(policy.rules, "response")),
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not self.request and not self.response
+
+
+EMPTY = CompiledPolicy(0, (), ())
+
+
+# -- the addon ----------------------------------------------------------------------------
+class Rules(Addon):
+    """Evaluates a ``CompiledPolicy`` at the request and response heads."""
+
+    name = "rules"
+
+    def __init__(self, policy: CompiledPolicy, replica: str) -> None:
+        self.policy = policy
+        self.replica = replica
+        self.loop = asyncio.get_running_loop()
+
+    def request_head(self, ex: Exchange) -> None:
+        flow = ex.flow
+        if flow.policy is None:
+            flow.policy = (self.policy.revision, [])
+        if self.policy.request:
+            self._phase(ex, self.policy.request, "request")
+
+    def response_head(self, ex: Exchange) -> None:
+        flow = ex.flow
+        if flow.policy is None:
+            flow.policy = (self.policy.revision, [])
+        if self.policy.response and not ex.verdict:
+            self._phase(ex, self.policy.response, "response")
+
+    def _phase(self, ex: Exchange, rules: tuple[CompiledRule, ...], phase: Phase) -> None:
+        view = LiveView(ex.flow, self.replica)
+        matched: list[CompiledRule] = []
+        timed_out: set[str] = set()
+        for rule in rules:
+            try:
+                if rule.matches(view):
+                    matched.append(rule)
+            except flowfilter.FilterTimeout:
+                # fail closed: a pattern the exchange makes backtrack cannot be used to
+                # slip past a block or an intercept; edits are left out
+                timed_out.add(rule.id)
+                if rule.kind in FAIL_CLOSED:
+                    matched.append(rule)
+        if timed_out:
+            log.warning("rules %s: filter timed out on flow %s", sorted(timed_out), ex.flow.id)
+        if not matched:
+            return
+        assert ex.flow.policy is not None
+        record = ex.flow.policy[1]
+        ev = Evaluation()
+        for rule in matched:
+            entry: dict[str, Any] = {"rule": rule.id, "phase": phase, "action": rule.kind}
+            record.append(entry)
+            if rule.id in timed_out:
+                entry["note"] = "filter timed out: counted as a match"
+            if rule.final:
+                ev.final = rule
+                break
+            note = rule.apply(ex, ev)
+            if note:
+                entry["note"] = note
+        if ev.delay_ms:
+            ex.hold()
+            self.loop.call_later(ev.delay_ms / 1000, self._after_delay, ex, ev)
+            return
+        self._act(ex, ev)
+
+    def _after_delay(self, ex: Exchange, ev: Evaluation) -> None:
+        if ex.flow.state != "active" or ex.verdict != HOLD:
+            return  # killed, or the client went away, while delayed
+        self._act(ex, ev)
+        if ex.verdict in (HOLD, RESPOND):
+            ex.resume()
+
+    def _act(self, ex: Exchange, ev: Evaluation) -> None:
+        """Carry out the phase's final action (after its delays), if any: the verdict
+        is acted on by the relay (in a hook) or by ``resume`` (after a hold)."""
+        rule = ev.final
+        if rule is None or rule.kind == "allow":
+            return
+        spec = rule.spec
+        if rule.kind == "block":
+            if spec.close:
+                ex.kill(f"blocked by rule {rule.id}")
+            else:
+                ex.respond(spec.status, [_TEXT], spec.body.encode("utf-8"))
+        elif rule.kind == "respond":
+            ex.respond(spec.status, _pairs(spec.headers), spec.body.encode("utf-8"))
+
+
+def build(policy: CompiledPolicy, replica: str) -> Rules | None:
+    """The addon for ``policy``, or None when no rule is enabled (it costs nothing)."""
+    return None if policy.empty else Rules(policy, replica)
