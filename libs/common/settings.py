@@ -421,6 +421,12 @@ class ApiSettings(CommonSettings):
         le=1_000_000,
         description="events queued for one SSE subscriber before it is dropped as too slow",
     )
+    api_approval_ttl: float = Field(
+        default=3600.0,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="seconds an approve decision stays cached (the body's ttl_s overrides it)",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -30,7 +30,18 @@ from services.api.keyshare import publish_key_digests
 from services.api.metrics import ApiMetrics, MetricsMiddleware
 from services.api.metrics import router as metrics_router
 from services.api.querycheck import known_query
-from services.api.routes import ca, config, events, filters, flows, har, health, live, proxy
+from services.api.routes import (
+    approvals,
+    ca,
+    config,
+    events,
+    filters,
+    flows,
+    har,
+    health,
+    live,
+    proxy,
+)
 from services.api.store import StoreClient
 from services.api.streams import FlowHub
 
@@ -133,7 +144,7 @@ def create_app(
     # the key first (a bad key is a 401 whatever the query), then the query's names
     api = APIRouter(prefix="/api", dependencies=[Depends(authorize), Depends(known_query)])
     # live and har before flows: /flows/stream and /flows/har are not flow ids
-    for module in (proxy, live, har, flows, filters, config, ca, events):
+    for module in (proxy, live, har, flows, filters, config, ca, events, approvals):
         api.include_router(module.router)
 
     async def openapi_document(request: Request) -> dict[str, Any]:
