@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from libs.common.policy import MAX_BODY, Phase, _header_name, _header_value
+from libs.common.policy import MAX_BODY, Phase, header_syntax, header_value
 
 DecisionKind = Literal["approve", "allow_once", "deny", "modify"]
 # how a held exchange ended, as the flow records it (``intercept.outcome``)
@@ -82,7 +82,12 @@ class PendingApproval(BaseModel):
 
 
 class RequestEdit(BaseModel):
-    """``modify`` at the request phase: what replaces the held request's parts."""
+    """``modify`` at the request phase: what replaces the held request's parts.
+
+    ``headers`` replaces the whole list (send back the listed one, edited); the headers
+    the proxy owns (framing, hop-by-hop, Host, Proxy-Authorization) keep their original
+    values whatever the list says, and a value left as ``<redacted>`` keeps the original
+    value of that header."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -94,7 +99,7 @@ class RequestEdit(BaseModel):
     @field_validator("headers")
     @classmethod
     def _headers(cls, v: list[tuple[str, str]] | None) -> list[tuple[str, str]] | None:
-        return None if v is None else [(_header_name(n), _header_value(x)) for n, x in v]
+        return None if v is None else [(header_syntax(n), header_value(x)) for n, x in v]
 
 
 class ResponseEdit(BaseModel):
@@ -109,7 +114,7 @@ class ResponseEdit(BaseModel):
     @field_validator("headers")
     @classmethod
     def _headers(cls, v: list[tuple[str, str]] | None) -> list[tuple[str, str]] | None:
-        return None if v is None else [(_header_name(n), _header_value(x)) for n, x in v]
+        return None if v is None else [(header_syntax(n), header_value(x)) for n, x in v]
 
 
 class Decision(BaseModel):

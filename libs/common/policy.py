@@ -67,15 +67,21 @@ BODY_CODES = frozenset({"b", "bq", "bs"})
 RESPONSE_CODES = frozenset({"c", "s", "hs", "ts", "a", "e", "bs"})
 
 
-def _header_name(name: str) -> str:
+def header_syntax(name: str) -> str:
+    """``name`` if it is an RFC 9110 field name, else ``ValueError``."""
     if not _FIELD_NAME.fullmatch(name):
         raise ValueError(f"invalid header name {name!r}")
+    return name
+
+
+def _header_name(name: str) -> str:
+    header_syntax(name)
     if name.lower() in PROTECTED_HEADERS:
         raise ValueError(f"header {name!r} cannot be changed by a rule (the proxy owns it)")
     return name
 
 
-def _header_value(value: str) -> str:
+def header_value(value: str) -> str:
     if _BAD_VALUE.search(value):
         raise ValueError("a header value cannot hold CR, LF or NUL")
     try:
@@ -122,7 +128,7 @@ class Respond(_Action):
     @field_validator("headers")
     @classmethod
     def _headers(cls, v: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        return [(_header_name(n), _header_value(val)) for n, val in v]
+        return [(_header_name(n), header_value(val)) for n, val in v]
 
 
 class MapRemote(_Action):
@@ -149,7 +155,7 @@ class SetHeaders(_Action):
     @field_validator("headers")
     @classmethod
     def _headers(cls, v: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        return [(_header_name(n), _header_value(val)) for n, val in v]
+        return [(_header_name(n), header_value(val)) for n, val in v]
 
 
 class RemoveHeaders(_Action):

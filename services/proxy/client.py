@@ -327,8 +327,23 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.queue.append(ex)
             self._pause(PAUSE_BUFFERED)
+        if ex.body_replacement is not None:
+            self._send_replacement(ex)
         if self.parsing is not ex:  # no body to read (none, or Content-Length: 0)
             self._request_done(ex)
+
+    def _send_replacement(self, ex: Exchange) -> None:
+        """The body an addon gave instead of the client's (recorded as what was sent)."""
+        body = ex.body_replacement
+        assert body is not None
+        flow = ex.flow
+        limit = self.ctx.config.doc.capture_body_limit
+        flow.req_body = [body[:limit]] if body and limit else []
+        flow.req_size = len(body)
+        flow.req_truncated = len(body) > limit
+        ex.captured_req = min(len(body), limit)
+        if body:
+            self._send_upstream(ex, body)
 
     def _verdict(self, ex: Exchange) -> bool:
         """Act on an addon's verdict at the request head; True if the exchange stops here."""
@@ -520,7 +535,7 @@ class ClientConnection(asyncio.Protocol):
         flow = ex.flow
         n = len(body)
         self.body_got += n
-        if flow.state != "active":
+        if flow.state != "active" or ex.body_replacement is not None:
             return
         flow.req_size += n
         kept = _keep(flow.req_body, body, self.ctx.config.doc.capture_body_limit - ex.captured_req)
@@ -821,6 +836,8 @@ class ClientConnection(asyncio.Protocol):
             chain = ctx.chain.response_end if state == COMPLETED else ctx.chain.error
             if chain:
                 hooks.run(chain, ex)
+            if ex.on_end is not None:
+                ex.on_end(ex)
             if ex.recorded:
                 ctx.capture.emit(ex.flow)
 

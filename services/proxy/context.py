@@ -16,6 +16,7 @@ from services.proxy.addons import build_chain, rules
 from services.proxy.capture import Capture
 from services.proxy.config import ProxyConfig
 from services.proxy.destinations import DestinationPolicy, ProtectedEndpoints
+from services.proxy.intercepts import Intercepts
 from services.proxy.pool import UpstreamPool
 from services.proxy.tls import CertificateAuthority
 
@@ -96,6 +97,7 @@ class ProxyContext:
         self.upstream_faults = dict.fromkeys(UPSTREAM_FAULTS, 0)
         self.draining = False
         self.policy = rules.EMPTY
+        self.intercepts = Intercepts(replica, capture)
         self.apply_config(config)
 
     def apply_config(self, config: ProxyConfig) -> None:
@@ -108,7 +110,7 @@ class ProxyContext:
         self.destinations = DestinationPolicy.build(
             allow, doc.destination_deny, self.endpoints, self.restrict_private
         )
-        self.chain = build_chain(config, self.policy, self.replica)
+        self.chain = build_chain(config, self.policy, self.replica, self.intercepts)
         self.config = config
         self.pool.clear()
 
@@ -116,7 +118,7 @@ class ProxyContext:
         """Switch to a new rules-policy revision: exchanges already past a phase keep
         what the old one decided; the next hook point runs the new one."""
         self.policy = policy
-        self.chain = build_chain(self.config, policy, self.replica)
+        self.chain = build_chain(self.config, policy, self.replica, self.intercepts)
 
     def protect(self, endpoints: ProtectedEndpoints) -> None:
         """Replace the protected endpoints (e.g. once the listener's real port is known)."""

@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from libs.common import events, subjects
+from libs.common.approvals import CachedApproval, Decision
 from libs.common.bus import Bus, processing
 from libs.common.models import CommandReply, ReplicaStatus, RuntimeConfig, Severity
 from libs.common.policy import Policy
@@ -24,6 +25,7 @@ from libs.common.settings import ProxySettings
 from services.proxy.addons.rules import EMPTY, CompiledPolicy
 from services.proxy.config import ProxyConfig
 from services.proxy.context import ProxyContext
+from services.proxy.intercepts import DecisionRefused
 from services.proxy.server import ListenError, ProxyServer
 
 log = logging.getLogger("proxyfleet.control")
@@ -66,6 +68,7 @@ class Control:
         self._subs: list[Any] = []
         self._watcher: Any = None
         self._policy_watcher: Any = None
+        self._approvals_watcher: Any = None
         self._keys_watcher: Any = None
         server.on_event = self.event
 
@@ -93,12 +96,17 @@ class Control:
             config_error=self.config_error,
             policy_revision=ctx.policy.revision,
             policy_error=self.policy_error,
+            intercepts_pending=len(ctx.intercepts.pending),
             started_at=self.server.started_at,
             updated_at=time.time(),
         )
 
     # -- commands -------------------------------------------------------------------------
     async def start(self) -> None:
+        replica = self.ctx.replica
+        self.ctx.intercepts.emit = lambda type, data: events.emit_soon(
+            self.bus, replica, type, data, replica=replica
+        )
         for target in (self.ctx.replica, subjects.CMD_ALL):
             sub = await self.bus.nc.subscribe(
                 subjects.command_wildcard(target), cb=self._on_command
@@ -159,6 +167,14 @@ class Control:
                     message=f"flow {flow_id} is not active here",
                     data=data,
                 )
+        elif verb == "intercepts":
+            data["pending"] = self.ctx.intercepts.listing()
+        elif verb == "decide":
+            decision = Decision.model_validate(body)
+            try:
+                data["approval"] = self.ctx.intercepts.decide(decision)
+            except DecisionRefused as exc:
+                return CommandReply(replica=replica, ok=False, code=exc.code, message=exc.message)
         elif verb != "status":
             return CommandReply(
                 replica=replica,
@@ -301,6 +317,33 @@ class Control:
                 log.warning("policy watch interrupted: %r", exc)
                 await asyncio.sleep(1.0)
 
+    # -- cached approvals ---------------------------------------------------------------------
+    async def watch_approvals(self) -> None:
+        """Mirror KV ``fleet_approvals`` (the API writes it) for the intercept rules."""
+        intercepts = self.ctx.intercepts
+        while True:
+            try:
+                kv = await self.bus.approvals_kv()
+                self._approvals_watcher = await kv.watchall()
+                async for entry in self._approvals_watcher:
+                    if entry is None:
+                        continue
+                    if entry.operation or not entry.value:
+                        intercepts.cache_drop(entry.key)
+                        continue
+                    try:
+                        cached = CachedApproval.model_validate_json(entry.value)
+                    except ValidationError:
+                        log.warning("cached approval %s unreadable: ignored", entry.key)
+                        continue
+                    if cached.key() == entry.key:  # an entry must name what it approves
+                        intercepts.cache_put(entry.key, cached.expires_at)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("approvals watch interrupted: %r", exc)
+                await asyncio.sleep(1.0)
+
     # -- API-key digests ------------------------------------------------------------------
     async def watch_keys(self) -> None:
         """Follow KV ``fleet_keys`` (the API's key digests) and hand the set to capture,
@@ -337,7 +380,8 @@ class Control:
                 await sub.unsubscribe()
             except Exception:
                 pass
-        for watcher in (self._watcher, self._policy_watcher, self._keys_watcher):
+        watchers = (self._watcher, self._policy_watcher, self._approvals_watcher)
+        for watcher in (*watchers, self._keys_watcher):
             if watcher is not None:
                 try:
                     await watcher.stop()

@@ -10,6 +10,7 @@ task runs for it, and a kill or a client disconnect frees it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from services.proxy.flow import Flow
@@ -38,6 +39,7 @@ class Exchange:
     __slots__ = (
         "answer",
         "body_mode",
+        "body_replacement",
         "captured_req",
         "captured_resp",
         "conn",
@@ -52,6 +54,7 @@ class Exchange:
         "keep_alive",
         "key",
         "kill_reason",
+        "on_end",
         "out_chunked",
         "pending",
         "pending_size",
@@ -103,6 +106,8 @@ class Exchange:
         self.answer: bytes | None = None  # the response an addon gave (RESPOND)
         self.kill_reason = ""
         self.held_framing: Any = None  # the response's framing while held at its head
+        self.body_replacement: bytes | None = None  # sent instead of the client's body
+        self.on_end: Callable[[Exchange], None] | None = None  # told when the flow ends
 
     # -- verdicts, for addons ------------------------------------------------------------
     def respond(
@@ -146,6 +151,13 @@ class Exchange:
         elif self.verdict != RESPOND:
             return
         self.conn.resume(self)
+
+    def replace_request_body(self, body: bytes) -> None:
+        """Send ``body`` upstream instead of the client's (which is read and dropped);
+        only while the request head has not gone upstream (held at ``request_head``)."""
+        self.body_replacement = body
+        self.req_body = BODY_LENGTH
+        self.content_length = len(body)
 
     def retarget(self, url: str) -> str | None:
         """Send the request to this absolute ``http(s)://`` URL instead (request head

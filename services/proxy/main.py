@@ -134,6 +134,7 @@ class Replica:
             spawn(self.control.heartbeat_loop(), name="heartbeat"),
             spawn(self.control.watch_config(), name="config-watch"),
             spawn(self.control.watch_policy(), name="policy-watch"),
+            spawn(self.control.watch_approvals(), name="approvals-watch"),
             spawn(self.control.watch_keys(), name="keys-watch"),
         ]
         log.info("replica %s started", s.replica_id)

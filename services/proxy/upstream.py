@@ -28,6 +28,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from services.proxy import destinations
 from services.proxy.addons import tracing
+from services.proxy.exchange import HOLD
 from services.proxy.framing import MAX_HEAD
 
 if TYPE_CHECKING:
@@ -371,8 +372,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.interim = False
             return
         ex = self.ex
-        if ex is None or ex.flow.status == 101 or ex.verdict:
-            return
+        if ex is None or ex.flow.status == 101 or (ex.verdict and ex.verdict != HOLD):
+            return  # a held response that ends meanwhile is complete once released
         if not self.completed and not ex.is_head:
             self.completed = True
             self.keep_alive = self.parser.should_keep_alive()  # before llhttp resets
@@ -391,12 +392,12 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_after_hold(self) -> None:
         """Go on reading; finish now if the response had ended while held."""
         self.last_io = self.loop.time()
+        if not self.closed:  # also when the response ended meanwhile: pooled, it must read
+            self.transport.resume_reading()
         ex, client = self.ex, self.client
         if self.completed and ex is not None and client is not None:
             self.completed = False
             self._done(ex, client)
-        elif not self.closed:
-            self.transport.resume_reading()
 
     def head_done(self) -> None:
         """A response without a body (HEAD) ended at its head: llhttp cannot know that."""

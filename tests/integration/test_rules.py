@@ -12,68 +12,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
 
-import httpx
-import orjson
 import pytest
 
 from libs.common import subjects
-from libs.common.bus import Bus
 from libs.common.natsserver import EmbeddedNats
 from tests.integration.conftest import MakeProxy
-from tests.integration.harness import FlowEvents, ProxyUnderTest, RawClient, Upstream, run_curl
+from tests.integration.harness import RawClient, Upstream, run_curl
+from tests.integration.rules_harness import Fleet, matched, rule, start_fleet
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@dataclass
-class Fleet:
-    proxy: ProxyUnderTest
-    bus: Bus
-    flows: FlowEvents
-
-    async def put_policy(self, rules: list[dict[str, Any]] | bytes) -> int:
-        """Write a policy revision; returns it once the replica has settled on it."""
-        kv = await self.bus.policy_kv()
-        raw = rules if isinstance(rules, bytes) else orjson.dumps({"rules": rules})
-        revision = await kv.put(subjects.POLICY_KEY, raw)
-        control = self.proxy.replica.control
-        assert control is not None
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            error = control.policy_error or ""
-            if self.proxy.ctx.policy.revision == revision or f"revision {revision} " in error:
-                return revision
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"policy revision {revision} not settled")
-
-    def client(self, **kw: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(proxy=self.proxy.url, timeout=10, **kw)
-
-
 @pytest.fixture
 async def fleet(restartable_nats: EmbeddedNats, make_proxy: MakeProxy) -> AsyncIterator[Fleet]:
-    url = restartable_nats.url
-    proxy = await make_proxy(nats_url=url)
-    bus = await Bus.connect(url, "test", 5)
-    flows = FlowEvents()
-    await flows.start(url, proxy.id)
-    try:
-        yield Fleet(proxy, bus, flows)
-    finally:
-        await flows.stop()
-        await bus.close()
-
-
-def rule(rule_id: str, flt: str, action: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    phase = extra.pop("phase", "request")
-    return {"id": rule_id, "match": {"filter": flt, "phase": phase}, "action": action, **extra}
-
-
-def matched(event: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(m["rule"], m["action"]) for m in event["policy"]["matched"]]
+    async with start_fleet(restartable_nats, make_proxy) as f:
+        yield f
 
 
 # -- edits ---------------------------------------------------------------------------------

@@ -12,10 +12,14 @@ from services.proxy.addons.ignore_hosts import IgnoreHosts
 from services.proxy.addons.tracing import Tracing
 from services.proxy.config import ProxyConfig
 from services.proxy.hooks import Addon, AddonChain
+from services.proxy.intercepts import Intercepts
 
 
 def build_chain(
-    config: ProxyConfig, policy: rules.CompiledPolicy = rules.EMPTY, replica: str = ""
+    config: ProxyConfig,
+    policy: rules.CompiledPolicy = rules.EMPTY,
+    replica: str = "",
+    intercepts: Intercepts | None = None,
 ) -> AddonChain:
     """The addons of ``config`` and the rules ``policy``, in the order they run."""
     addons: list[Addon] = []
@@ -24,7 +28,7 @@ def build_chain(
     ignore = IgnoreHosts.configure(config)
     if ignore is not None:
         addons.append(ignore)
-    policy_addon = rules.build(policy, replica)
+    policy_addon = None if intercepts is None else rules.build(policy, replica, intercepts)
     if policy_addon is not None:  # after ignore_hosts: a blind tunnel is still matched
         addons.append(policy_addon)
     return AddonChain(addons)

@@ -23,12 +23,13 @@ import regex
 
 from libs.common import flowfilter
 from libs.common.policy import FINAL_ACTIONS, Phase, Policy, Rule, ordered
-from services.proxy.exchange import HOLD, RESPOND
+from services.proxy.exchange import HOLD
 from services.proxy.flowview import LiveView
 from services.proxy.hooks import Addon
 
 if TYPE_CHECKING:
     from services.proxy.exchange import Exchange
+    from services.proxy.intercepts import Intercepts
 
 log = logging.getLogger("proxyfleet.rules")
 
@@ -44,8 +45,10 @@ Apply = Callable[["Exchange", "Evaluation"], str | None]  # -> a note for the de
 class Evaluation:
     """What the matching rules of one phase add up to, before it is acted on."""
 
+    phase: Phase
     delay_ms: int = 0
     final: CompiledRule | None = None
+    entry: dict[str, Any] | None = None  # the final rule's line in the flow's decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +204,10 @@ class Rules(Addon):
 
     name = "rules"
 
-    def __init__(self, policy: CompiledPolicy, replica: str) -> None:
+    def __init__(self, policy: CompiledPolicy, replica: str, intercepts: Intercepts) -> None:
         self.policy = policy
         self.replica = replica
+        self.intercepts = intercepts
         self.loop = asyncio.get_running_loop()
 
     def request_head(self, ex: Exchange) -> None:
@@ -240,14 +244,14 @@ class Rules(Addon):
             return
         assert ex.flow.policy is not None
         record = ex.flow.policy[1]
-        ev = Evaluation()
+        ev = Evaluation(phase)
         for rule in matched:
             entry: dict[str, Any] = {"rule": rule.id, "phase": phase, "action": rule.kind}
             record.append(entry)
             if rule.id in timed_out:
                 entry["note"] = "filter timed out: counted as a match"
             if rule.final:
-                ev.final = rule
+                ev.final, ev.entry = rule, entry
                 break
             note = rule.apply(ex, ev)
             if note:
@@ -261,16 +265,16 @@ class Rules(Addon):
     def _after_delay(self, ex: Exchange, ev: Evaluation) -> None:
         if ex.flow.state != "active" or ex.verdict != HOLD:
             return  # killed, or the client went away, while delayed
-        self._act(ex, ev)
-        if ex.verdict in (HOLD, RESPOND):
-            ex.resume()
+        if not self._act(ex, ev):
+            ex.resume()  # goes on, or sends the answer the final action gave
 
-    def _act(self, ex: Exchange, ev: Evaluation) -> None:
+    def _act(self, ex: Exchange, ev: Evaluation) -> bool:
         """Carry out the phase's final action (after its delays), if any: the verdict
-        is acted on by the relay (in a hook) or by ``resume`` (after a hold)."""
+        is acted on by the relay (in a hook) or by ``resume`` (after a hold). True
+        when the exchange is now held for a decision."""
         rule = ev.final
         if rule is None or rule.kind == "allow":
-            return
+            return False
         spec = rule.spec
         if rule.kind == "block":
             if spec.close:
@@ -279,8 +283,13 @@ class Rules(Addon):
                 ex.respond(spec.status, [_TEXT], spec.body.encode("utf-8"))
         elif rule.kind == "respond":
             ex.respond(spec.status, _pairs(spec.headers), spec.body.encode("utf-8"))
+        elif rule.kind == "intercept":
+            assert ev.entry is not None
+            self.intercepts.hold(ex, rule.id, ev.phase, spec, ev.entry)
+            return ex.verdict == HOLD
+        return False
 
 
-def build(policy: CompiledPolicy, replica: str) -> Rules | None:
+def build(policy: CompiledPolicy, replica: str, intercepts: Intercepts) -> Rules | None:
     """The addon for ``policy``, or None when no rule is enabled (it costs nothing)."""
-    return None if policy.empty else Rules(policy, replica)
+    return None if policy.empty else Rules(policy, replica, intercepts)
