@@ -35,6 +35,7 @@ from services.proxy.flow import COMPLETED, ERROR, KILLED, Flow
 from services.proxy.framing import (
     BODY_CHUNKED,
     BODY_LENGTH,
+    BODY_NONE,
     BODY_UNTIL_CLOSE,
     MAX_HEAD,
     STATUS_LINES,
@@ -48,6 +49,7 @@ from services.proxy.framing import (
     response_head,
     via_has,
 )
+from services.proxy.rewrite import LIMIT as REWRITE_LIMIT
 from services.proxy.tunnel import Relay
 from services.proxy.upstream import (
     UpstreamConnection,
@@ -304,23 +306,12 @@ class ClientConnection(asyncio.Protocol):
         flow = ex.flow
         ex.key = (flow.scheme, flow.host, flow.port)
         ex.is_head = flow.method == b"HEAD"
-        target = flow.path
-        if self.ctx.upstream_proxy is not None and flow.scheme == "http":
-            target = b"http://%s%s" % (
-                ex.host_header or _authority(flow.host, flow.port, 80),
-                target,
-            )
-        ex.head = request_head(
-            flow.method,
-            target,
-            flow.req_headers,
-            ex.host_header,
-            ex.req_body,
-            ex.content_length,
-            ex.conn_drop,
-            ex.upgrade,
-            self.ctx.via,
-        )
+        rewrite = ex.req_rewrite
+        if rewrite is not None and self.parsing is not ex:  # no body to rewrite
+            rewrite.give_up("no body: not applied")
+            ex.req_rewrite = rewrite = None
+        # a body to rewrite: the head goes with it, once its length is known
+        ex.head = self._request_head(ex) if rewrite is None else b""
         self._record(ex)
         if self.ex is None:
             self._begin(ex)
@@ -331,6 +322,26 @@ class ClientConnection(asyncio.Protocol):
             self._send_replacement(ex)
         if self.parsing is not ex:  # no body to read (none, or Content-Length: 0)
             self._request_done(ex)
+
+    def _request_head(self, ex: Exchange) -> bytes:
+        flow = ex.flow
+        target = flow.path
+        if self.ctx.upstream_proxy is not None and flow.scheme == "http":
+            target = b"http://%s%s" % (
+                ex.host_header or _authority(flow.host, flow.port, 80),
+                target,
+            )
+        return request_head(
+            flow.method,
+            target,
+            flow.req_headers,
+            ex.host_header,
+            ex.req_body,
+            ex.content_length,
+            ex.conn_drop,
+            ex.upgrade,
+            self.ctx.via,
+        )
 
     def _send_replacement(self, ex: Exchange) -> None:
         """The body an addon gave instead of the client's (recorded as what was sent)."""
@@ -538,10 +549,26 @@ class ClientConnection(asyncio.Protocol):
         if flow.state != "active" or ex.body_replacement is not None:
             return
         flow.req_size += n
-        kept = _keep(flow.req_body, body, self.ctx.config.doc.capture_body_limit - ex.captured_req)
+        rewrite = ex.req_rewrite
+        if rewrite is not None:
+            if rewrite.take(body):
+                return
+            # too large to rewrite: what was held back goes on as it came, then the rest
+            ex.req_rewrite = None
+            held = rewrite.give_up(f"body over {REWRITE_LIMIT} bytes: not applied")
+            self._send_upstream(ex, self._request_head(ex))
+            for piece in held:
+                self._relay_request_body(ex, piece)
+        self._relay_request_body(ex, body)
+
+    def _relay_request_body(self, ex: Exchange, body: bytes) -> None:
+        n = len(body)
+        kept = _keep(
+            ex.flow.req_body, body, self.ctx.config.doc.capture_body_limit - ex.captured_req
+        )
         ex.captured_req += kept
         if kept < n:
-            flow.req_truncated = True
+            ex.flow.req_truncated = True
         self._send_upstream(
             ex, b"%x\r\n%s\r\n" % (n, body) if ex.req_body == BODY_CHUNKED else body
         )
@@ -555,6 +582,8 @@ class ClientConnection(asyncio.Protocol):
         chain = self.ctx.chain.request_end
         if chain:
             hooks.run(chain, ex)
+        if ex.req_rewrite is not None:
+            self._send_rewritten_request(ex)
         if ex.req_body == BODY_CHUNKED:
             self._send_upstream(ex, b"0\r\n\r\n")
         if ex.upstream is not None:
@@ -562,6 +591,27 @@ class ClientConnection(asyncio.Protocol):
         if ex.upgrade is not None:  # what follows belongs to the protocol asked for
             self.switching = ex
             self._halt(HALT_SWITCH)
+
+    def _send_rewritten_request(self, ex: Exchange) -> None:
+        """The whole request body is in: rewrite it, send the head and it, framed by
+        its new length (recorded as sent)."""
+        rewrite = ex.req_rewrite
+        assert rewrite is not None
+        ex.req_rewrite = None
+        flow = ex.flow
+        done = rewrite.apply(flow.req_headers)
+        if done is None:
+            held = rewrite.give_up("body cannot be decoded: not applied")
+            self._send_upstream(ex, self._request_head(ex))
+            for piece in held:
+                self._relay_request_body(ex, piece)
+            return
+        body, flow.req_headers = done
+        ex.req_body = BODY_LENGTH
+        ex.content_length = len(body)
+        ex.body_replacement = body
+        self._send_upstream(ex, self._request_head(ex))
+        self._send_replacement(ex)
 
     def _check_body(self) -> None:
         """Cut a request body that arrives slower than ``client_body_min_rate`` allows
@@ -716,6 +766,14 @@ class ClientConnection(asyncio.Protocol):
         self, ex: Exchange, up: UpstreamConnection, framing: ResponseFraming
     ) -> None:
         flow = ex.flow
+        rewrite = ex.resp_rewrite
+        if rewrite is not None:
+            if framing.body != BODY_NONE:  # the head goes with the rewritten body
+                rewrite.framing = framing
+                ex.body_mode = framing.body
+                return
+            rewrite.give_up("no body: not applied")
+            ex.resp_rewrite = None
         ex.response_started = True
         ex.body_mode = framing.body
         http11 = flow.http_version == "1.1"
@@ -777,6 +835,21 @@ class ClientConnection(asyncio.Protocol):
             self.send((STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status) + b"\r\n")
 
     def response_body(self, ex: Exchange, body: bytes) -> None:
+        rewrite = ex.resp_rewrite
+        if rewrite is not None:
+            if rewrite.take(body):
+                ex.flow.resp_size += len(body)
+                return
+            # too large to rewrite: the head and what was held back go on as they came
+            ex.resp_rewrite = None
+            held = rewrite.give_up(f"body over {REWRITE_LIMIT} bytes: not applied")
+            self._send_response_head(ex, ex.upstream, rewrite.framing)
+            ex.flow.resp_size -= sum(map(len, held))
+            for piece in held:
+                self._relay_response_body(ex, piece)
+        self._relay_response_body(ex, body)
+
+    def _relay_response_body(self, ex: Exchange, body: bytes) -> None:
         flow = ex.flow
         n = len(body)
         flow.resp_size += n
@@ -792,6 +865,8 @@ class ClientConnection(asyncio.Protocol):
             self.send(body)
 
     def response_done(self, ex: Exchange, up: UpstreamConnection, reusable: bool) -> None:
+        if ex.resp_rewrite is not None:
+            self._send_rewritten_response(ex, up)
         if ex.out_chunked:
             self.send(b"0\r\n\r\n")
         self.uncork()  # the response's last bytes go out before the bookkeeping
@@ -803,9 +878,36 @@ class ClientConnection(asyncio.Protocol):
             up.close()
         self._next(ex)
 
+    def _send_rewritten_response(self, ex: Exchange, up: UpstreamConnection) -> None:
+        """The whole response body is in: rewrite it and send the head with it, framed
+        by its new length (the client's copy is what is recorded)."""
+        rewrite = ex.resp_rewrite
+        assert rewrite is not None
+        ex.resp_rewrite = None
+        flow = ex.flow
+        framing = rewrite.framing
+        done = rewrite.apply(flow.resp_headers)
+        if done is None:
+            held = rewrite.give_up("body cannot be decoded: not applied")
+            self._send_response_head(ex, up, framing)
+            flow.resp_size -= sum(map(len, held))
+            for piece in held:
+                self._relay_response_body(ex, piece)
+            return
+        body, flow.resp_headers = done
+        framing.body = BODY_LENGTH
+        framing.length = b"%d" % len(body)
+        self._send_response_head(ex, up, framing)
+        flow.resp_size = 0
+        flow.resp_body = []
+        ex.captured_resp = 0
+        flow.resp_truncated = False
+        self._relay_response_body(ex, body)
+
     def upstream_lost(self, ex: Exchange, up: UpstreamConnection, exc: Exception | None) -> None:
         """The upstream connection closed while ``ex`` was using it."""
-        if ex.response_started and ex.body_mode == BODY_UNTIL_CLOSE:
+        deferred = ex.resp_rewrite is not None and ex.resp_rewrite.framing is not None
+        if (ex.response_started or deferred) and ex.body_mode == BODY_UNTIL_CLOSE:
             if exc is None:  # a clean close ends a read-until-close body
                 self.response_done(ex, up, reusable=False)
             else:  # a reset: the body was cut short, and the client must be able to tell

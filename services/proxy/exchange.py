@@ -19,6 +19,8 @@ from services.proxy.framing import BODY_LENGTH, BODY_NONE, STATUS_LINES
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
+    from services.proxy.rewrite import BodyRewrite
+
 # Verdicts (``Exchange.verdict``); 0 means "go on".
 RESPOND, KILL, HOLD = 1, 2, 3
 
@@ -62,6 +64,8 @@ class Exchange:
         "refusal",
         "req_body",
         "req_done",
+        "req_rewrite",
+        "resp_rewrite",
         "response_started",
         "retried",
         "sni",
@@ -107,6 +111,8 @@ class Exchange:
         self.kill_reason = ""
         self.held_framing: Any = None  # the response's framing while held at its head
         self.body_replacement: bytes | None = None  # sent instead of the client's body
+        self.req_rewrite: BodyRewrite | None = None  # replace_body rules, request body
+        self.resp_rewrite: BodyRewrite | None = None  # and response body
         self.on_end: Callable[[Exchange], None] | None = None  # told when the flow ends
 
     # -- verdicts, for addons ------------------------------------------------------------

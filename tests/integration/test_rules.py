@@ -10,6 +10,7 @@ Each test runs its own NATS: the policy bucket is shared by every replica on a s
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 from collections.abc import AsyncIterator
 
@@ -17,8 +18,9 @@ import pytest
 
 from libs.common import subjects
 from libs.common.natsserver import EmbeddedNats
+from services.proxy.rewrite import LIMIT as REWRITE_LIMIT
 from tests.integration.conftest import MakeProxy
-from tests.integration.harness import RawClient, Upstream, run_curl
+from tests.integration.harness import RawClient, Upstream, raw_server, run_curl
 from tests.integration.rules_harness import Fleet, matched, rule, start_fleet
 
 pytestmark = pytest.mark.timeout(60)
@@ -396,3 +398,146 @@ async def test_a_backtracking_filter_fails_closed_for_a_block(
     notes = {m["rule"]: m.get("note") for m in event["policy"]["matched"]}
     assert notes == {"redos": "filter timed out: counted as a match"}
     assert event["tags"] == []
+
+
+# -- replace_body ----------------------------------------------------------------------------
+async def _pieces() -> AsyncIterator[bytes]:  # a body httpx sends chunked
+    for piece in (b"cat ", b"in ", b"chunks"):
+        yield piece
+
+
+async def test_replace_body_rewrites_a_request_body(fleet: Fleet, upstream: Upstream) -> None:
+    await fleet.put_policy(
+        [
+            rule(
+                "r1", "~u /echo/", {"type": "replace_body", "pattern": "cat", "replacement": "dog"}
+            ),
+            rule(
+                "r2", "~u /echo/", {"type": "replace_body", "pattern": "dog s", "replacement": "D"}
+            ),
+        ]
+    )
+    async with fleet.client() as client:
+        resp = await client.post(f"{upstream.http}/echo/b", content=b"a cat sat, cat")
+        chunked = await client.post(f"{upstream.http}/echo/c", content=_pieces())
+        empty = await client.get(f"{upstream.http}/echo/e")
+    assert resp.json()["body"] == "a Dat, dog"  # in order, each on the result before
+    assert resp.json()["body_len"] == len("a Dat, dog")
+    assert chunked.json()["body"] == "dog in chunks"
+    got = {k.lower(): v for k, v in chunked.json()["headers"]}
+    assert got["content-length"] == str(len("dog in chunks"))
+    assert "transfer-encoding" not in got
+    assert empty.status_code == 200
+    event = await fleet.flows.final_for("/echo/b")
+    notes = [m["note"] for m in event["policy"]["matched"]]
+    assert notes == ["2 replaced", "1 replaced"]
+    assert event["request"]["size"] == len("a Dat, dog")  # what went upstream
+    empty_event = await fleet.flows.final_for("/echo/e")
+    assert empty_event["policy"]["matched"][0]["note"] == "no body: not applied"
+
+
+async def test_replace_body_rewrites_a_response_body(fleet: Fleet, upstream: Upstream) -> None:
+    await fleet.put_policy(
+        [
+            rule(
+                "resp",
+                "~u /chunked/",
+                {"type": "replace_body", "pattern": "c{10}", "replacement": "0123456789!"},
+                phase="response",
+            ),
+            rule(
+                "json",
+                "~u /echo/",
+                {"type": "replace_body", "pattern": '"GET"', "replacement": '"TEG"'},
+                phase="response",
+            ),
+        ]
+    )
+    async with fleet.client() as client:
+        resp = await client.get(f"{upstream.http}/chunked/100")
+        again = await client.get(f"{upstream.http}/echo/j")  # same connection, still framed
+    assert resp.text == "0123456789!" * 10
+    assert resp.headers["content-length"] == "110"
+    assert "transfer-encoding" not in resp.headers
+    assert again.json()["method"] == "TEG"
+    event = await fleet.flows.final_for("/chunked/100")
+    assert event["policy"]["matched"][0]["note"] == "10 replaced"
+    assert event["response"]["size"] == 110
+
+
+async def test_replace_body_decodes_a_gzip_response(fleet: Fleet) -> None:
+    body = gzip.compress(b"hello secret world", mtime=0)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    await fleet.put_policy(
+        [
+            rule(
+                "hide",
+                "~u /gz",
+                {"type": "replace_body", "pattern": "secret", "replacement": "******"},
+                phase="response",
+            )
+        ]
+    )
+    async with raw_server(serve) as port:
+        code, out, _err = await run_curl(
+            "-s", "-i", "-x", fleet.proxy.url, f"http://127.0.0.1:{port}/gz"
+        )
+    assert code == 0
+    head, got = out.split(b"\r\n\r\n", 1)
+    assert got == b"hello ****** world"
+    assert b"content-encoding" not in head.lower()
+
+
+async def test_replace_body_leaves_a_body_over_the_limit_alone(
+    fleet: Fleet, upstream: Upstream
+) -> None:
+    await fleet.put_policy(
+        [
+            rule(
+                "big",
+                "~u /bytes/",
+                {"type": "replace_body", "pattern": "x", "replacement": "y"},
+                phase="response",
+            )
+        ]
+    )
+    n = REWRITE_LIMIT + 100_000
+    async with fleet.client() as client:
+        resp = await client.get(f"{upstream.http}/bytes/{n}")
+    assert len(resp.content) == n
+    assert resp.content[:10] == b"x" * 10
+    event = await fleet.flows.final_for(f"/bytes/{n}")
+    assert event["policy"]["matched"][0]["note"] == f"body over {REWRITE_LIMIT} bytes: not applied"
+    assert event["response"]["size"] == n
+
+
+async def test_replace_body_pattern_that_backtracks_gives_up_in_time(
+    fleet: Fleet, upstream: Upstream
+) -> None:
+    await fleet.put_policy(
+        [
+            rule(
+                "redos",
+                "~u /echo/",
+                {"type": "replace_body", "pattern": "(a|aa)+$", "replacement": "z"},
+            )
+        ]
+    )
+    evil = b"a" * 60 + b"!"
+    async with fleet.client() as client:
+        t0 = time.monotonic()
+        resp = await client.post(f"{upstream.http}/echo/redos", content=evil)
+        took = time.monotonic() - t0
+    assert resp.json()["body"] == evil.decode()
+    assert took < 3
+    event = await fleet.flows.final_for("/echo/redos")
+    assert event["policy"]["matched"][0]["note"] == "pattern timed out: not applied"

@@ -26,6 +26,7 @@ from libs.common.policy import FINAL_ACTIONS, Phase, Policy, Rule, ordered
 from services.proxy.exchange import HOLD
 from services.proxy.flowview import LiveView
 from services.proxy.hooks import Addon
+from services.proxy.rewrite import BodyRewrite
 
 if TYPE_CHECKING:
     from services.proxy.exchange import Exchange
@@ -38,7 +39,8 @@ FAIL_CLOSED = frozenset({"block", "intercept"})
 SUB_TIMEOUT = 0.05  # seconds a map_remote / replace_body substitution may take
 _TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 
-Apply = Callable[["Exchange", "Evaluation"], str | None]  # -> a note for the decision
+# (exchange, the phase so far, the rule's line in the decision) -> a note for that line
+Apply = Callable[["Exchange", "Evaluation", dict[str, Any]], str | None]
 
 
 @dataclass(slots=True)
@@ -75,7 +77,7 @@ def _set_headers(pairs: list[tuple[str, str]], phase: Phase) -> Apply:
     names = frozenset(n.lower() for n, _ in new)
     response = phase == "response"
 
-    def apply(ex: Exchange, ev: Evaluation) -> str | None:
+    def apply(ex: Exchange, ev: Evaluation, entry: dict[str, Any]) -> str | None:
         flow = ex.flow
         old = flow.resp_headers if response else flow.req_headers
         kept = [h for h in old if h[0].lower() not in names]
@@ -93,7 +95,7 @@ def _remove_headers(names_in: list[str], phase: Phase) -> Apply:
     names = frozenset(n.lower().encode("latin-1") for n in names_in)
     response = phase == "response"
 
-    def apply(ex: Exchange, ev: Evaluation) -> str | None:
+    def apply(ex: Exchange, ev: Evaluation, entry: dict[str, Any]) -> str | None:
         flow = ex.flow
         if response:
             flow.resp_headers = [h for h in flow.resp_headers if h[0].lower() not in names]
@@ -107,7 +109,7 @@ def _remove_headers(names_in: list[str], phase: Phase) -> Apply:
 def _map_remote(pattern: str, replacement: str) -> Apply:
     rx = regex.compile(pattern, regex.V0)
 
-    def apply(ex: Exchange, ev: Evaluation) -> str | None:
+    def apply(ex: Exchange, ev: Evaluation, entry: dict[str, Any]) -> str | None:
         flow = ex.flow
         if flow.method == b"CONNECT":
             return "not applied to CONNECT"
@@ -125,7 +127,7 @@ def _map_remote(pattern: str, replacement: str) -> Apply:
 
 
 def _tag(tags: list[str]) -> Apply:
-    def apply(ex: Exchange, ev: Evaluation) -> str | None:
+    def apply(ex: Exchange, ev: Evaluation, entry: dict[str, Any]) -> str | None:
         flow = ex.flow
         if flow.tags is None:
             flow.tags = []
@@ -136,19 +138,36 @@ def _tag(tags: list[str]) -> Apply:
 
 
 def _delay(ms: int) -> Apply:
-    def apply(ex: Exchange, ev: Evaluation) -> str | None:
+    def apply(ex: Exchange, ev: Evaluation, entry: dict[str, Any]) -> str | None:
         ev.delay_ms += ms
         return None
 
     return apply
 
 
-def _final(ex: Exchange, ev: Evaluation) -> str | None:
+def _final(ex: Exchange, ev: Evaluation, entry: dict[str, Any]) -> str | None:
     return None  # acted on once the phase's edits and delays are done (``_act``)
 
 
-def _unsupported(ex: Exchange, ev: Evaluation) -> str | None:
-    return "not supported yet: not applied"
+def _replace_body(pattern: str, replacement: str, phase: Phase) -> Apply:
+    rx = regex.compile(pattern.encode("utf-8", "surrogateescape"), regex.V0 | regex.DOTALL)
+    new = replacement.encode("utf-8")
+    response = phase == "response"
+
+    def apply(ex: Exchange, ev: Evaluation, entry: dict[str, Any]) -> str | None:
+        if ex.flow.method == b"CONNECT":
+            return "not applied to CONNECT"
+        rewrite = ex.resp_rewrite if response else ex.req_rewrite
+        if rewrite is None:
+            rewrite = BodyRewrite()
+            if response:
+                ex.resp_rewrite = rewrite
+            else:
+                ex.req_rewrite = rewrite
+        rewrite.add(rx, new, entry)
+        return "pending"  # the rewrite says what it did once the body is in
+
+    return apply
 
 
 def compile_rule(rule: Rule) -> CompiledRule:
@@ -166,10 +185,10 @@ def compile_rule(rule: Rule) -> CompiledRule:
         apply = _tag(action.tags)  # type: ignore[union-attr]
     elif kind == "delay":
         apply = _delay(action.ms)  # type: ignore[union-attr]
-    elif kind in FINAL_ACTIONS:
-        apply = _final
+    elif kind == "replace_body":
+        apply = _replace_body(action.pattern, action.replacement, phase)  # type: ignore[union-attr]
     else:
-        apply = _unsupported
+        apply = _final
     pred = flowfilter.predicate(flowfilter.parse(rule.match.filter))
     return CompiledRule(rule.id, phase, kind, pred, apply, action)
 
@@ -253,7 +272,7 @@ class Rules(Addon):
             if rule.final:
                 ev.final, ev.entry = rule, entry
                 break
-            note = rule.apply(ex, ev)
+            note = rule.apply(ex, ev, entry)
             if note:
                 entry["note"] = note
         if ev.delay_ms:
