@@ -23,6 +23,7 @@ from services.api.audit import AuditMiddleware
 from services.api.auth import KeyRing, authorize
 from services.api.config_store import ConfigStore
 from services.api.deps import Services
+from services.api.documents import POLICY, DocumentStore
 from services.api.errors import install_handlers, openapi_problem_content
 from services.api.eventlog import EventLog
 from services.api.fleet import Fleet
@@ -40,6 +41,7 @@ from services.api.routes import (
     har,
     health,
     live,
+    policy,
     proxy,
 )
 from services.api.store import StoreClient
@@ -103,6 +105,7 @@ def create_app(
             fleet=Fleet(active, settings.api_command_timeout),
             store=StoreClient(active, settings.api_store_timeout, metrics),
             config=ConfigStore(active),
+            policy=DocumentStore(active, POLICY),
             events=EventLog(active),
             flow_hub=FlowHub(active, settings.api_stream_queue_size),
         )
@@ -144,7 +147,7 @@ def create_app(
     # the key first (a bad key is a 401 whatever the query), then the query's names
     api = APIRouter(prefix="/api", dependencies=[Depends(authorize), Depends(known_query)])
     # live and har before flows: /flows/stream and /flows/har are not flow ids
-    for module in (proxy, live, har, flows, filters, config, ca, events, approvals):
+    for module in (proxy, live, har, flows, filters, config, policy, ca, events, approvals):
         api.include_router(module.router)
 
     async def openapi_document(request: Request) -> dict[str, Any]:

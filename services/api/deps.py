@@ -14,9 +14,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from libs.common.bus import Bus
+from libs.common.policy import Policy
 from libs.common.settings import ApiSettings
 from services.api.auth import Principal, authorize
 from services.api.config_store import ConfigStore
+from services.api.documents import DocumentStore
 from services.api.errors import ApiError
 from services.api.eventlog import EventLog
 from services.api.fleet import Fleet
@@ -32,6 +34,7 @@ class Services:
     fleet: Fleet
     store: StoreClient
     config: ConfigStore
+    policy: DocumentStore[Policy]
     events: EventLog
     flow_hub: FlowHub
 
@@ -64,6 +67,10 @@ async def _config(s: Annotated[Services, Depends(get_services)]) -> ConfigStore:
     return s.config
 
 
+async def _policy(s: Annotated[Services, Depends(get_services)]) -> DocumentStore[Policy]:
+    return s.policy
+
+
 async def _events(s: Annotated[Services, Depends(get_services)]) -> EventLog:
     return s.events
 
@@ -76,6 +83,7 @@ BusDep = Annotated[Bus, Depends(_bus)]
 FleetDep = Annotated[Fleet, Depends(_fleet)]
 StoreDep = Annotated[StoreClient, Depends(_store)]
 ConfigDep = Annotated[ConfigStore, Depends(_config)]
+PolicyDep = Annotated[DocumentStore[Policy], Depends(_policy)]
 EventsDep = Annotated[EventLog, Depends(_events)]
 FlowHubDep = Annotated[FlowHub, Depends(_flow_hub)]
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]

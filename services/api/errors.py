@@ -22,6 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from libs.common.policy import FilterInvalid
+
 log = logging.getLogger("proxyfleet.api")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -37,6 +39,14 @@ _TITLES = {
     "CONFIG_INVALID": "Invalid configuration",
     "CONFIG_CONFLICT": "Configuration changed meanwhile",
     "CONFIG_REVISION_NOT_FOUND": "Config revision not in the history",
+    "CONFIG_CORRUPT": "Stored configuration is invalid",
+    "POLICY_INVALID": "Invalid rules policy",
+    "POLICY_CONFLICT": "Rules policy changed meanwhile",
+    "POLICY_REVISION_NOT_FOUND": "Policy revision not in the history",
+    "POLICY_RULE_NOT_FOUND": "Rule not found",
+    "POLICY_RULE_DUPLICATE": "Rule id already in use",
+    "POLICY_CORRUPT": "Stored rules policy is invalid",
+    "PAYLOAD_TOO_LARGE": "Request body too large",
     "UNSUPPORTED_MEDIA_TYPE": "Unsupported media type",
     "FLOW_NOT_FOUND": "Flow not found",
     "FLOW_NOT_ACTIVE": "Flow is not active",
@@ -67,9 +77,13 @@ class FieldError(BaseModel):
     message: str
     type: str = Field(description="machine-readable kind, e.g. greater_than_equal, missing")
     position: int | None = Field(
-        default=None, description="BAD_FILTER: 0-based offset in the expression"
+        default=None,
+        description="a filter expression's error (BAD_FILTER, a rule's filter in "
+        "POLICY_INVALID): 0-based offset in the expression",
     )
-    expected: str | None = Field(default=None, description="BAD_FILTER: what would fit there")
+    expected: str | None = Field(
+        default=None, description="a filter expression's error: what would fit there"
+    )
 
 
 class Problem(BaseModel):
@@ -159,7 +173,22 @@ def field_errors(raw: Iterable[Mapping[str, Any]], prefix: str | None = None) ->
         if err.get("type") == "json_invalid" and ctx.get("error"):
             message = f"{message}: {ctx['error']}"
         kind = str(err.get("type", "invalid"))
-        out.append(FieldError(field=".".join(loc) or "request", message=message, type=kind))
+        position = expected = None
+        if isinstance(cause := ctx.get("error"), FilterInvalid):
+            # a rule's filter: where in the expression, as BAD_FILTER says it; the phase
+            # check is a validator of the rule's match, but it is about the filter
+            kind, position, expected = "bad_filter", cause.position, cause.expected
+            if not loc or loc[-1] != "filter":
+                loc.append("filter")
+        out.append(
+            FieldError(
+                field=".".join(loc) or "request",
+                message=message,
+                type=kind,
+                position=position,
+                expected=expected,
+            )
+        )
     return out
 
 

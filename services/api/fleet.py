@@ -34,9 +34,22 @@ _REJECTED = re.compile(r"^revision (\d+) rejected")
 _WATCH_INACTIVE = 5.0  # seconds the server keeps a finished watcher's consumer
 
 
+@dataclass(frozen=True, slots=True)
+class Reported:
+    """The heartbeat fields in which a replica reports one revisioned document: the
+    revision it runs and why it refused a newer one ("revision N rejected: why")."""
+
+    revision: str
+    error: str
+
+
+CONFIG_REPORT = Reported("config_revision", "config_error")
+POLICY_REPORT = Reported("policy_revision", "policy_error")
+
+
 @dataclass
 class ApplyReport:
-    """Which replicas run a config revision, which still do not, which refused it."""
+    """Which replicas run a document's revision, which still do not, which refused it."""
 
     applied: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
@@ -46,14 +59,19 @@ class ApplyReport:
 RolloutState = Literal["applied", "pending", "rejected"]
 
 
-def classify(status: ReplicaStatus, revision: int) -> tuple[RolloutState, str | None]:
-    """``("applied"|"rejected"|"pending", error)`` of one replica for ``revision``."""
-    if status.config_revision >= revision:
+def classify(
+    status: ReplicaStatus, revision: int, reported: Reported = CONFIG_REPORT
+) -> tuple[RolloutState, str | None]:
+    """``("applied"|"rejected"|"pending", error)`` of one replica for ``revision`` of the
+    document whose heartbeat fields ``reported`` names (the config by default)."""
+    running: int = getattr(status, reported.revision)
+    if running >= revision:
         return "applied", None
-    if status.config_error:
-        m = _REJECTED.match(status.config_error)
+    error: str | None = getattr(status, reported.error)
+    if error:
+        m = _REJECTED.match(error)
         if m and int(m.group(1)) >= revision:
-            return "rejected", status.config_error
+            return "rejected", error
     return "pending", None
 
 
@@ -136,9 +154,12 @@ class Fleet:
         )
         return [r for r in (_reply(m.data) for m in msgs) if r is not None]
 
-    # -- config roll-out --------------------------------------------------------------------
-    async def wait_applied(self, revision: int, wait: float) -> ApplyReport:
-        """Follow the registry for up to ``wait`` seconds until every replica settled.
+    # -- config and policy roll-out ---------------------------------------------------------
+    async def wait_applied(
+        self, revision: int, wait: float, reported: Reported = CONFIG_REPORT
+    ) -> ApplyReport:
+        """Follow the registry for up to ``wait`` seconds until every replica settled
+        on ``revision`` of the document ``reported`` names (the config by default).
 
         A replica heartbeats right after it applies (or rejects) a revision, so
         watching the registry sees the outcome as soon as it exists.
@@ -159,7 +180,7 @@ class Fleet:
                     elif (status := _parse(entry.key, entry.value)) is not None:
                         states[entry.key] = status
                     if caught_up and all(
-                        classify(s, revision)[0] != "pending" for s in states.values()
+                        classify(s, revision, reported)[0] != "pending" for s in states.values()
                     ):
                         break
         except TimeoutError:
@@ -171,7 +192,7 @@ class Fleet:
                 log.debug("registry watcher stop: %r", exc)
         report = ApplyReport()
         for replica_id in sorted(states):
-            outcome, error = classify(states[replica_id], revision)
+            outcome, error = classify(states[replica_id], revision, reported)
             if outcome == "applied":
                 report.applied.append(replica_id)
             elif outcome == "rejected":

@@ -18,13 +18,15 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel
 
 from libs.common.models import RuntimeConfig
 from services.api import audit, merge_patch
 from services.api.config_compare import ConfigComparison, compare
-from services.api.config_write import (
-    MAX_DOCUMENT,
+from services.api.deps import ConfigDep, FleetDep, SettingsDep
+from services.api.document_write import (
+    RollbackRequest,
+    Rollout,
     Written,
     compare_and_set,
     etag,
@@ -32,20 +34,23 @@ from services.api.config_write import (
     json_object,
     put_document,
     read_body,
+    roll_out,
     stored_object,
+    stored_revision,
     validate,
 )
-from services.api.deps import ConfigDep, FleetDep, SettingsDep
-from services.api.errors import ApiError, FieldError, problem_responses
+from services.api.documents import CONFIG
+from services.api.errors import ApiError, problem_responses
 from services.api.fleet import Fleet
 
 router = APIRouter(prefix="/config", tags=["config"])
 
 __all__ = ["MAX_DOCUMENT", "etag", "if_match_allows", "router"]
 
+MAX_DOCUMENT = CONFIG.max_body
+
 MERGE_PATCH = "application/merge-patch+json"
 _PATCH_TYPES = frozenset({MERGE_PATCH, "application/json"})
-_MAX_REVISION = 2**63 - 1  # a JetStream sequence is unsigned 64-bit; a KV revision fits here
 
 PUT_ACTION = "config.put"
 PATCH_ACTION = "config.patch"
@@ -59,17 +64,8 @@ class ConfigView(BaseModel):
     config: RuntimeConfig
 
 
-class Rejection(BaseModel):
-    id: str
-    error: str
-
-
-class ConfigWriteResult(ConfigView):
+class ConfigWriteResult(Rollout, ConfigView):
     """The new revision and how the roll-out went within the API's wait."""
-
-    applied: list[str] = Field(description="replicas that run this revision (or a later one)")
-    pending: list[str] = Field(description="replicas that had not reported it yet")
-    rejected: list[Rejection] = Field(description="replicas that refused it (kept the last good)")
 
 
 class HistoryEntry(BaseModel):
@@ -83,14 +79,6 @@ class ConfigHistory(BaseModel):
     """Past revisions of the config, newest first (the bucket keeps the last 64)."""
 
     revisions: list[HistoryEntry]
-
-
-class RollbackRequest(BaseModel):
-    """Which past revision's document to make current again."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    revision: StrictInt = Field(ge=1, le=_MAX_REVISION, description="from GET /history")
 
 
 _ETAG_HEADER: dict[int | str, dict[str, Any]] = {
@@ -172,7 +160,7 @@ async def put_config(
     if_match: IfMatch = None,
 ) -> ConfigWriteResult:
     audit.note(request, PUT_ACTION)
-    doc, revision = put_document(json_object(await read_body(request)))
+    doc, revision = put_document(CONFIG, json_object(await read_body(request, CONFIG), CONFIG))
     written = await compare_and_set(
         config, lambda _rev, _raw: doc, if_match=if_match, revision=revision
     )
@@ -230,10 +218,12 @@ async def patch_config(
             f"a config patch is {MERGE_PATCH} (or application/json), not {media or 'untyped'}",
             headers={"Accept-Patch": MERGE_PATCH},
         )
-    patch = json_object(await read_body(request), "a merge patch must be a JSON object")
+    patch = json_object(
+        await read_body(request, CONFIG), CONFIG, "a merge patch must be a JSON object"
+    )
 
     def build(_revision: int, raw: bytes | None) -> RuntimeConfig:
-        return validate(merge_patch.apply(stored_object(raw), patch))
+        return validate(CONFIG, merge_patch.apply(stored_object(raw), patch))
 
     written = await compare_and_set(config, build, if_match=if_match)
     return await _rolled_out(
@@ -275,25 +265,7 @@ async def rollback_config(
     if_match: IfMatch = None,
 ) -> ConfigWriteResult:
     audit.note(request, ROLLBACK_ACTION, to=body.revision)
-    raw = await config.raw_at(body.revision)
-    if raw is None:
-        raise ApiError(
-            404,
-            "CONFIG_REVISION_NOT_FOUND",
-            f"revision {body.revision} is not a write of the config in the history "
-            "(the bucket keeps the last 64 writes; see GET /api/config/history)",
-        )
-    try:
-        doc = RuntimeConfig.model_validate_json(raw)
-    except ValidationError as exc:
-        names = ", ".join(dict.fromkeys(".".join(map(str, e["loc"])) for e in exc.errors()))
-        message = f"revision {body.revision} is not a valid config ({names or 'not an object'})"
-        raise ApiError(
-            422,
-            "CONFIG_INVALID",
-            message,
-            errors=[FieldError(field="body.revision", message=message, type="config_invalid")],
-        ) from None
+    doc = await stored_revision(config, body.revision)
     written = await compare_and_set(config, lambda _rev, _raw: doc, if_match=if_match)
     return await _rolled_out(
         request,
@@ -339,26 +311,9 @@ async def _rolled_out(
     fleet: Fleet,
     wait: float,
     action: str,
-    written: Written,
+    written: Written[RuntimeConfig],
     **details: Any,
 ) -> ConfigWriteResult:
     """Wait for the replicas' reports, audit the write, answer with the roll-out."""
-    report = await fleet.wait_applied(written.after, wait)
-    audit.note(
-        request,
-        action,
-        before=written.before,
-        after=written.after,
-        applied=report.applied,
-        pending=report.pending,
-        rejected=[r["id"] for r in report.rejected],
-        **details,
-    )
-    response.headers["ETag"] = etag(written.after)
-    return ConfigWriteResult(
-        revision=written.after,
-        config=written.doc,
-        applied=report.applied,
-        pending=report.pending,
-        rejected=[Rejection(**r) for r in report.rejected],
-    )
+    rollout = await roll_out(request, response, fleet, wait, action, written, CONFIG, **details)
+    return ConfigWriteResult(revision=written.after, config=written.doc, **dict(rollout))
