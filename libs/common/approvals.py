@@ -28,6 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from libs.common.policy import MAX_BODY, Phase, header_syntax, header_value
 
+INTERCEPTS_VERB = "intercepts"  # fleet.cmd.<replica|all>.intercepts: what a replica holds
+DECIDE_VERB = "decide"  # fleet.cmd.all.decide: one Decision
+
 DecisionKind = Literal["approve", "allow_once", "deny", "modify"]
 # how a held exchange ended, as the flow records it (``intercept.outcome``)
 Outcome = Literal[

@@ -40,6 +40,7 @@ POLICY_REJECTED = "policy_rejected"  # the replica keeps its last good policy
 INTERCEPT_CREATED = "intercept_created"
 INTERCEPT_RESOLVED = "intercept_resolved"
 INTERCEPT_TIMEOUT = "intercept_timeout"
+FLOW_REPLAYED = "flow_replayed"
 INGEST_ERROR = "ingest_error"  # the store could not commit a batch (it is redelivered)
 INGEST_DECODE_ERROR = "ingest_decode_error"  # messages/events the store had to drop
 AUDIT = subjects.AUDIT_EVENT  # one per mutating API call
@@ -58,6 +59,7 @@ TYPES = (
     INTERCEPT_CREATED,
     INTERCEPT_RESOLVED,
     INTERCEPT_TIMEOUT,
+    FLOW_REPLAYED,
     INGEST_ERROR,
     INGEST_DECODE_ERROR,
     AUDIT,

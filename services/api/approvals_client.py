@@ -26,6 +26,8 @@ from pydantic import ValidationError
 
 from libs.common import events, subjects
 from libs.common.approvals import (
+    DECIDE_VERB,
+    INTERCEPTS_VERB,
     CachedApproval,
     Decision,
     PendingApproval,
@@ -42,8 +44,6 @@ from services.api.fleet import Fleet
 log = logging.getLogger("proxyfleet.api.approvals")
 
 # command verbs of the contract (``fleet.cmd.<replica|all>.<verb>``)
-INTERCEPTS_VERB = "intercepts"
-DECIDE_VERB = "decide"
 # reply codes of the contract, and the one a replica may use to refuse a mismatched edit
 NOT_FOUND = "APPROVAL_NOT_FOUND"
 DECIDED = "APPROVAL_DECIDED"

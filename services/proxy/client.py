@@ -24,6 +24,7 @@ import ssl
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, parse_url
@@ -137,6 +138,7 @@ class ClientConnection(asyncio.Protocol):
         self.feeding = False
         self.up_buf: list[bytes] = []  # to ``up_target``
         self.up_target: UpstreamConnection | None = None
+        self.replay: Callable[[Flow], None] | None = None  # set on a replay's connection
 
     # -- batched writes -------------------------------------------------------------------
     def send(self, data: bytes) -> None:
@@ -271,6 +273,8 @@ class ClientConnection(asyncio.Protocol):
     # -- request heads ------------------------------------------------------------------
     def _on_head(self, head: bytes) -> None:
         ex = Exchange(self, Flow(self.client_addr))
+        if self.replay is not None:
+            self.replay(ex.flow)
         try:
             req = parse_request_head(head)
         except FramingError as exc:

@@ -17,15 +17,17 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from libs.common import events, subjects
-from libs.common.approvals import CachedApproval, Decision
+from libs.common.approvals import DECIDE_VERB, INTERCEPTS_VERB, CachedApproval, Decision
 from libs.common.bus import Bus, processing
 from libs.common.models import CommandReply, ReplicaStatus, RuntimeConfig, Severity
 from libs.common.policy import Policy
+from libs.common.replay import REPLAY_VERB, ReplayRequest
 from libs.common.settings import ProxySettings
 from services.proxy.addons.rules import EMPTY, CompiledPolicy
 from services.proxy.config import ProxyConfig
 from services.proxy.context import ProxyContext
 from services.proxy.intercepts import DecisionRefused
+from services.proxy.replay import ReplayFailed, replay
 from services.proxy.server import ListenError, ProxyServer
 
 log = logging.getLogger("proxyfleet.control")
@@ -167,14 +169,25 @@ class Control:
                     message=f"flow {flow_id} is not active here",
                     data=data,
                 )
-        elif verb == "intercepts":
+        elif verb == INTERCEPTS_VERB:
             data["pending"] = self.ctx.intercepts.listing()
-        elif verb == "decide":
+        elif verb == DECIDE_VERB:
             decision = Decision.model_validate(body)
             try:
                 data["approval"] = self.ctx.intercepts.decide(decision)
             except DecisionRefused as exc:
                 return CommandReply(replica=replica, ok=False, code=exc.code, message=exc.message)
+        elif verb == REPLAY_VERB:
+            request = ReplayRequest.model_validate(body)
+            try:
+                data["flow_id"] = await replay(self.ctx, request)
+            except (ReplayFailed, OSError) as exc:
+                return CommandReply(
+                    replica=replica, ok=False, code="REPLAY_FAILED", message=str(exc)
+                )
+            await self.event(
+                events.FLOW_REPLAYED, {"flow_id": data["flow_id"], "replay_of": request.replay_of}
+            )
         elif verb != "status":
             return CommandReply(
                 replica=replica,

@@ -304,6 +304,9 @@ class Rules(Addon):
             ex.respond(spec.status, _pairs(spec.headers), spec.body.encode("utf-8"))
         elif rule.kind == "intercept":
             assert ev.entry is not None
+            if ex.flow.replay_of is not None:  # a person already saw it (mitmproxy's rule)
+                ev.entry["note"] = "not held: a replay"
+                return False
             self.intercepts.hold(ex, rule.id, ev.phase, spec, ev.entry)
             return ex.verdict == HOLD
         return False
