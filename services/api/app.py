@@ -43,6 +43,7 @@ from services.api.routes import (
     live,
     policy,
     proxy,
+    replay,
 )
 from services.api.store import StoreClient
 from services.api.streams import FlowHub
@@ -147,7 +148,7 @@ def create_app(
     # the key first (a bad key is a 401 whatever the query), then the query's names
     api = APIRouter(prefix="/api", dependencies=[Depends(authorize), Depends(known_query)])
     # live and har before flows: /flows/stream and /flows/har are not flow ids
-    for module in (proxy, live, har, flows, filters, config, policy, ca, events, approvals):
+    for module in (proxy, live, har, flows, replay, filters, config, policy, ca, events, approvals):
         api.include_router(module.router)
 
     async def openapi_document(request: Request) -> dict[str, Any]:

@@ -65,6 +65,11 @@ class ReplicaView(BaseModel):
     uptime_s: float
     config_revision: int
     config_error: str | None
+    policy_revision: int
+    policy_error: str | None = Field(
+        description="a policy revision it refused (keeps the last good)"
+    )
+    intercepts_pending: int = Field(description="exchanges held for a decision")
     events_dropped: int
     updated_at: float
     version: str
@@ -82,6 +87,9 @@ class ReplicaView(BaseModel):
             uptime_s=round(max(0.0, now - s.started_at), 3),
             config_revision=s.config_revision,
             config_error=s.config_error,
+            policy_revision=s.policy_revision,
+            policy_error=s.policy_error,
+            intercepts_pending=s.intercepts_pending,
             events_dropped=s.events_dropped,
             updated_at=s.updated_at,
             version=s.version,

@@ -39,13 +39,13 @@ class ReplayEdits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Token | None = None
-    url: str | None = Field(None, max_length=8192, description="absolute http(s) URL")
+    url: str | None = Field(default=None, max_length=8192, description="absolute http(s) URL")
     headers: list[tuple[str, str]] | None = Field(
-        None, max_length=500, description="replaces the recorded headers"
+        default=None, max_length=500, description="replaces the recorded headers"
     )
-    body: str | None = Field(None, max_length=MAX_BODY, description="UTF-8 text body")
+    body: str | None = Field(default=None, max_length=MAX_BODY, description="UTF-8 text body")
     body_b64: str | None = Field(
-        None, max_length=(MAX_BODY * 4) // 3 + 4, description="a binary body, base64"
+        default=None, max_length=(MAX_BODY * 4) // 3 + 4, description="a binary body, base64"
     )
     replica: ReplicaId | None = None
 
