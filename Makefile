@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run proxy test lint fmt bench bench-store bench-visibility bench-queries conformance-oracle clean
+.PHONY: setup run proxy test lint fmt bench bench-store bench-visibility bench-queries bench-rules conformance-oracle clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,9 @@ bench-visibility: setup
 
 bench-queries: setup
 	$(BIN)/python bench/queries.py
+
+bench-rules: setup
+	$(BIN)/python bench/rules.py
 
 conformance-oracle: setup
 	$(BIN)/python tests/conformance/oracle.py

@@ -23,7 +23,7 @@ from libs.common.models import CommandReply, ReplicaStatus, RuntimeConfig, Sever
 from libs.common.policy import Policy
 from libs.common.replay import REPLAY_VERB, ReplayRequest
 from libs.common.settings import ProxySettings
-from services.proxy.addons.rules import EMPTY, CompiledPolicy
+from services.proxy.addons.rules import CompiledPolicy
 from services.proxy.config import ProxyConfig
 from services.proxy.context import ProxyContext
 from services.proxy.intercepts import DecisionRefused
@@ -288,7 +288,7 @@ class Control:
         deleted, no rules); keep the last good one on failure."""
         try:
             if raw is None:
-                compiled = CompiledPolicy(revision, EMPTY.request, EMPTY.response)
+                compiled = CompiledPolicy.of(revision)
             else:
                 compiled = CompiledPolicy.build(Policy.model_validate_json(raw), revision)
         except (ValidationError, ValueError) as exc:

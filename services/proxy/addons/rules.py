@@ -23,9 +23,11 @@ import regex
 
 from libs.common import flowfilter
 from libs.common.policy import FINAL_ACTIONS, Phase, Policy, Rule, ordered
+from services.proxy import prefilter
 from services.proxy.exchange import HOLD
 from services.proxy.flowview import LiveView
 from services.proxy.hooks import Addon
+from services.proxy.prefilter import Need
 from services.proxy.rewrite import BodyRewrite
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ class CompiledRule:
     matches: Callable[[LiveView], bool]
     apply: Apply
     spec: Any  # the validated action (final actions read it when they act)
+    needs: tuple[Need, ...] | None  # literals one of which must be present (prefilter)
 
     @property
     def final(self) -> bool:
@@ -189,8 +192,10 @@ def compile_rule(rule: Rule) -> CompiledRule:
         apply = _replace_body(action.pattern, action.replacement, phase)  # type: ignore[union-attr]
     else:
         apply = _final
-    pred = flowfilter.predicate(flowfilter.parse(rule.match.filter))
-    return CompiledRule(rule.id, phase, kind, pred, apply, action)
+    tree = flowfilter.parse(rule.match.filter)
+    return CompiledRule(
+        rule.id, phase, kind, flowfilter.predicate(tree), apply, action, prefilter.needs(tree)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,21 +205,31 @@ class CompiledPolicy:
     revision: int
     request: tuple[CompiledRule, ...]
     response: tuple[CompiledRule, ...]
+    request_screen: prefilter.Screen
+    response_screen: prefilter.Screen
 
     @classmethod
     def build(cls, policy: Policy, revision: int) -> CompiledPolicy:
-        return cls(
-            revision,
-            tuple(compile_rule(r) for r in ordered(policy.rules, "request")),
-            tuple(compile_rule(r) for r in ordered(policy.rules, "response")),
-        )
+        request = tuple(compile_rule(r) for r in ordered(policy.rules, "request"))
+        response = tuple(compile_rule(r) for r in ordered(policy.rules, "response"))
+        return cls.of(revision, request, response)
+
+    @classmethod
+    def of(
+        cls,
+        revision: int,
+        request: tuple[CompiledRule, ...] = (),
+        response: tuple[CompiledRule, ...] = (),
+    ) -> CompiledPolicy:
+        screens = prefilter.Screen(request), prefilter.Screen(response)
+        return cls(revision, request, response, *screens)
 
     @property
     def empty(self) -> bool:
         return not self.request and not self.response
 
 
-EMPTY = CompiledPolicy(0, (), ())
+EMPTY = CompiledPolicy.of(0)
 
 
 # -- the addon ----------------------------------------------------------------------------
@@ -234,20 +249,34 @@ class Rules(Addon):
         if flow.policy is None:
             flow.policy = (self.policy.revision, [])
         if self.policy.request:
-            self._phase(ex, self.policy.request, "request")
+            self._phase(ex, self.policy.request, self.policy.request_screen, "request")
 
     def response_head(self, ex: Exchange) -> None:
         flow = ex.flow
         if flow.policy is None:
             flow.policy = (self.policy.revision, [])
         if self.policy.response and not ex.verdict:
-            self._phase(ex, self.policy.response, "response")
+            self._phase(ex, self.policy.response, self.policy.response_screen, "response")
 
-    def _phase(self, ex: Exchange, rules: tuple[CompiledRule, ...], phase: Phase) -> None:
+    def _phase(
+        self,
+        ex: Exchange,
+        rules: tuple[CompiledRule, ...],
+        screen: prefilter.Screen,
+        phase: Phase,
+    ) -> None:
         view = LiveView(ex.flow, self.replica)
+        texts = prefilter.Texts(view)
+        if screen.nothing_needed_present(texts):
+            if not screen.unconditional:
+                return  # the usual request: no rule can match
+            rules = tuple(rules[i] for i in screen.unconditional)
         matched: list[CompiledRule] = []
         timed_out: set[str] = set()
         for rule in rules:
+            needs = rule.needs
+            if needs is not None and not texts.present(needs):
+                continue  # something the filter needs is absent: it cannot match
             try:
                 if rule.matches(view):
                     matched.append(rule)

@@ -1,0 +1,148 @@
+"""What a rule's filter needs present before it can match: a test cheaper than matching.
+
+Most rules name something literal (``~d ads.example``, ``~u /private/``,
+``~hq x-debug``), and most requests contain none of it. ``needs(tree)`` derives, from a
+filter tree, alternatives of (text, literal) of which at least one must be present for
+the filter to match; ``Texts`` gives the lowercased texts of one exchange, each computed
+once per phase. A rule whose needs are all absent is skipped without a regex search, so
+twenty rules that do not match cost a few string searches, not twenty regex searches.
+
+Sound by construction: ``needs`` only returns literals every match requires (see
+``libs.common.regexlits``), an AND needs what any one of its parts needs, an OR what all
+of its parts need, a NOT nothing; and a text that case folding could read differently
+from ``lower()`` (non-ASCII) is never used to rule anything out.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Protocol
+
+from libs.common.flowfilter import And, Leaf, Node, Not, Or
+from libs.common.regexlits import required_literals
+from services.proxy.flowview import LiveView
+
+Need = tuple[str, str | bytes]  # (text name, lowercased literal)
+
+# operator -> the text its regex searches (a superset is fine: it only prefilters)
+_TEXT_OF = {
+    "d": "host",
+    "u": "url",
+    "m": "method",
+    "h": "headers",
+    "hq": "req_headers",
+    "hs": "resp_headers",
+    "t": "headers",
+    "tq": "req_headers",
+    "ts": "resp_headers",
+}
+_BYTES = frozenset({"method", "headers", "req_headers", "resp_headers"})
+
+
+def needs(node: Node) -> tuple[Need, ...] | None:
+    """Alternatives, one of which must be present for ``node`` to match (None: unknown)."""
+    if isinstance(node, Leaf):
+        text = _TEXT_OF.get(node.code)
+        if text is None or node.pattern is None:
+            return None
+        literals = required_literals(node.pattern)
+        if not literals:
+            return None
+        lit = max(literals, key=len).lower()
+        return ((text, lit.encode("ascii") if text in _BYTES else lit),)
+    if isinstance(node, Not):
+        return None
+    parts = [needs(child) for child in node.children]
+    if isinstance(node, And):
+        known = [p for p in parts if p is not None]
+        return min(known, key=len) if known else None  # any one part's needs will do
+    assert isinstance(node, Or)
+    if any(p is None for p in parts):
+        return None
+    return tuple(need for p in parts if p is not None for need in p)
+
+
+class Prefiltered(Protocol):
+    @property
+    def needs(self) -> tuple[Need, ...] | None: ...
+
+
+class Screen:
+    """The literals of one phase's rules, one alternation per text: when none occurs in
+    any of its texts (the usual request), only the rules without needs can match, and
+    that is known after one search per text instead of one test per rule."""
+
+    __slots__ = ("alternations", "unconditional")
+
+    def __init__(self, rules: Sequence[Prefiltered]) -> None:
+        literals: dict[str, list[str | bytes]] = {}
+        for rule in rules:
+            for name, lit in rule.needs or ():
+                literals.setdefault(name, []).append(lit)
+        # cheapest texts first: the first hit ends the screening
+        order = ("method", "host", "req_headers", "resp_headers", "headers", "url")
+        self.alternations: tuple[tuple[str, re.Pattern[str] | re.Pattern[bytes]], ...] = tuple(
+            (name, _alternation(literals[name])) for name in order if name in literals
+        )
+        self.unconditional = tuple(i for i, r in enumerate(rules) if r.needs is None)
+
+    def nothing_needed_present(self, texts: Texts) -> bool:
+        """True when no rule's literal occurs (only ``unconditional`` rules may match)."""
+        for name, rx in self.alternations:
+            text = texts.get(name)
+            if text is None or rx.search(text) is not None:  # type: ignore[arg-type]
+                return False
+        return True
+
+
+def _alternation(literals: list[str | bytes]) -> re.Pattern[str] | re.Pattern[bytes]:
+    """One search for any of ``literals`` (all of one type: a text is str or bytes)."""
+    distinct = sorted(set(literals), key=len, reverse=True)
+    raw = [x for x in distinct if isinstance(x, bytes)]
+    if raw:
+        return re.compile(b"|".join(re.escape(x) for x in raw))
+    return re.compile("|".join(re.escape(x) for x in distinct if isinstance(x, str)))
+
+
+class Texts:
+    """The lowercased texts of one exchange at one phase, computed on first use."""
+
+    __slots__ = ("_got", "view")
+
+    def __init__(self, view: LiveView) -> None:
+        self.view = view
+        self._got: dict[str, str | bytes | None] = {}
+
+    def present(self, alternatives: tuple[Need, ...]) -> bool:
+        """Whether any alternative's literal is in its text (True when a text cannot
+        rule anything out)."""
+        for name, lit in alternatives:
+            text = self.get(name)
+            if text is None or lit in text:  # type: ignore[operator]
+                return True
+        return False
+
+    def get(self, name: str) -> str | bytes | None:
+        """The lowercased text (None: it cannot rule anything out)."""
+        got = self._got
+        if name in got:
+            return got[name]
+        text = got[name] = self._text(name)
+        return text
+
+    def _text(self, name: str) -> str | bytes | None:
+        view = self.view
+        if name == "url":
+            value: str = view.url()
+        elif name == "host":
+            value = view.text("host") + "\n" + view.pretty_host()
+        elif name == "method":
+            return view.text("method").encode("latin-1").lower()
+        elif name == "req_headers":
+            return view.header_block("request").lower()
+        elif name == "resp_headers":
+            return view.header_block("response").lower()
+        else:  # headers: both blocks
+            return (view.header_block("request") + view.header_block("response")).lower()
+        return value.lower() if value.isascii() else None
