@@ -15,8 +15,11 @@ re-derived here by hand; no code copied), including the quirks users meet:
   lines (multi-line), ``~b`` the decoded body (dot matches newline).
 
 Beyond mitmproxy: ``~replica``, ``~state`` and ``~kind`` (regexes on the stored
-flow's fields). Flows are our flow events (``services.proxy.capture.flow_event``);
-a ``tunnel`` flow is what mitmproxy calls a TCP flow.
+flow's fields), ``~rule`` and ``~tag`` (regexes on the ids of the policy rules that
+matched the flow, and on its tags: true when any one matches; see ``rule_ids`` and
+``tag_list`` for what counts). Flows are our flow events
+(``services.proxy.capture.flow_event``); a ``tunnel`` flow is what mitmproxy calls a
+TCP flow, and ``~replay`` is a flow whose ``is_replay`` is set (``request``: a replay).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -88,12 +92,16 @@ OPERATORS: dict[str, Operator] = {
         Operator("replayq", "unary", "Match replayed client request", "replayed request"),
         Operator("replays", "unary", "Match replayed server response", "replayed response"),
         Operator("replica", "regex", "Proxy replica that recorded the flow", "replica {}"),
+        Operator(
+            "rule", "regex", "Id of a policy rule that matched the flow", "matched rule matches {}"
+        ),
         Operator("s", "unary", "Match response", "has response"),
         Operator("src", "regex", "Match source address", "source matches {}"),
         Operator(
             "state", "regex", "Flow state (active, completed, error, killed)", "state matches {}"
         ),
         Operator("t", "regex", "Content-type header", "content type matches {}"),
+        Operator("tag", "regex", "Tag of the flow (added by policy tag rules)", "tag matches {}"),
         Operator("tcp", "unary", "Match TCP flows (proxyfleet: tunnels)", "tunnel"),
         Operator("tq", "regex", "Request Content-Type header", "request content type {}"),
         Operator("ts", "regex", "Response Content-Type header", "response content type {}"),
@@ -459,6 +467,128 @@ def _b64(data: Any) -> bytes | None:
         return None
 
 
+# The policy decision of a flow event (``policy``: ``{revision, matched: [{rule, phase,
+# action, note}]}``, ``tags``), as ``~rule``/``~tag`` read it and the store indexes it. An
+# event may come from any publisher, so only well-formed values count: ids and tags that
+# are printable ASCII without spaces (what a policy allows, and what the store can keep
+# space-delimited and match exactly), up to MAX_TOKEN characters, the first MAX_LISTED
+# distinct ones of the first MAX_MATCHED entries.
+MAX_MATCHED = 1024  # entries of ``matched`` (or ``tags``) looked at; a policy has <= 1000 rules
+MAX_LISTED = 256  # distinct rule ids (tags) of one flow kept
+MAX_TOKEN = 128  # characters of one rule id or tag (a policy allows 64)
+_TOKEN = re.compile(rf"[!-~]{{1,{MAX_TOKEN}}}")  # printable ASCII, no space
+FINAL_ACTIONS = frozenset({"block", "respond", "allow", "intercept"})
+EDIT_ACTIONS = frozenset(
+    {"map_remote", "set_headers", "remove_headers", "replace_body", "delay", "tag"}
+)
+
+
+def matched_entries(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The entries of ``policy.matched`` that are objects (the first MAX_MATCHED)."""
+    policy = doc.get("policy")
+    entries = policy.get("matched") if type(policy) is dict else None
+    if type(entries) is not list:
+        return []
+    return [e for e in entries[:MAX_MATCHED] if type(e) is dict]
+
+
+def tokens(values: Iterable[Any]) -> list[str]:
+    """The well-formed, distinct strings of ``values`` in order (at most MAX_LISTED)."""
+    out: dict[str, None] = {}
+    for value in values:
+        if type(value) is str and _TOKEN.fullmatch(value):
+            out[value] = None
+            if len(out) >= MAX_LISTED:
+                break
+    return list(out)
+
+
+def rule_ids(doc: dict[str, Any]) -> list[str]:
+    """The ids of the rules that matched the flow, in the order they applied."""
+    return tokens(e.get("rule") for e in matched_entries(doc))
+
+
+def tag_list(doc: dict[str, Any]) -> list[str]:
+    """The flow's tags."""
+    value = doc.get("tags")
+    return tokens(value[:MAX_MATCHED]) if type(value) is list else []
+
+
+def decision(doc: dict[str, Any]) -> str | None:
+    """What the policy decided for the flow: the last final action that applied
+    (``block``, ``respond``, ``allow``, ``intercept``), else ``modify`` when only edits
+    applied, else None (no rule matched)."""
+    final = None
+    edited = False
+    for entry in matched_entries(doc):
+        action = entry.get("action")
+        if type(action) is not str:
+            continue
+        if action in FINAL_ACTIONS:
+            final = action
+        elif action in EDIT_ACTIONS:
+            edited = True
+    return final if final is not None else ("modify" if edited else None)
+
+
+# What a listing, the decision log and a HAR entry show of the decision: the known
+# fields, strings cut to a bound, whatever a publisher put there.
+MAX_NOTE = 1024
+MAX_FIELD = 128
+MAX_MODIFIED = 16
+_ENTRY_FIELDS = (("rule", MAX_FIELD), ("phase", 16), ("action", 32), ("note", MAX_NOTE))
+_INTERCEPT_FIELDS = ("phase", "rule", "outcome", "by")
+_INT_LIMIT = 1 << 63
+
+
+def policy_summary(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """``{revision, matched: [{rule, phase, action, note}]}`` (the first MAX_LISTED
+    entries), None when no policy was in force."""
+    policy = doc.get("policy")
+    if type(policy) is not dict:
+        return None
+    matched = []
+    for entry in matched_entries(doc)[:MAX_LISTED]:
+        kept = {}
+        for name, limit in _ENTRY_FIELDS:
+            value = entry.get(name)
+            if type(value) is str:
+                kept[name] = value[:limit]
+        matched.append(kept)
+    revision = policy.get("revision")
+    if type(revision) is not int or not -_INT_LIMIT <= revision < _INT_LIMIT:
+        revision = None
+    return {"revision": revision, "matched": matched}
+
+
+def intercept_summary(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """``{phase, rule, outcome, by, held_ms, modified}`` of a held exchange, else None."""
+    value = doc.get("intercept")
+    if type(value) is not dict:
+        return None
+    kept: dict[str, Any] = {}
+    for name in _INTERCEPT_FIELDS:
+        field = value.get(name)
+        kept[name] = field[:MAX_FIELD] if type(field) is str else None
+    held = value.get("held_ms")
+    if type(held) is int and -_INT_LIMIT <= held < _INT_LIMIT:
+        held = float(held)
+    kept["held_ms"] = held if type(held) is float and math.isfinite(held) else None
+    modified = value.get("modified")
+    kept["modified"] = (
+        [m[:MAX_FIELD] for m in modified[:MAX_MODIFIED] if type(m) is str]
+        if type(modified) is list
+        else []
+    )
+    return kept
+
+
+def replay_of(doc: dict[str, Any]) -> str | None:
+    """The id of the flow this one replays (a short string), else None."""
+    value = doc.get("replay_of")
+    return value if type(value) is str and 0 < len(value) <= 64 else None
+
+
 class FlowView:
     """Read-only accessors over one flow event, each computed once (lazily)."""
 
@@ -577,6 +707,18 @@ class FlowView:
             )
         return str(url)
 
+    def rule_ids(self) -> list[str]:
+        ids: list[str] | None = self._cache.get("rules")
+        if ids is None:
+            ids = self._cache["rules"] = rule_ids(self.doc)
+        return ids
+
+    def tags(self) -> list[str]:
+        found: list[str] | None = self._cache.get("tags")
+        if found is None:
+            found = self._cache["tags"] = tag_list(self.doc)
+        return found
+
     def address(self, name: str) -> str | None:
         value = self.doc.get(name)
         if isinstance(value, list | tuple) and len(value) >= 2 and value[0]:
@@ -693,6 +835,10 @@ def _regex_leaf(leaf: Leaf) -> Predicate:
         return lambda f: (a := f.destination()) is not None and search(a)
     if code in ("replica", "state", "kind"):
         return lambda f: search(f.text(code))
+    if code == "rule":
+        return lambda f: any(search(r) for r in f.rule_ids())
+    if code == "tag":
+        return lambda f: any(search(t) for t in f.tags())
     if code == "meta":
 
         def meta(f: FlowView) -> bool:

@@ -22,7 +22,10 @@ Sizes: ``bodySize`` is the size on the wire (-1 while unknown), ``content.size``
 decoded size, ``compression`` the bytes the coding saved; ``headersSize`` is -1 (the
 head's exact bytes are not recorded). Custom fields start with ``_``: ``_flow_id``,
 ``_replica``, ``_state``, ``_error``, ``_kind`` and ``_stats`` (tunnels, WebSockets),
-``_truncated`` on a body that capture cut.
+``_truncated`` on a body that capture cut; where the rules policy had a say, ``_policy``
+(``{revision, matched: [{rule, phase, action, note}]}``), ``_tags``, ``_intercept``
+(``{phase, rule, outcome, by, held_ms, modified}``) and ``_replayOf`` (the replayed
+flow's id), bounded as the store's listing shows them (``flowfilter.policy_summary``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from urllib.parse import parse_qsl, quote
 
 import orjson
 
+from libs.common import flowfilter
 from libs.common.bodies import Uncoded, b64decode, decode_text, header, undo_coding
 
 HAR_VERSION = "1.2"
@@ -152,7 +156,25 @@ def entry(flow: dict[str, Any], bodies: Bodies | None = None) -> dict[str, Any]:
         out["_kind"] = kind
         if isinstance(flow.get("stats"), dict):
             out["_stats"] = flow["stats"]
+    _decision(out, flow)
     return out
+
+
+def _decision(out: dict[str, Any], flow: dict[str, Any]) -> None:
+    """The rules policy's account of the flow, where there is one: ``_policy``
+    (``{revision, matched}``), ``_tags``, ``_intercept``, ``_replayOf``."""
+    policy = flowfilter.policy_summary(flow)
+    if policy is not None:
+        out["_policy"] = policy
+    tags = flowfilter.tag_list(flow)
+    if tags:
+        out["_tags"] = tags
+    intercept = flowfilter.intercept_summary(flow)
+    if intercept is not None:
+        out["_intercept"] = intercept
+    replayed = flowfilter.replay_of(flow)
+    if replayed is not None:
+        out["_replayOf"] = replayed
 
 
 def har_timings(times: dict[str, Any]) -> dict[str, float]:

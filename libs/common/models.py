@@ -187,6 +187,7 @@ class CommandReply(BaseModel):
 
 
 FlowState = Literal["active", "completed", "error", "killed"]
+FlowDecision = Literal["block", "respond", "allow", "intercept", "modify", "any"]
 
 
 class FlowQuery(BaseModel):
@@ -217,6 +218,23 @@ class FlowQuery(BaseModel):
     )
     since: float | None = Field(None, description="epoch seconds, flows started at or after")
     until: float | None = Field(None, description="epoch seconds, flows started before")
+    rule: str | None = Field(
+        None,
+        max_length=128,
+        pattern=r"^[!-~]+$",
+        description="flows a policy rule with this id matched (ASCII case ignored)",
+    )
+    tag: str | None = Field(
+        None,
+        max_length=128,
+        pattern=r"^[!-~]+$",
+        description="flows with this tag (ASCII case ignored)",
+    )
+    decision: FlowDecision | None = Field(
+        None,
+        description="what the policy decided: the last final action that applied (block, "
+        "respond, allow, intercept), modify when only edits applied; any: some rule matched",
+    )
     limit: int = Field(100, ge=1, le=1000)
     cursor: str | None = Field(None, max_length=128)
 

@@ -41,6 +41,7 @@ from services.api.routes import (
     har,
     health,
     live,
+    logs,
     policy,
     proxy,
     replay,
@@ -148,7 +149,21 @@ def create_app(
     # the key first (a bad key is a 401 whatever the query), then the query's names
     api = APIRouter(prefix="/api", dependencies=[Depends(authorize), Depends(known_query)])
     # live and har before flows: /flows/stream and /flows/har are not flow ids
-    for module in (proxy, live, har, flows, replay, filters, config, policy, ca, events, approvals):
+    routers = (
+        proxy,
+        live,
+        har,
+        flows,
+        replay,
+        filters,
+        config,
+        policy,
+        ca,
+        events,
+        approvals,
+        logs,
+    )
+    for module in routers:
         api.include_router(module.router)
 
     async def openapi_document(request: Request) -> dict[str, Any]:

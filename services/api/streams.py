@@ -27,7 +27,7 @@ import orjson
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from libs.common import subjects
+from libs.common import flowfilter, subjects
 from libs.common.bus import Bus
 from libs.common.flowfilter import Filter, FilterTimeout, compile_filter
 from libs.common.models import FlowQuery
@@ -64,6 +64,9 @@ class FlowFilter:
     state: str | None = None
     replica: str | None = None
     path: str | None = None
+    rule: str | None = None  # lowercased: ids and tags match with ASCII case folded
+    tag: str | None = None
+    decision: str | None = None
     expression: Filter | None = None  # ``q``, the filter language (the store runs the same)
 
     @classmethod
@@ -77,6 +80,9 @@ class FlowFilter:
             state=query.state,
             replica=query.replica,
             path=query.path,
+            rule=query.rule.lower() if query.rule else None,
+            tag=query.tag.lower() if query.tag else None,
+            decision=query.decision,
             expression=compile_filter(query.q) if query.q is not None else None,
         )
 
@@ -94,6 +100,14 @@ class FlowFilter:
             return False
         if self.method is not None and str(ev.get("method", "")).upper() != self.method:
             return False
+        if self.rule is not None and self.rule not in _folded(flowfilter.rule_ids(ev)):
+            return False
+        if self.tag is not None and self.tag not in _folded(flowfilter.tag_list(ev)):
+            return False
+        if self.decision is not None:
+            decided = flowfilter.decision(ev)
+            if decided is None or (self.decision != "any" and decided != self.decision):
+                return False
         if self.host is not None:
             host = str(ev.get("host") or "").lower()
             if self.host.startswith("*."):
@@ -113,6 +127,10 @@ class FlowFilter:
             if self.max_status is not None and status > self.max_status:
                 return False
         return True
+
+
+def _folded(values: list[str]) -> list[str]:
+    return [v.lower() for v in values]
 
 
 def summary(ev: dict[str, Any]) -> bytes:

@@ -11,6 +11,10 @@ evaluator the stream uses, so SQL never decides alone what it cannot decide exac
   literals the regex requires, rechecked;
 - ``~u`` (and a bare value): ``LIKE`` on the literals the regex requires, over the
   URL's columns, rechecked;
+- ``~rule``, ``~tag``: the ``rules``/``tags`` columns (the ids, space-delimited with a
+  space at each end, NULL when none): a plain anchored literal (``^block-ads$``) is
+  ``LIKE '% block-ads %'``, exact; a pattern any id matches (``.``) is ``IS NOT NULL``,
+  exact; otherwise a ``LIKE`` on the literals the regex requires, rechecked;
 - headers, bodies, content types, addresses, marks: no pruning, rechecked.
 
 AND of children is exact when all are; OR likewise, and one unprunable child makes
@@ -27,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from libs.common.flowfilter import BINARY, And, Leaf, Node, Not, Or, authority_host, leaves
+from services.store.sql import token_like, token_pattern
 
 try:  # CPython's own regex parser: the literals a pattern requires (best effort)
     from re import _parser as _sre_parser  # type: ignore[attr-defined]
@@ -158,7 +163,58 @@ def _leaf(leaf: Leaf, vocabulary: Vocabulary) -> Condition:
         return _domain(leaf, vocabulary)
     if code == "u":
         return _url(leaf)
+    if code in _TOKEN_COLUMNS:
+        return _token(leaf, _TOKEN_COLUMNS[code])
     return _unprunable()
+
+
+_TOKEN_COLUMNS = {"rule": "rules", "tag": "tags"}
+_ANY_TOKEN = frozenset({"", ".", ".*", ".+", "^", "$", ".?", "\\S", "[^ ]"})
+
+
+def _token(leaf: Leaf, column: str) -> Condition:
+    """``~rule``/``~tag``: a flow with no id never matches (the evaluator searches each
+    id), so every condition carries ``column IS NOT NULL`` (the partial index's term)."""
+    pattern = leaf.pattern or ""
+    present = f"{column} IS NOT NULL"
+    if pattern in _ANY_TOKEN:
+        return _wrap(present)
+    literal = anchored_literal(pattern)
+    if literal is not None:
+        return _wrap(f"{present} AND {token_like(column)}", [token_pattern(literal)])
+    literals = required_literals(pattern)
+    if not literals:
+        return Condition(present, [], exact=False)
+    like = _likes(column, literals)
+    return Condition(f"{present} AND {like[0]}", like[1], exact=False)
+
+
+def anchored_literal(pattern: str) -> str | None:
+    """The text a pattern of the form ``^text$`` (``\\A``/``\\Z`` too; escapes allowed)
+    matches exactly, when it could be one id or tag (printable ASCII, no space); else None.
+
+    Case folding of ASCII letters is all a case-insensitive match of such a text adds
+    (non-ASCII ones, which the regex folds in more ways than SQL, are not taken)."""
+    if _sre_parser is None:
+        return None
+    try:
+        items = list(_sre_parser.parse(pattern))
+    except Exception:
+        return None
+    if len(items) < 3:
+        return None
+    (first, start), (last, end) = items[0], items[-1]
+    if str(first) != "AT" or str(start) not in ("AT_BEGINNING", "AT_BEGINNING_STRING"):
+        return None
+    if str(last) != "AT" or str(end) not in ("AT_END", "AT_END_STRING"):
+        return None
+    chars = []
+    for op, arg in items[1:-1]:
+        if str(op) != "LITERAL":
+            return None
+        chars.append(chr(arg))
+    text = "".join(chars)
+    return text if all("!" <= c <= "~" for c in text) else None
 
 
 def _matching(leaf: Leaf, values: list[str]) -> list[str]:

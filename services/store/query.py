@@ -68,6 +68,9 @@ class Plan:
     limit: int
     path_prefix: str | None = None
     tree: Node | None = None  # the ``q`` filter, parsed
+    # ``(column, token)``: the space-delimited column holds the token (``rule``, ``tag``)
+    tokens: tuple[tuple[str, str], ...] = ()
+    decided: bool = False  # ``decision=any``: some rule matched
 
 
 def _host(host: str) -> tuple[str | None, str | None]:
@@ -107,6 +110,14 @@ def plan(query: FlowQuery) -> Plan:
         equal.append(("state", query.state))
     if query.replica is not None:
         equal.append(("replica", query.replica))
+    decided = query.decision == "any"
+    if query.decision is not None and not decided:
+        equal.append(("decision", query.decision))
+    tokens = tuple(
+        (column, value)
+        for column, value in (("rules", query.rule), ("tags", query.tag))
+        if value is not None
+    )
     lo, hi = query.min_status, query.max_status
     if lo is not None and hi is not None and lo > hi:
         raise QueryError("min_status", f"must not exceed max_status ({lo} > {hi})")
@@ -124,5 +135,15 @@ def plan(query: FlowQuery) -> Plan:
         except FilterError as exc:
             raise QueryError("q", exc.message, code="BAD_FILTER", position=exc.position) from None
     return Plan(
-        tuple(equal), rhost_prefix, lo, hi, id_from, id_below, query.limit, query.path, tree
+        tuple(equal),
+        rhost_prefix,
+        lo,
+        hi,
+        id_from,
+        id_below,
+        query.limit,
+        query.path,
+        tree,
+        tokens,
+        decided,
     )

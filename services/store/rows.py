@@ -17,7 +17,17 @@ from typing import Any
 
 import orjson
 
-from libs.common.flowfilter import DEFAULT_PORTS, authority_parts, url_authority
+from libs.common.flowfilter import (
+    DEFAULT_PORTS,
+    authority_parts,
+    decision,
+    intercept_summary,
+    policy_summary,
+    replay_of,
+    rule_ids,
+    tag_list,
+    url_authority,
+)
 
 FINAL_STATES = frozenset({"completed", "error", "killed"})
 STATES = FINAL_STATES | {"active"}
@@ -31,6 +41,13 @@ BODY_COMPRESSION_LEVEL = 1  # zlib: ~3x on text bodies at a few microseconds per
 # prefix ranges on an index); bodies are zlib-compressed, NULL when empty; ``authority``
 # is the URL authority the Host header gives (``host[:port]``, as ``~u`` sees the URL),
 # only where it differs from the request's own (see ``services.store.filtersql``).
+# The policy's account of the flow (schema 4): ``rules`` and ``tags`` are the matched rule
+# ids and the tags as ``~rule``/``~tag`` see them (``flowfilter.rule_ids``/``tag_list``),
+# space-delimited with a space at each end (`` a b ``: ``LIKE '% a %'`` finds one exactly),
+# NULL when none; ``decision`` is ``flowfilter.decision`` (block, respond, allow,
+# intercept, modify; NULL: no rule matched); ``policy`` and ``intercept`` are compact JSON
+# of the decision (``{revision, matched}``) and of the intercept outcome, bounded, for the
+# listing and the decision log without reading ``doc``; ``replay_of`` the replayed flow.
 COLUMNS = (
     "id",
     "replica",
@@ -54,6 +71,12 @@ COLUMNS = (
     "req_body",
     "resp_body",
     "authority",
+    "rules",
+    "tags",
+    "decision",
+    "replay_of",
+    "policy",
+    "intercept",
 )
 
 # What a listing returns per flow (no headers, no bodies), in SELECT order.
@@ -98,6 +121,7 @@ def _take_body(part: dict[str, Any]) -> bytes | None:
 _a2b_base64 = binascii.a2b_base64
 _compress = zlib.compress
 _dumps = orjson.dumps
+_loads = orjson.loads
 
 
 def reverse_host(host: str) -> str:
@@ -168,6 +192,7 @@ def event_row(event: Mapping[str, Any], owned: bool = False) -> Row:
     port = _int(get("port"))
     authority = _authority(authority, scheme or "http", host, port)
     method = get("method")
+    rules, tags, decided, policy, intercept = _policy(event)
     return (
         flow_id,
         _str(get("replica")),
@@ -191,6 +216,40 @@ def event_row(event: Mapping[str, Any], owned: bool = False) -> Row:
         req_body,
         resp_body,
         authority,
+        rules,
+        tags,
+        decided,
+        replay_of(event),
+        policy,
+        intercept,
+    )
+
+
+def _delimited(values: list[str]) -> str | None:
+    return " " + " ".join(values) + " " if values else None
+
+
+def _json(value: dict[str, Any] | None) -> str | None:
+    return _dumps(value).decode() if value is not None else None
+
+
+_NO_POLICY: tuple[None, None, None, None, None] = (None, None, None, None, None)
+
+
+def _policy(
+    event: dict[str, Any],
+) -> tuple[str | None, str | None, str | None, str | None, str | None]:
+    """``rules``, ``tags``, ``decision``, ``policy`` and ``intercept`` of an event: plain,
+    bounded values whatever the event holds (a wrong type is left out, a long one cut)."""
+    get = event.get
+    if get("policy") is None and not get("tags") and get("intercept") is None:
+        return _NO_POLICY  # most flows: no rule matched (the ingest hot path)
+    return (
+        _delimited(rule_ids(event)),
+        _delimited(tag_list(event)),
+        decision(event),
+        _json(policy_summary(event)),
+        _json(intercept_summary(event)),
     )
 
 
@@ -295,6 +354,12 @@ def summary(row: Row) -> dict[str, Any]:
         req_truncated,
         resp_truncated,
         error,
+        _rules,  # for the filter's recheck (``search``); the ids are in ``policy`` too
+        tags,
+        decided,
+        replay_of,
+        policy,
+        intercept,
     ) = row
     duration = None
     if started_at is not None and ended_at is not None:
@@ -318,6 +383,11 @@ def summary(row: Row) -> dict[str, Any]:
         "request_truncated": bool(req_truncated),
         "response_truncated": bool(resp_truncated),
         "error": error,
+        "tags": tags.split() if tags else [],
+        "decision": decided,
+        "policy": _loads(policy) if policy else None,
+        "intercept": _loads(intercept) if intercept else None,
+        "replay_of": replay_of,
     }
 
 

@@ -266,6 +266,10 @@ def _view(row: tuple[Any, ...], compiled: filtersql.Compiled) -> FlowView:
         doc["response"] = {"status": s["status"]}
     if authority is not None:
         doc["request"] = {"headers": [["Host", authority]]}
+    if s["rules"]:  # the ids as ``flowfilter.rule_ids`` listed them at ingest
+        doc["policy"] = {"matched": [{"rule": r} for r in s["rules"].split()]}
+    if s["tags"]:
+        doc["tags"] = s["tags"].split()
     return FlowView(doc)
 
 

@@ -80,6 +80,12 @@ def conditions(plan: Plan, pinned: tuple[str, object] | None = None) -> Where:
     if plan.path_prefix is not None:
         clauses.append("path >= ? AND path < ?")
         params += [plan.path_prefix, prefix_end(plan.path_prefix)]
+    for column, token in plan.tokens:
+        # NOT NULL spelled out: the partial ``(id) WHERE <column> IS NOT NULL`` index applies
+        clauses.append(f"{column} IS NOT NULL AND {token_like(column)}")
+        params.append(token_pattern(token))
+    if plan.decided:
+        clauses.append("decision IS NOT NULL")
     if plan.id_from is not None:
         clauses.append("id >= ?")
         params.append(plan.id_from)
@@ -87,6 +93,17 @@ def conditions(plan: Plan, pinned: tuple[str, object] | None = None) -> Where:
         clauses.append("id < ?")
         params.append(plan.id_below)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def token_like(column: str) -> str:
+    """The condition that a space-delimited column (``rules``, ``tags``) holds a token
+    (``token_pattern``; ASCII case folded on both sides, as the filter language folds it)."""
+    return f"lower({column}) LIKE ? ESCAPE '\\'"
+
+
+def token_pattern(token: str) -> str:
+    escaped = token.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"% {escaped} %"
 
 
 def count(plan: Plan) -> Where:

@@ -54,7 +54,9 @@ Statement = tuple[str | None, Values]
 
 # 2: ``presumed`` (flows the store ended for a gone replica) and the ``meta`` table.
 # 3: ``authority`` (the Host header's host where it differs from ``host``).
-SCHEMA_VERSION = 3
+# 4: the policy's account of a flow: ``rules``, ``tags``, ``decision``, ``replay_of``,
+#    ``policy``, ``intercept`` (see ``rows.COLUMNS``).
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS flows (
     id TEXT PRIMARY KEY,
@@ -79,7 +81,13 @@ CREATE TABLE IF NOT EXISTS flows (
     req_body BLOB,
     resp_body BLOB,
     presumed INTEGER NOT NULL DEFAULT 0,
-    authority TEXT
+    authority TEXT,
+    rules TEXT,
+    tags TEXT,
+    decision TEXT,
+    replay_of TEXT,
+    policy TEXT,
+    intercept TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS flows_rhost ON flows (rhost, id);
@@ -97,7 +105,22 @@ LATE_INDEXES = """
 CREATE INDEX IF NOT EXISTS flows_authority ON flows (authority, id) WHERE authority IS NOT NULL;
 CREATE INDEX IF NOT EXISTS flows_rhost_status_id ON flows (rhost, status, id, kind);
 CREATE INDEX IF NOT EXISTS flows_status_method_id ON flows (status, method, id, kind);
+CREATE INDEX IF NOT EXISTS flows_decided ON flows (id) WHERE decision IS NOT NULL;
+CREATE INDEX IF NOT EXISTS flows_decision ON flows (decision, id) WHERE decision IS NOT NULL;
+CREATE INDEX IF NOT EXISTS flows_ruled ON flows (id) WHERE rules IS NOT NULL;
+CREATE INDEX IF NOT EXISTS flows_tagged ON flows (id) WHERE tags IS NOT NULL;
 """
+# Columns each schema version added to ``flows`` (an older table gains what it lacks).
+ADDED_COLUMNS = (
+    ("presumed", "INTEGER NOT NULL DEFAULT 0"),  # 2
+    ("authority", "TEXT"),  # 3
+    ("rules", "TEXT"),  # 4
+    ("tags", "TEXT"),
+    ("decision", "TEXT"),
+    ("replay_of", "TEXT"),
+    ("policy", "TEXT"),
+    ("intercept", "TEXT"),
+)
 
 # Rows, estimated from the rowid range (two b-tree edge lookups, no scan); NULL when empty.
 ROWID_SPAN = "SELECT (SELECT max(rowid) FROM flows) - (SELECT min(rowid) FROM flows) + 1"
@@ -204,13 +227,14 @@ class SQLiteRepository(FlowRepository):
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot use WAL (journal_mode is {mode})")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, 2, SCHEMA_VERSION):
+            if not 0 <= version <= SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
             # CREATE TABLE IF NOT EXISTS keeps an older flows table: add what it lacks
-            if version in (1, 2):
-                if version == 1:
-                    conn.execute("ALTER TABLE flows ADD COLUMN presumed INTEGER NOT NULL DEFAULT 0")
-                conn.execute("ALTER TABLE flows ADD COLUMN authority TEXT")
+            if 0 < version < SCHEMA_VERSION:
+                have = {row[1] for row in conn.execute("PRAGMA table_info(flows)")}
+                for name, kind in ADDED_COLUMNS:
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE flows ADD COLUMN {name} {kind}")
             conn.executescript(SCHEMA)
             conn.executescript(LATE_INDEXES)
             if version != SCHEMA_VERSION:

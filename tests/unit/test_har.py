@@ -518,3 +518,66 @@ def test_query_strings_are_parsed_as_parse_qsl_parses_them(query: str) -> None:
         for k, v in parse_qsl(query.split("#", 1)[0], keep_blank_values=True, errors="replace")
     ]
     assert har.query_string("/p?" + query) == expected
+
+
+def test_policy_fields_are_custom_fields() -> None:
+    """What the rules policy did: ``_policy``, ``_tags``, ``_intercept``, ``_replayOf``,
+    bounded, and absent where there is nothing to say (schema-valid either way)."""
+    held = flow(
+        id="held",
+        policy={
+            "revision": 12,
+            "matched": [
+                {"rule": "tag-all", "phase": "request", "action": "tag"},
+                {"rule": "hold-post", "phase": "request", "action": "intercept", "note": "n"},
+                "not an entry",
+            ],
+        },
+        tags=["seen", "team:web", 7],
+        intercept={
+            "phase": "request",
+            "rule": "hold-post",
+            "outcome": "modified",
+            "by": "ops",
+            "held_ms": 1520.5,
+            "modified": ["headers", "body"],
+        },
+        replay_of="018bcfe5684000000000aaaa",
+        is_replay="request",
+    )
+    e = one(held)
+    assert e["_policy"] == {
+        "revision": 12,
+        "matched": [
+            {"rule": "tag-all", "phase": "request", "action": "tag"},
+            {"rule": "hold-post", "phase": "request", "action": "intercept", "note": "n"},
+        ],
+    }
+    assert e["_tags"] == ["seen", "team:web"]
+    assert e["_intercept"] == {
+        "phase": "request",
+        "rule": "hold-post",
+        "outcome": "modified",
+        "by": "ops",
+        "held_ms": 1520.5,
+        "modified": ["headers", "body"],
+    }
+    assert e["_replayOf"] == "018bcfe5684000000000aaaa"
+    plain = one(GZIP_FLOW)
+    assert not {"_policy", "_tags", "_intercept", "_replayOf"} & set(plain)
+    no_rule = one(flow(policy={"revision": 3, "matched": []}, tags=[], intercept=None))
+    assert no_rule["_policy"] == {"revision": 3, "matched": []} and "_tags" not in no_rule
+    hostile = one(
+        flow(
+            policy={"revision": "x", "matched": [{"rule": "r" * 999, "note": {"a": 1}}] * 999},
+            tags=[f"t{i}" for i in range(5000)],
+            intercept={"held_ms": "soon", "modified": "all", "by": 5},
+            replay_of={"id": 1},
+        )
+    )
+    assert hostile["_policy"]["revision"] is None and len(hostile["_policy"]["matched"]) == 256
+    assert hostile["_policy"]["matched"][0] == {"rule": "r" * 128}
+    assert len(hostile["_tags"]) == 256 and "_replayOf" not in hostile
+    assert hostile["_intercept"]["held_ms"] is None and hostile["_intercept"]["modified"] == []
+    stored = orjson.loads(har.record_entry(held, b"", b"", 1 << 20))
+    assert stored["_policy"] == e["_policy"] and stored["_intercept"] == e["_intercept"]

@@ -11,12 +11,14 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from libs.common import flowfilter
 from libs.common.flowfilter import compile_filter
 from libs.common.models import FlowQuery
 from services.store import search
@@ -213,3 +215,174 @@ async def test_missing_fields_and_foreign_kinds_select_as_the_evaluator_does(
             assert got == want, q
     finally:
         await repo.close()
+
+
+# -- ~rule and ~tag: the policy's columns ---------------------------------------------------
+_MATCHED = [
+    [{"rule": "block-ads", "phase": "request", "action": "block"}],
+    [
+        {"rule": "Tag.All", "phase": "request", "action": "tag"},
+        {"rule": "hdr_set", "phase": "response", "action": "set_headers"},
+    ],
+    [{"rule": "allow-%-50", "phase": "request", "action": "allow"}],
+    [
+        1,
+        {"rule": 5},
+        {"rule": "has space"},
+        {"rule": "x" * 200},
+        {"rule": "ok-1", "action": "allow"},
+    ],
+    [{"rule": "tagxall", "action": "intercept"}, {"rule": "block-ads-2", "action": "block"}],
+]
+_TAGS = [["ads"], ["seen", "Team:A"], [], ["ok", 7, "a b", "é", "ok"], ["ads-2", "Seen"]]
+
+
+def decided_flows() -> list[dict[str, Any]]:
+    """The conformance flows, each with a policy decision (or none, or a hostile one)."""
+    flows = copy.deepcopy(FLOWS)
+    for i, f in enumerate(flows):
+        k = i % 7
+        if k == 5:
+            continue  # no policy fields at all (a flow from before the policy)
+        if k == 6:
+            f.update(policy=None, tags=[])
+            continue
+        f["policy"] = {"revision": i, "matched": copy.deepcopy(_MATCHED[k])}
+        f["tags"] = list(_TAGS[k])
+    flows[0]["tags"] = [f"t{n}" for n in range(10_000)]
+    flows[1]["policy"] = {"revision": 1, "matched": [{"rule": f"r{n}"} for n in range(300)]}
+    flows[2]["policy"] = {"matched": "not a list"}
+    flows[3]["tags"] = "not a list"
+    return flows
+
+
+RULE_TAG_EXPRESSIONS = [
+    # exact in SQL: a plain anchored literal, or "any id"
+    ("~rule ^block-ads$", True),
+    ("~rule ^BLOCK-ADS$", True),
+    ("~rule \\Ablock-ads\\Z", True),  # unquoted: the backslashes stay
+    ("~rule ^block\\-ads$", True),
+    ("~rule ^hdr_set$", True),  # "_" is no LIKE wildcard here
+    ("~rule ^hdrxset$", True),
+    ("~rule '^allow-%-50$'", True),
+    ("~rule ^tag\\.all$", True),
+    ("~rule ^ok-1$", True),
+    ("~rule ^r0$", True),
+    ("~rule ^r255$", True),
+    ("~rule ^r256$", True),  # past the ids kept: nothing
+    ("~rule .", True),
+    ("~rule ''", True),
+    ("!~rule .", True),
+    ("!~rule ^block-ads$", True),
+    ("~tag ^ads$", True),
+    ("~tag ^team:a$", True),
+    ("~tag ^seen$", True),
+    ("~tag ^t0$", True),
+    ("~tag ^t9999$", True),
+    ("~tag .", True),
+    ("~rule ^block-ads$ & ~tag ^ads$", True),
+    ("~rule ^block-ads$ | ~tag ^seen$", True),
+    ("~rule ^block-ads$ & ~c 200", True),
+    # rechecked: a regex the column cannot decide
+    ("~rule block-ads", False),
+    ("~rule ^tag.all$", False),  # "." is any character: tagxall too
+    ("~rule ads$", False),
+    ("~rule '^(block-ads|hdr_set)$'", False),
+    ("~rule 'has space'", False),
+    ("~rule ^$", False),
+    ("~rule ^é$", False),
+    ("~tag ads", False),
+    ("~tag ^a.b$", False),
+    ("~tag ^é$", False),
+    ("!~tag seen & ~rule .", False),
+    ("~rule ads | ~h content-type", False),
+    ("~tag seen & ~d 127.0.0.1", False),
+    ("~replay | ~tag ^ok$", False),
+]
+
+
+@pytest.fixture
+async def decided_store(tmp_path: Path) -> AsyncIterator[SQLiteRepository]:
+    repo = SQLiteRepository(tmp_path / "flows.db", scan_limit=1000)
+    await repo.open()
+    assert await repo.upsert_events(decided_flows()) == 0  # hostile values: stored all the same
+    try:
+        yield repo
+    finally:
+        await repo.close()
+
+
+async def test_rule_and_tag_select_through_sql_what_the_evaluator_does(
+    decided_store: SQLiteRepository,
+) -> None:
+    flows = decided_flows()
+    wrong = []
+    for expr, exact in RULE_TAG_EXPRESSIONS:
+        flt = compile_filter(expr)
+        want = sorted((f["id"] for f in flows if flt.matches(f)), reverse=True)
+        got = await _all_ids(decided_store, expr)
+        counted = await decided_store.count(FlowQuery(q=expr))
+        page = await decided_store.listing(FlowQuery(q=expr, limit=1000))
+        if got != want or counted != len(want) or (page.scanned is None) != exact:
+            wrong.append((expr, got, want, counted, page.scanned))
+    assert not wrong, "\n".join(
+        f"{e!r}: store {g} count {c} scanned {s}, evaluator {w}" for e, g, w, c, s in wrong
+    )
+    # the corpus is not vacuous: each kind of expression selects some flows and not all
+    some = [e for e, _ in RULE_TAG_EXPRESSIONS if 0 < len(await _all_ids(decided_store, e)) < 50]
+    assert len(some) > 25
+
+
+async def test_every_corpus_expression_still_agrees_on_decided_flows(
+    decided_store: SQLiteRepository,
+) -> None:
+    """The policy fields change nothing for the other operators."""
+    flows = decided_flows()
+    for expr in ACCEPTED[::5]:
+        flt = compile_filter(expr)
+        want = sorted((f["id"] for f in flows if flt.matches(f)), reverse=True)
+        assert await _all_ids(decided_store, expr) == want, expr
+
+
+@pytest.mark.parametrize(
+    "value", ["block-ads", "BLOCK-ADS", "hdr_set", "allow-%-50", "r255", "r256"]
+)
+async def test_rule_parameter_is_the_anchored_filter(
+    decided_store: SQLiteRepository, value: str
+) -> None:
+    flt = compile_filter(f"~rule '^{re.escape(value)}$'")
+    want = sorted((f["id"] for f in decided_flows() if flt.matches(f)), reverse=True)
+    rows, _ = await decided_store.list(FlowQuery(rule=value, limit=1000))
+    assert [r["id"] for r in rows] == want
+    assert await decided_store.count(FlowQuery(rule=value)) == len(want)
+
+
+@pytest.mark.parametrize("value", ["ads", "team:a", "Seen", "t0", "t300", "ok"])
+async def test_tag_parameter_is_the_anchored_filter(
+    decided_store: SQLiteRepository, value: str
+) -> None:
+    flt = compile_filter(f"~tag '^{re.escape(value)}$'")
+    want = sorted((f["id"] for f in decided_flows() if flt.matches(f)), reverse=True)
+    rows, _ = await decided_store.list(FlowQuery(tag=value, limit=1000))
+    assert [r["id"] for r in rows] == want
+
+
+@pytest.mark.parametrize("value", ["block", "allow", "intercept", "modify", "respond", "any"])
+async def test_decision_parameter(decided_store: SQLiteRepository, value: str) -> None:
+    def keep(f: dict[str, Any]) -> bool:
+        found = flowfilter.decision(f)
+        return found is not None and value in ("any", found)
+
+    want = sorted((f["id"] for f in decided_flows() if keep(f)), reverse=True)
+    page = await decided_store.listing(FlowQuery.model_validate({"decision": value, "limit": 1000}))
+    assert [r["id"] for r in page.flows] == want and page.filtered_count == len(want)
+    assert all(r["decision"] == (value if value != "any" else r["decision"]) for r in page.flows)
+    both = await decided_store.listing(
+        FlowQuery.model_validate(
+            {"decision": value, "rule": "block-ads", "q": "~c 200", "limit": 1000}
+        )
+    )
+    flt = compile_filter("~rule ^block-ads$ & ~c 200")
+    assert [r["id"] for r in both.flows] == [
+        i for i in want if flt.matches(next(f for f in decided_flows() if f["id"] == i))
+    ]

@@ -585,3 +585,154 @@ async def test_a_version_2_database_gains_the_authority_column(tmp_path: Path) -
     assert "authority" in columns
     assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_mod.SCHEMA_VERSION
     conn.close()
+
+
+# -- schema 4: the policy's account of a flow ---------------------------------------------
+def decided(flow_id: str, matched: list[Any], tags: list[Any] | None = None, **over: Any) -> Any:
+    event = ev(flow_id)
+    event["policy"] = {"revision": 3, "matched": matched}
+    event["tags"] = tags or []
+    event.update(over)
+    return event
+
+
+V3_COLUMNS = (
+    ",\n    rules TEXT,\n    tags TEXT,\n    decision TEXT,\n    replay_of TEXT,"
+    "\n    policy TEXT,\n    intercept TEXT"
+)
+
+
+async def test_a_version_3_database_gains_the_policy_columns(tmp_path: Path) -> None:
+    """Schema 4 adds the columns ``~rule``, ``~tag``, ``rule=``/``tag=``/``decision=`` and
+    the decision log read: a version-3 database keeps its flows (listed with no decision)
+    and stores the decision of new ones."""
+    path = tmp_path / "v3.db"
+    conn = sqlite3.connect(path)
+    assert V3_COLUMNS in sqlite_mod.SCHEMA
+    conn.executescript(sqlite_mod.SCHEMA.replace(V3_COLUMNS, ""))
+    old = fid()
+    conn.execute(
+        "INSERT INTO flows (id, state, doc, replica) VALUES (?, 'completed', ?, 'r1')",
+        (old, orjson.dumps(ev(old))),
+    )
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+    r = SQLiteRepository(path)
+    await r.open()
+    try:
+        new = fid()
+        await r.upsert_events([decided(new, [{"rule": "deny", "action": "block"}], ["x"])])
+        assert await ids(r) == [new, old]
+        assert await ids(r, decision="any") == [new]
+        assert await ids(r, rule="deny") == await ids(r, tag="x") == [new]
+        page = await r.listing(FlowQuery(q="~rule ^deny$"))
+        assert [f["id"] for f in page.flows] == [new] and page.scanned is None
+        assert [f["decision"] for f in (await r.list(FlowQuery()))[0]] == ["block", None]
+    finally:
+        await r.close()
+    conn = sqlite3.connect(path)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(flows)")}
+    assert {"rules", "tags", "decision", "replay_of", "policy", "intercept"} <= columns
+    indexes = {row[1] for row in conn.execute("PRAGMA index_list(flows)")}
+    assert {"flows_decided", "flows_decision", "flows_ruled", "flows_tagged"} <= indexes
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_mod.SCHEMA_VERSION == 4
+    conn.close()
+
+
+async def test_a_newer_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "v9.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 9")
+    conn.close()
+    r = SQLiteRepository(path)
+    with pytest.raises(RepositoryError, match="schema version 9"):
+        await r.open()
+    await r.close()
+
+
+HOSTILE_DECISIONS: list[dict[str, Any]] = [
+    {"policy": "block everything"},
+    {"policy": {"revision": "3", "matched": "not a list"}},
+    {"policy": {"revision": 1 << 63, "matched": [1, None, "x", [], {"rule": {"a": 1}}]}},
+    {"policy": {"matched": [{"rule": 5, "action": ["block"], "phase": 1, "note": {}}]}},
+    {"policy": {"matched": [{"rule": "r" * 10_000, "action": "block", "note": "n" * 100_000}]}},
+    {"policy": {"matched": [{"rule": f"r{i}", "action": "tag"} for i in range(20_000)]}},
+    {"policy": {"matched": [{"rule": "a b", "action": "allow"}, {"rule": "%_\\", "action": "x"}]}},
+    {"tags": "not a list"},
+    {"tags": [f"tag-{i}" * 3 for i in range(10_000)]},
+    {"tags": [None, 1, 2.5, {"a": 1}, ["b"], "", " ", "x" * 129, "é", "ok"]},
+    {"intercept": "approved"},
+    {"intercept": {"outcome": 5, "by": ["k"], "held_ms": "10", "modified": "all"}},
+    {"intercept": {"outcome": "o" * 1000, "held_ms": float("inf"), "modified": [1, "u" * 999]}},
+    {"intercept": {"held_ms": 1 << 62, "modified": [f"m{i}" for i in range(1000)]}},
+    {"replay_of": 123},
+    {"replay_of": "x" * 1000},
+    {"replay_of": ""},
+    {"is_replay": {"weird": True}},
+]
+
+
+async def test_hostile_policy_values_are_stored_bounded_never_fail_the_batch(
+    repo: SQLiteRepository,
+) -> None:
+    events = []
+    for over in HOSTILE_DECISIONS:
+        event = ev(fid())
+        event.update(over)
+        events.append(event)
+    good = decided(fid(), [{"rule": "fine", "action": "block"}], ["t"], replay_of="abc")
+    assert await repo.upsert_events([*events, good]) == 0
+    page = await repo.listing(FlowQuery(limit=1000))
+    assert len(page.flows) == len(events) + 1
+    by_id = {f["id"]: f for f in page.flows}
+    assert by_id[good["id"]]["decision"] == "block" and by_id[good["id"]]["replay_of"] == "abc"
+    assert by_id[good["id"]]["policy"] == {
+        "revision": 3,
+        "matched": [{"rule": "fine", "action": "block"}],
+    }
+    for event in events:
+        f = by_id[event["id"]]
+        assert len(orjson.dumps(f)) < 64_000, list(event)  # bounded, whatever came in
+        assert f["replay_of"] is None and all(isinstance(t, str) for t in f["tags"])
+        if f["policy"] is not None:
+            assert len(f["policy"]["matched"]) <= 256
+            assert all(isinstance(v, str) for m in f["policy"]["matched"] for v in m.values())
+        if f["intercept"] is not None:
+            held = f["intercept"]["held_ms"]
+            assert held is None or isinstance(held, float)
+            assert len(f["intercept"]["modified"]) <= 16
+        record = await repo.get(event["id"])  # the document keeps the event as it came
+        assert record is not None
+        for key in ("policy", "tags", "replay_of", "is_replay"):
+            assert record.doc.get(key) == event.get(key)
+    assert by_id[events[5]["id"]]["decision"] == "modify"  # 20,000 tag rules
+    assert by_id[events[6]["id"]]["decision"] == "allow"  # the id with a space is no id
+    assert await ids(repo, rule="r0") == [events[5]["id"]]
+    assert await ids(repo, rule="r300") == []  # past the ids kept
+    assert await ids(repo, rule="%_\\") == [events[6]["id"]]  # an odd id, but an id
+    assert await ids(repo, rule="%") == await ids(repo, rule="_") == []  # LIKE's, escaped
+    assert await ids(repo, tag="ok") == [events[9]["id"]]
+    assert await ids(repo, tag="tag-0tag-0tag-0") == [events[8]["id"]]
+    assert await ids(repo, decision="intercept") == []
+
+
+async def test_policy_listings_use_their_partial_indexes(repo: SQLiteRepository) -> None:
+    from services.store import sql
+    from services.store.query import plan
+
+    await repo.upsert_events([decided(fid(), [{"rule": "a", "action": "block"}], ["t"])])
+    conn = sqlite3.connect(repo.path)
+    conn.execute("ANALYZE")
+    for query, index in (
+        (FlowQuery(decision="any"), "flows_decided"),
+        (FlowQuery(decision="block"), "flows_decision"),
+        (FlowQuery(rule="a"), "flows_ruled"),
+        (FlowQuery(tag="t"), "flows_tagged"),
+    ):
+        statement, params = sql.page(plan(query), 101)
+        found = " ".join(
+            str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", params)
+        )
+        assert index in found, (query, found)
+    conn.close()

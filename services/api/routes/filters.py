@@ -24,6 +24,7 @@ EXAMPLES = (
     ("~u /api/v[0-9]+/users & !~s", "user API calls still waiting for a response"),
     ("~h 'X-Trace: abc' | ~replica proxy-2", "a header line, or anything one replica recorded"),
     ("~t json & ~state error", "JSON exchanges that ended in an error"),
+    ("~rule ^block-ads$ | ~tag api", "flows the rule block-ads matched, or tagged api"),
 )
 NOTES = (
     "Every regex is a case-insensitive search (a substring matches); a bare value means ~u.",

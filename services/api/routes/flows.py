@@ -36,6 +36,53 @@ _JSON = "application/json"
 _NOT_FOUND = "Unknown flow (FLOW_NOT_FOUND)"
 
 
+class MatchedRule(BaseModel):
+    """One policy rule that matched the flow and was applied."""
+
+    model_config = ConfigDict(extra="allow")
+
+    rule: str | None = Field(None, description="the rule's id")
+    phase: str | None = Field(None, description="request or response")
+    action: str | None = Field(
+        None,
+        description="block, respond, map_remote, set_headers, remove_headers, replace_body, "
+        "delay, tag, allow or intercept",
+    )
+    note: str | None = None
+
+
+class PolicyDecision(BaseModel):
+    """The rules policy's account of a flow: the revision in force and the rules that
+    matched, in the order they applied (null on a flow no policy was in force for)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    revision: int | None = None
+    matched: list[MatchedRule] = Field(default_factory=list)
+
+
+class InterceptOutcome(BaseModel):
+    """How a held exchange (an ``intercept`` rule) ended."""
+
+    model_config = ConfigDict(extra="allow")
+
+    phase: str | None = None
+    rule: str | None = None
+    outcome: str | None = Field(
+        None,
+        description="approved, allowed_once, denied, modified, timeout_allowed, "
+        "timeout_denied, killed, client_gone or cached",
+    )
+    by: str | None = Field(None, description="the API key id that decided (null: nobody)")
+    held_ms: float | None = None
+    modified: list[str] = Field(
+        default_factory=list, description="what the decision changed: method, url, headers, ..."
+    )
+
+
+Decision = Literal["block", "respond", "allow", "intercept", "modify"]
+
+
 class FlowSummary(BaseModel):
     """One flow in a listing (no headers, no bodies)."""
 
@@ -59,6 +106,15 @@ class FlowSummary(BaseModel):
     request_truncated: bool | None = None
     response_truncated: bool | None = None
     error: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    decision: Decision | None = Field(
+        None,
+        description="the last final action that applied (block, respond, allow, intercept), "
+        "modify when only edits applied, null when no rule matched",
+    )
+    policy: PolicyDecision | None = None
+    intercept: InterceptOutcome | None = None
+    replay_of: str | None = Field(None, description="the flow this one replays")
 
 
 class FlowPage(BaseModel):
@@ -147,6 +203,10 @@ class FlowDetail(BaseModel):
     )
     traceparent: str | None = Field(None, description="W3C traceparent of the flow's span")
     tags: list[str] | None = None
+    policy: PolicyDecision | None = None
+    intercept: InterceptOutcome | None = None
+    replay_of: str | None = Field(None, description="the flow this one replays")
+    is_replay: Literal["request"] | None = Field(None, description="request: a replay")
 
 
 class KillResult(BaseModel):
