@@ -36,6 +36,7 @@ from typing import Any
 import regex
 
 from libs.common import codings
+from libs.common.regexlits import cannot_backtrack
 
 MAX_EXPRESSION = 4096  # characters: filters travel in query strings and NATS requests
 MAX_NESTING = 64  # parentheses and "!" inside one another
@@ -134,8 +135,13 @@ class Leaf:
         return _compile(self.code, self.pattern or "", binary)
 
     def searcher(self) -> Callable[[Any], bool]:
-        """``pattern`` as a bounded search (``FilterTimeout`` past ``SEARCH_TIMEOUT``)."""
-        return _searcher(self.regex(binary=self.code in BINARY), self.code)
+        """``pattern`` as a bounded search (``FilterTimeout`` past ``SEARCH_TIMEOUT``);
+        a pattern that cannot backtrack runs without the time budget, which costs more
+        than such a search (rules match every request with these)."""
+        rx = self.regex(binary=self.code in BINARY)
+        if cannot_backtrack(self.pattern or ""):
+            return lambda text: rx.search(text) is not None
+        return _searcher(rx, self.code)
 
 
 @dataclass(frozen=True)
@@ -784,8 +790,18 @@ def _regex_leaf(leaf: Leaf) -> Predicate:
     search = leaf.searcher()
     if code == "u":
         return lambda f: f.is_http and search(f.url())
-    if code == "d":
-        return lambda f: f.is_http and (search(f.text("host")) or search(f.pretty_host()))
+    if code == "d":  # the Host header's host is searched too when it differs
+
+        def domain(f: FlowView) -> bool:
+            if not f.is_http:
+                return False
+            host = f.text("host")
+            if search(host):
+                return True
+            pretty = f.pretty_host()
+            return pretty != host and search(pretty)
+
+        return domain
     if code == "m":
         return lambda f: f.is_http and search(_bytes(f.text("method")))
     if code in ("h", "hq", "hs"):

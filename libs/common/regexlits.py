@@ -19,6 +19,7 @@ anything uncertain yields no literal:
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 try:  # CPython's own regex parser (best effort: no literal when it is missing)
     from re import _parser as _sre_parser  # type: ignore[attr-defined]
@@ -29,15 +30,23 @@ MIN_LITERAL = 2  # shorter literals rule out too little to be worth a test
 _UNSURE = frozenset("[]{}")
 
 
-def required_literals(pattern: str) -> list[str]:
-    """Substrings every match of ``pattern`` contains, in order (may be empty)."""
+def parse(pattern: str) -> Any | None:
+    """CPython's parse of ``pattern`` (its list of (op, argument) items), or None when it
+    cannot read it (a syntax only the regex engine knows, or no parser)."""
     if _sre_parser is None:
-        return []
+        return None
     try:
         with warnings.catch_warnings():  # "possible nested set": POSIX classes, see above
             warnings.simplefilter("ignore", FutureWarning)
-            parsed = _sre_parser.parse(pattern)
+            return _sre_parser.parse(pattern)
     except Exception:
+        return None
+
+
+def required_literals(pattern: str) -> list[str]:
+    """Substrings every match of ``pattern`` contains, in order (may be empty)."""
+    parsed = parse(pattern)
+    if parsed is None:
         return []
     runs: list[str] = []
     current: list[str] = []
@@ -70,3 +79,38 @@ def _has_branch(items: object) -> bool:
         if name == "SUBPATTERN" and _has_branch(arg[-1]):
             return True
     return False
+
+
+_REPEATS = frozenset(
+    {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT", "GROUPREF", "GROUPREF_EXISTS"}
+)
+
+
+def cannot_backtrack(pattern: str) -> bool:
+    """True when ``pattern`` has no repetition and no back-reference: a search then costs
+    at most the text's length times the pattern's, so it needs no time budget. Anything
+    the parser cannot read, or braces (the regex engine's fuzzy matching), is False."""
+    if "{" in pattern:
+        return False
+    parsed = parse(pattern)
+    return parsed is not None and not _repeats(parsed)
+
+
+def _repeats(items: object) -> bool:
+    for op, arg in items:  # type: ignore[attr-defined]
+        if str(op) in _REPEATS or any(_repeats(sub) for sub in _subpatterns(arg)):
+            return True
+    return False
+
+
+def _subpatterns(arg: object) -> list[object]:
+    """The nested patterns of one element (a group's body, a branch's alternatives)."""
+    if not isinstance(arg, tuple | list):
+        return []
+    out: list[object] = []
+    for part in arg:
+        if hasattr(part, "data"):
+            out.append(part)
+        elif isinstance(part, list):
+            out.extend(p for p in part if hasattr(p, "data"))
+    return out

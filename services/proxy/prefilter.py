@@ -19,9 +19,9 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
-from libs.common.flowfilter import And, Leaf, Node, Not, Or
+from libs.common.flowfilter import And, Leaf, Node, Not, Or, pretty_url
 from libs.common.regexlits import required_literals
-from services.proxy.flowview import LiveView
+from services.proxy.flow import Flow
 
 Need = tuple[str, str | bytes]  # (text name, lowercased literal)
 
@@ -106,12 +106,13 @@ def _alternation(literals: list[str | bytes]) -> re.Pattern[str] | re.Pattern[by
 
 
 class Texts:
-    """The lowercased texts of one exchange at one phase, computed on first use."""
+    """The lowercased texts of one exchange at one phase, computed on first use straight
+    from the relay's ``Flow`` (no ``LiveView`` needed unless a rule gets past them)."""
 
-    __slots__ = ("_got", "view")
+    __slots__ = ("_got", "flow")
 
-    def __init__(self, view: LiveView) -> None:
-        self.view = view
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
         self._got: dict[str, str | bytes | None] = {}
 
     def present(self, alternatives: tuple[Need, ...]) -> bool:
@@ -131,18 +132,47 @@ class Texts:
         text = got[name] = self._text(name)
         return text
 
+    def _host_header(self) -> str | None:
+        for n, v in self.flow.req_headers:
+            if n.lower() == b"host":
+                return v.decode("latin-1")
+        return None
+
     def _text(self, name: str) -> str | bytes | None:
-        view = self.view
-        if name == "url":
-            value: str = view.url()
-        elif name == "host":
-            value = view.text("host") + "\n" + view.pretty_host()
-        elif name == "method":
-            return view.text("method").encode("latin-1").lower()
-        elif name == "req_headers":
-            return view.header_block("request").lower()
-        elif name == "resp_headers":
-            return view.header_block("response").lower()
-        else:  # headers: both blocks
-            return (view.header_block("request") + view.header_block("response")).lower()
+        f = self.flow
+        if name == "method":
+            return f.method.lower()
+        if name == "req_headers":
+            return b"".join([n + b": " + v + b"\r\n" for n, v in f.req_headers]).lower()
+        if name == "resp_headers":
+            return b"".join([n + b": " + v + b"\r\n" for n, v in f.resp_headers]).lower()
+        if name == "headers":
+            both = (*f.req_headers, *f.resp_headers)
+            return b"".join([n + b": " + v + b"\r\n" for n, v in both]).lower()
+        header = self._host_header()
+        if name == "host":  # ~d searches the host and the Host header's host: a superset
+            value = f.host if header is None else f.host + "\n" + header
+        else:  # the URL exactly as ~u sees it
+            method = f.method.decode("latin-1")
+            value = pretty_url_cached(f.scheme, f.host, f.port, f.path, method, header)
         return value.lower() if value.isascii() else None
+
+
+_AUTHORITIES: dict[tuple[str, str, int, str | None], str] = {}
+_AUTHORITIES_MAX = 4096
+
+
+def pretty_url_cached(
+    scheme: str, host: str, port: int, path: bytes, method: str, host_header: str | None
+) -> str:
+    """``flowfilter.pretty_url`` with its ``scheme://authority`` remembered per target and
+    Host header (one connection sends the same ones over and over)."""
+    if method == "CONNECT":
+        return pretty_url(scheme, host, port, "", method, host_header)
+    key = (scheme, host, port, host_header)
+    prefix = _AUTHORITIES.get(key)
+    if prefix is None:
+        if len(_AUTHORITIES) >= _AUTHORITIES_MAX:
+            _AUTHORITIES.clear()
+        prefix = _AUTHORITIES[key] = pretty_url(scheme, host, port, "", method, host_header)
+    return prefix + path.decode("latin-1")

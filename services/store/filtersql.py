@@ -30,13 +30,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from libs.common import regexlits
 from libs.common.flowfilter import BINARY, And, Leaf, Node, Not, Or, authority_host, leaves
+from libs.common.regexlits import required_literals
 from services.store.sql import token_like, token_pattern
-
-try:  # CPython's own regex parser: the literals a pattern requires (best effort)
-    from re import _parser as _sre_parser  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - other interpreters: no literal prefilter
-    _sre_parser = None
 
 _DOC_CODES = frozenset(
     {"h", "hq", "hs", "t", "tq", "ts", "a", "src", "dst", "meta", "marker", "comment",
@@ -45,7 +42,6 @@ _DOC_CODES = frozenset(
 _BODY_CODES = frozenset({"b", "bq", "bs"})
 _VOCABULARY = {"m": "method", "replica": "replica", "state": "state", "kind": "kind"}
 HTTP = "COALESCE(kind, 'http') IN ('http', 'websocket')"  # one term: no index merge
-MIN_LITERAL = 2  # shorter literals prune too little to be worth a LIKE
 
 # distinct values of a column (None: too many to list)
 Vocabulary = Callable[[str], list[str] | None]
@@ -195,12 +191,10 @@ def anchored_literal(pattern: str) -> str | None:
 
     Case folding of ASCII letters is all a case-insensitive match of such a text adds
     (non-ASCII ones, which the regex folds in more ways than SQL, are not taken)."""
-    if _sre_parser is None:
+    parsed = regexlits.parse(pattern)
+    if parsed is None:
         return None
-    try:
-        items = list(_sre_parser.parse(pattern))
-    except Exception:
-        return None
+    items = list(parsed)
     if len(items) < 3:
         return None
     (first, start), (last, end) = items[0], items[-1]
@@ -314,53 +308,3 @@ def _likes(column: str, literals: list[str]) -> tuple[str, list[object]]:
 
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def required_literals(pattern: str) -> list[str]:
-    """Substrings every match of ``pattern`` contains, in order (may be empty).
-
-    Only top-level runs of literal characters count (a group without alternatives is
-    looked into); anything else ends a run. Literals with non-ASCII characters are
-    dropped: SQL ``LIKE`` folds case for ASCII only, and the regex folds all of it.
-    """
-    if _sre_parser is None:
-        return []
-    try:
-        parsed = _sre_parser.parse(pattern)
-    except Exception:
-        return []
-    runs: list[str] = []
-    current: list[str] = []
-
-    def end_run() -> None:
-        if current:
-            runs.append("".join(current))
-            current.clear()
-
-    def walk(items: object) -> None:
-        for op, arg in items:  # type: ignore[attr-defined]
-            name = str(op)
-            if name == "LITERAL":
-                current.append(chr(arg))
-            elif name == "SUBPATTERN" and not _has_branch(arg[-1]):
-                walk(arg[-1])
-            else:
-                end_run()
-
-    walk(parsed)
-    end_run()
-    # non-ASCII: LIKE folds ASCII case only; brackets: the URL brackets IPv6 hosts, the
-    # host column does not
-    return [
-        r for r in runs if len(r) >= MIN_LITERAL and r.isascii() and "[" not in r and "]" not in r
-    ]
-
-
-def _has_branch(items: object) -> bool:
-    for op, arg in items:  # type: ignore[attr-defined]
-        name = str(op)
-        if name in ("BRANCH", "GROUPREF", "GROUPREF_EXISTS", "ASSERT", "ASSERT_NOT"):
-            return True
-        if name == "SUBPATTERN" and _has_branch(arg[-1]):
-            return True
-    return False

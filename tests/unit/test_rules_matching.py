@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libs.common import flowfilter
-from libs.common.regexlits import required_literals
+from libs.common.regexlits import cannot_backtrack, required_literals
 from services.proxy import prefilter
 from services.proxy.flow import Flow
 from services.proxy.flowview import LiveView
@@ -88,8 +88,10 @@ def test_live_view_agrees_with_the_recorded_flow_and_the_prefilter_is_sound(expr
         view = LiveView(live(event), str(event.get("replica")))
         expected = pred(flowfilter.FlowView(doc))
         assert pred(view) == expected, (expr, event["id"])
+        url = prefilter.Texts(view._flow).get("url")
+        assert url is None or url == view.url().lower()
         if expected and needs is not None:
-            assert prefilter.Texts(view).present(needs), (expr, event["id"], needs)
+            assert prefilter.Texts(view._flow).present(needs), (expr, event["id"], needs)
 
 
 class _Rule:
@@ -104,7 +106,7 @@ def test_the_screen_never_hides_a_match(expr: str) -> None:
     screen = prefilter.Screen([_Rule(expr), _Rule("~d other.example")])
     for event in FLOWS:
         view = LiveView(live(event), "oracle")
-        if pred(view) and screen.nothing_needed_present(prefilter.Texts(view)):
+        if pred(view) and screen.nothing_needed_present(prefilter.Texts(view._flow)):
             assert screen.unconditional == (0,), (expr, event["id"])
 
 
@@ -157,3 +159,35 @@ def test_needs_of_and_or_not() -> None:
 def test_a_body_is_base64_in_the_corpus() -> None:  # the corpus shape this module assumes
     bodies = [e["request"].get("body_b64") for e in FLOWS if e["request"].get("body_b64")]
     assert bodies and base64.b64decode(bodies[0])
+
+
+@pytest.mark.parametrize(
+    ("pattern", "bounded"),
+    [
+        ("ads.example", True),
+        ("/api/v[0-9]/users", True),
+        ("(?:ab|cd)e", True),
+        ("^foo$", True),
+        ("a+", False),
+        ("(a|aa)+$", False),
+        ("[^/]*", False),
+        ("(?=a*)b", False),  # a repeat inside a lookahead
+        ("(?:x|(?:y|z+))", False),  # inside a nested alternative
+        ("(a)\\1", False),
+        ("a{2}", False),
+        ("(?:abc){e<=1}", False),  # fuzzy matching in the regex engine
+        ("(", False),
+    ],
+)
+def test_which_patterns_search_without_a_time_budget(pattern: str, bounded: bool) -> None:
+    assert cannot_backtrack(pattern) is bounded
+
+
+def test_a_bounded_search_still_finds_what_the_budgeted_one_does() -> None:
+    fast = flowfilter.compile_filter("~u example.com/api")
+    slow = flowfilter.compile_filter("~u example.com/ap+i")
+    for path, hit in (("/api/x", True), ("/other", False)):
+        doc = {"kind": "http", "scheme": "http", "host": "example.com", "port": 80}
+        doc |= {"path": path, "method": "GET", "request": {"headers": []}}
+        assert fast.matches(doc) is hit
+        assert slow.matches(doc) is hit

@@ -265,12 +265,12 @@ class Rules(Addon):
         screen: prefilter.Screen,
         phase: Phase,
     ) -> None:
-        view = LiveView(ex.flow, self.replica)
-        texts = prefilter.Texts(view)
+        texts = prefilter.Texts(ex.flow)
         if screen.nothing_needed_present(texts):
             if not screen.unconditional:
                 return  # the usual request: no rule can match
             rules = tuple(rules[i] for i in screen.unconditional)
+        view = LiveView(ex.flow, self.replica)
         matched: list[CompiledRule] = []
         timed_out: set[str] = set()
         for rule in rules:
