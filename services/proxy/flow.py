@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 ACTIVE = "active"
@@ -105,8 +106,9 @@ class Flow:
         self.traceparent: str | None = None  # W3C value naming the flow's span
         self.final_sent = False  # set by the publisher once the final event went out
         # the rules policy's decision (``services.proxy.addons.rules``): None while no rule
-        # is in force, else (revision, [{"rule", "phase", "action"[, "note"]}, ...])
-        self.policy: tuple[int, list[dict[str, Any]]] | None = None
+        # is in force, else (revision, [{"rule", "phase", "action"[, "note"]}, ...]) (a
+        # shared empty tuple until a rule applies)
+        self.policy: tuple[int, Sequence[dict[str, Any]]] | None = None
         self.tags: list[str] | None = None
         self.intercept: dict[str, Any] | None = None  # held for a decision: what happened
         self.replay_of: str | None = None  # the flow this one replays

@@ -243,20 +243,13 @@ class Rules(Addon):
         self.replica = replica
         self.intercepts = intercepts
         self.loop = asyncio.get_running_loop()
+        self.stamp: tuple[int, tuple[()]] = (policy.revision, ())  # no rule applied (yet)
 
     def request_head(self, ex: Exchange) -> None:
-        flow = ex.flow
-        if flow.policy is None:
-            flow.policy = (self.policy.revision, [])
-        if self.policy.request:
-            self._phase(ex, self.policy.request, self.policy.request_screen, "request")
-
-    def response_head(self, ex: Exchange) -> None:
-        flow = ex.flow
-        if flow.policy is None:
-            flow.policy = (self.policy.revision, [])
-        if self.policy.response and not ex.verdict:
-            self._phase(ex, self.policy.response, self.policy.response_screen, "response")
+        ex.flow.policy = self.stamp
+        policy = self.policy
+        if policy.request:
+            self._phase(ex, policy.request, policy.request_screen, "request")
 
     def _phase(
         self,
@@ -290,8 +283,10 @@ class Rules(Addon):
             log.warning("rules %s: filter timed out on flow %s", sorted(timed_out), ex.flow.id)
         if not matched:
             return
-        assert ex.flow.policy is not None
-        record = ex.flow.policy[1]
+        flow = ex.flow
+        revision, applied = flow.policy or self.stamp
+        record = applied if isinstance(applied, list) else list(applied)
+        flow.policy = (revision, record)
         ev = Evaluation(phase)
         for rule in matched:
             entry: dict[str, Any] = {"rule": rule.id, "phase": phase, "action": rule.kind}
@@ -341,6 +336,20 @@ class Rules(Addon):
         return False
 
 
+class RulesWithResponse(Rules):
+    """``Rules`` for a policy with response-phase rules (only then is the hook there)."""
+
+    def response_head(self, ex: Exchange) -> None:
+        if ex.flow.policy is None:  # the policy arrived after this request was seen
+            ex.flow.policy = self.stamp
+        policy = self.policy
+        if not ex.verdict:
+            self._phase(ex, policy.response, policy.response_screen, "response")
+
+
 def build(policy: CompiledPolicy, replica: str, intercepts: Intercepts) -> Rules | None:
     """The addon for ``policy``, or None when no rule is enabled (it costs nothing)."""
-    return None if policy.empty else Rules(policy, replica, intercepts)
+    if policy.empty:
+        return None
+    kind = RulesWithResponse if policy.response else Rules
+    return kind(policy, replica, intercepts)
