@@ -114,13 +114,8 @@ class LiveView(FlowView):
         url = self._cache.get("url")
         if url is None:
             f = self._flow
-            url = self._cache["url"] = pretty_url(
-                f.scheme,
-                f.host,
-                f.port,
-                f.path.decode("latin-1"),
-                f.method.decode("latin-1"),
-                self.host_header(),
+            url = self._cache["url"] = pretty_url_cached(
+                f.scheme, f.host, f.port, f.path, f.method.decode("latin-1"), self.host_header()
             )
         return str(url)
 
@@ -134,3 +129,23 @@ class LiveView(FlowView):
     def destination(self) -> str | None:
         f = self._flow
         return f"{f.host}:{f.port}" if f.server_addr and f.host else None
+
+
+_AUTHORITIES: dict[tuple[str, str, int, str | None], str] = {}
+_AUTHORITIES_MAX = 4096
+
+
+def pretty_url_cached(
+    scheme: str, host: str, port: int, path: bytes, method: str, host_header: str | None
+) -> str:
+    """``flowfilter.pretty_url`` with its ``scheme://authority`` remembered per target and
+    Host header (one connection sends the same ones over and over)."""
+    if method == "CONNECT":
+        return pretty_url(scheme, host, port, "", method, host_header)
+    key = (scheme, host, port, host_header)
+    prefix = _AUTHORITIES.get(key)
+    if prefix is None:
+        if len(_AUTHORITIES) >= _AUTHORITIES_MAX:
+            _AUTHORITIES.clear()
+        prefix = _AUTHORITIES[key] = pretty_url(scheme, host, port, "", method, host_header)
+    return prefix + path.decode("latin-1")

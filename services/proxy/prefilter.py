@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
-from libs.common.flowfilter import And, Leaf, Node, Not, Or, pretty_url
+from libs.common.flowfilter import And, Leaf, Node, Not, Or
 from libs.common.regexlits import required_literals
 from services.proxy.flow import Flow
+from services.proxy.flowview import pretty_url_cached
 
 Need = tuple[str, str | bytes]  # (text name, lowercased literal)
 
@@ -68,14 +69,17 @@ class Prefiltered(Protocol):
     def needs(self) -> tuple[Need, ...] | None: ...
 
 
-class Screen:
+R = TypeVar("R", bound=Prefiltered)
+
+
+class Screen(Generic[R]):
     """The literals of one phase's rules, one alternation per text: when none occurs in
     any of its texts (the usual request), only the rules without needs can match, and
     that is known after one search per text instead of one test per rule."""
 
     __slots__ = ("alternations", "unconditional")
 
-    def __init__(self, rules: Sequence[Prefiltered]) -> None:
+    def __init__(self, rules: Sequence[R]) -> None:
         literals: dict[str, list[str | bytes]] = {}
         for rule in rules:
             for name, lit in rule.needs or ():
@@ -85,7 +89,7 @@ class Screen:
         self.alternations: tuple[tuple[str, re.Pattern[str] | re.Pattern[bytes]], ...] = tuple(
             (name, _alternation(literals[name])) for name in order if name in literals
         )
-        self.unconditional = tuple(i for i, r in enumerate(rules) if r.needs is None)
+        self.unconditional: tuple[R, ...] = tuple(r for r in rules if r.needs is None)
 
     def nothing_needed_present(self, texts: Texts) -> bool:
         """True when no rule's literal occurs (only ``unconditional`` rules may match)."""
@@ -156,23 +160,3 @@ class Texts:
             method = f.method.decode("latin-1")
             value = pretty_url_cached(f.scheme, f.host, f.port, f.path, method, header)
         return value.lower() if value.isascii() else None
-
-
-_AUTHORITIES: dict[tuple[str, str, int, str | None], str] = {}
-_AUTHORITIES_MAX = 4096
-
-
-def pretty_url_cached(
-    scheme: str, host: str, port: int, path: bytes, method: str, host_header: str | None
-) -> str:
-    """``flowfilter.pretty_url`` with its ``scheme://authority`` remembered per target and
-    Host header (one connection sends the same ones over and over)."""
-    if method == "CONNECT":
-        return pretty_url(scheme, host, port, "", method, host_header)
-    key = (scheme, host, port, host_header)
-    prefix = _AUTHORITIES.get(key)
-    if prefix is None:
-        if len(_AUTHORITIES) >= _AUTHORITIES_MAX:
-            _AUTHORITIES.clear()
-        prefix = _AUTHORITIES[key] = pretty_url(scheme, host, port, "", method, host_header)
-    return prefix + path.decode("latin-1")

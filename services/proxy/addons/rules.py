@@ -205,8 +205,8 @@ class CompiledPolicy:
     revision: int
     request: tuple[CompiledRule, ...]
     response: tuple[CompiledRule, ...]
-    request_screen: prefilter.Screen
-    response_screen: prefilter.Screen
+    request_screen: prefilter.Screen[CompiledRule]
+    response_screen: prefilter.Screen[CompiledRule]
 
     @classmethod
     def build(cls, policy: Policy, revision: int) -> CompiledPolicy:
@@ -255,14 +255,14 @@ class Rules(Addon):
         self,
         ex: Exchange,
         rules: tuple[CompiledRule, ...],
-        screen: prefilter.Screen,
+        screen: prefilter.Screen[CompiledRule],
         phase: Phase,
     ) -> None:
         texts = prefilter.Texts(ex.flow)
         if screen.nothing_needed_present(texts):
             if not screen.unconditional:
                 return  # the usual request: no rule can match
-            rules = tuple(rules[i] for i in screen.unconditional)
+            rules = screen.unconditional
         view = LiveView(ex.flow, self.replica)
         matched: list[CompiledRule] = []
         timed_out: set[str] = set()
