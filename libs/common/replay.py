@@ -15,27 +15,13 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from libs.common.policy import header_syntax, header_value
+from libs.common.policy import PROTECTED_HEADERS, header_syntax, header_value
 
 REPLAY_VERB = "replay"
 MAX_BODY = 16 << 20  # bytes of a replayed body (a NATS message carries it, base64)
-# Headers a replay does not copy: the relay frames the request itself and it is one
-# request on its own connection; the target comes from the URL.
-_NOT_COPIED = frozenset(
-    {
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-        "host",
-        "proxy-authorization",
-        "expect",
-    }
-)
+# Headers a replay does not copy: those the proxy owns (it frames the request itself, the
+# target comes from the URL, it is one request on its own connection), and Expect.
+_NOT_COPIED = PROTECTED_HEADERS | {"expect"}
 REDACTED = "<redacted>"  # what capture wrote for a masked value (never sent on)
 
 

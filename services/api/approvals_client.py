@@ -12,14 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.client import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
@@ -38,7 +33,6 @@ from libs.common.approvals import (
 from libs.common.bus import Bus
 from libs.common.models import CommandReply
 from services.api.errors import ApiError
-from services.api.eventlog import EventLog, record
 from services.api.fleet import Fleet
 
 log = logging.getLogger("proxyfleet.api.approvals")
@@ -204,74 +198,6 @@ class Approvals:
             await asyncio.gather(*(kv.purge(k) for k in keys[start : start + _PURGE_BATCH]))
         return len(keys)
 
-    # -- live feed --------------------------------------------------------------------------
-    async def tail(
-        self, log_: EventLog, after: int, stop: asyncio.Event, poll: float = 1.0
-    ) -> AsyncIterator[dict[str, Any]]:
-        """The intercept events stored in EVENTS after sequence ``after``, until ``stop``.
-
-        One pull consumer filtered on the three intercept subjects, read at the caller's
-        pace; recreated after the last sequence delivered if it goes away (NATS restart).
-        """
-        last = after
-        sub: JetStreamContext.PullSubscription | None = None
-        name: str | None = None
-        try:
-            while not stop.is_set():
-                if sub is None:
-                    try:
-                        sub, name = await self._consumer(last + 1)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:
-                        log.debug("intercept feed: cannot create consumer: %r", exc)
-                        await _sleep(stop, poll)
-                        continue
-                try:
-                    msgs = await sub.fetch(64, poll)
-                except TimeoutError:
-                    continue
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.debug("intercept feed: fetch failed, recreating: %r", exc)
-                    log_.discard_consumer(sub, name)
-                    sub = name = None
-                    await _sleep(stop, poll)
-                    continue
-                for msg in msgs:
-                    seq = msg.metadata.sequence.stream
-                    if seq <= last:
-                        continue
-                    last = seq
-                    yield record(msg)
-        finally:
-            if sub is not None:
-                log_.discard_consumer(sub, name)
-
-    async def _consumer(self, start_seq: int) -> tuple[JetStreamContext.PullSubscription, str]:
-        name = f"api-approvals-{secrets.token_hex(8)}"
-        config = ConsumerConfig(
-            name=name,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=max(1, start_seq),
-            ack_policy=AckPolicy.NONE,
-            filter_subjects=intercept_subjects(),
-            inactive_threshold=_TAIL_INACTIVE,
-            mem_storage=True,
-            num_replicas=1,
-        )
-        await self.bus.js.add_consumer(subjects.EVENTS_STREAM, config=config)
-        try:
-            sub = await self.bus.js.pull_subscribe_bind(
-                consumer=name, stream=subjects.EVENTS_STREAM
-            )
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self.bus.js.delete_consumer(subjects.EVENTS_STREAM, name)
-            raise
-        return sub, name
-
 
 def not_found(approval: str, why: str) -> ApiError:
     return ApiError(404, "APPROVAL_NOT_FOUND", f"no pending approval {approval}: {why}")
@@ -320,8 +246,3 @@ def _decided(approval: str, reply: CommandReply) -> Decided:
             "readable approval (nothing was cached)",
         ) from None
     return Decided(reply.replica, held)
-
-
-async def _sleep(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

@@ -80,13 +80,14 @@ class EventLog:
     # -- consumers --------------------------------------------------------------------------
     async def open_consumer(
         self,
-        filter_subject: str | None,
+        filter_subject: str | list[str] | None,
         *,
         start_seq: int | None = None,
         start_time: float | None = None,
         inactive: float = _PAGE_INACTIVE,
     ) -> tuple[JetStreamContext.PullSubscription, ConsumerInfo]:
-        """An ephemeral pull consumer from ``start_seq``/``start_time`` (neither: new only)."""
+        """An ephemeral pull consumer from ``start_seq``/``start_time`` (neither: new only),
+        on one filter subject or several."""
         name = f"api-{secrets.token_hex(8)}"
         if start_seq is not None:
             policy, opt_seq, opt_time = DeliverPolicy.BY_START_SEQUENCE, max(1, start_seq), None
@@ -101,7 +102,8 @@ class EventLog:
             opt_start_seq=opt_seq,
             opt_start_time=opt_time,
             ack_policy=AckPolicy.NONE,
-            filter_subject=filter_subject,
+            filter_subject=filter_subject if not isinstance(filter_subject, list) else None,
+            filter_subjects=filter_subject if isinstance(filter_subject, list) else None,
             inactive_threshold=inactive,
             mem_storage=True,
             num_replicas=1,
@@ -244,7 +246,11 @@ class EventLog:
 
     # -- live -------------------------------------------------------------------------------
     async def tail(
-        self, filter_subject: str, after: int | None, stop: asyncio.Event, poll: float = 1.0
+        self,
+        filter_subject: str | list[str],
+        after: int | None,
+        stop: asyncio.Event,
+        poll: float = 1.0,
     ) -> AsyncIterator[dict[str, Any]]:
         """Matching records after sequence ``after`` (None: from now on), until ``stop``.
 

@@ -9,8 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
+from libs.common.settings import StoreSettings
 from services.proxy.main import Replica
 from services.proxy.tls import CertificateAuthority
+from services.store.main import Store
 from tests.integration.harness import FlowEvents, ProxyUnderTest, Upstream, proxy_settings
 from tests.unit.test_api_support import api_client, api_settings
 
@@ -67,6 +69,26 @@ async def api(nats_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]
     settings = api_settings(nats_url, tmp_path / "api", api_config_apply_wait=3.0)
     async with api_client(settings) as client:
         yield client
+
+
+@pytest.fixture
+async def store(nats_url: str, tmp_path: Path) -> AsyncIterator[Store]:
+    """A flow store (SQLite under ``tmp_path``) on ``nats_url``, started and stopped."""
+    s = Store(
+        StoreSettings.model_validate(
+            {
+                "nats_url": nats_url,
+                "data_dir": tmp_path / "store",
+                "replica_id": "store0",
+                "nats_connect_timeout": 5.0,
+            }
+        )
+    )
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()
 
 
 @pytest.fixture

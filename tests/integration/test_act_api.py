@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +18,6 @@ import pytest
 from libs.common import subjects
 from libs.common.bus import Bus
 from libs.common.natsserver import EmbeddedNats
-from libs.common.settings import StoreSettings
 from services.store.main import Store
 from tests.integration.conftest import MakeProxy
 from tests.integration.harness import ProxyUnderTest, RawClient, Upstream, run_curl
@@ -33,25 +30,6 @@ pytestmark = pytest.mark.timeout(90)
 def nats_url(restartable_nats: EmbeddedNats) -> str:
     """A NATS of this test's own: the policy bucket is shared by every replica on it."""
     return restartable_nats.url
-
-
-@pytest.fixture
-async def store(nats_url: str, tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(
-        StoreSettings.model_validate(
-            {
-                "nats_url": nats_url,
-                "data_dir": tmp_path / "store",
-                "replica_id": "store0",
-                "nats_connect_timeout": 5.0,
-            }
-        )
-    )
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
 
 
 async def running(api: httpx.AsyncClient, proxy: ProxyUnderTest) -> None:
@@ -207,7 +185,11 @@ async def test_an_intercepted_request_is_approved_modified_and_denied_over_rest(
         cached = (await api.get("/api/approvals/cached", headers=READ)).json()
         assert [e["rule"] for e in cached["cached"]] == ["review"]
 
-        # cached: the same request passes without being held
+        # cached (once the replica has seen the entry): the same request passes unheld
+        async def cached_there() -> bool:
+            return bool(proxy.ctx.intercepts.cache)
+
+        await eventually(cached_there, 5.0, "cached approval on the replica")
         t0 = time.monotonic()
         second = await client.post(f"{upstream.http}/echo/pay", content=b"6 EUR")
         assert second.status_code == 200 and time.monotonic() - t0 < 5

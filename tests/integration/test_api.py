@@ -7,15 +7,12 @@ import asyncio
 import base64
 import re
 import socket
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from libs.common.natsserver import EmbeddedNats
-from libs.common.settings import StoreSettings
 from services.store.main import Store
 from tests.integration.conftest import MakeProxy
 from tests.integration.harness import ProxyUnderTest, Upstream
@@ -33,25 +30,6 @@ pytestmark = pytest.mark.timeout(60)
 def nats_url(restartable_nats: EmbeddedNats) -> str:
     """A NATS of this test's own (config writes and the registry stay inside the test)."""
     return restartable_nats.url
-
-
-@pytest.fixture
-async def store(nats_url: str, tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(
-        StoreSettings.model_validate(
-            {
-                "nats_url": nats_url,
-                "data_dir": tmp_path / "store",
-                "replica_id": "store0",
-                "nats_connect_timeout": 5.0,
-            }
-        )
-    )
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
 
 
 async def status(api: httpx.AsyncClient) -> dict[str, Any]:

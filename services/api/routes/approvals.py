@@ -36,7 +36,7 @@ from libs.common.approvals import (
 )
 from libs.common.policy import MAX_BODY, HeaderPair
 from services.api import audit
-from services.api.approvals_client import Approvals, PendingList
+from services.api.approvals_client import Approvals, PendingList, intercept_subjects
 from services.api.deps import CallerDep, EventsDep, FlowHubDep, Services, SettingsDep, get_services
 from services.api.errors import ApiError, FieldError, problem_responses
 from services.api.eventlog import EventLog
@@ -382,7 +382,7 @@ async def pending_events(
     stream's end when the snapshot was asked for, or the client's resume id)."""
     shown = {p.id for p in found.pending}
     yield _event(snapshot_data(found), after)
-    async for rec in approvals.tail(log_, after, hub.closing):
+    async for rec in log_.tail(intercept_subjects(), after, hub.closing):
         data = event_data(rec)
         if data is None:
             continue
