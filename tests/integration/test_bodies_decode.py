@@ -15,7 +15,7 @@ import pytest
 from tests.integration.coded import BIG, CODERS, PNG, SLUGS, TEXT, coded_upstream
 from tests.integration.conftest import MakeProxy
 from tests.integration.harness import Upstream
-from tests.integration.test_api import nats_url, store  # noqa: F401  (fixtures)
+from tests.integration.test_api import nats_url  # noqa: F401  (fixture: a NATS of its own)
 from tests.unit.test_api_support import READ, eventually
 
 # every test runs against the real store of test_api (its own NATS per test)

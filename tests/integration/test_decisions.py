@@ -19,7 +19,7 @@ import pytest
 
 from libs.common.bus import Bus
 from services.api.streams import FlowFilter
-from tests.integration.test_api import nats_url, store  # noqa: F401  (fixtures)
+from tests.integration.test_api import nats_url  # noqa: F401  (fixture: a NATS of its own)
 from tests.integration.test_store import event, publish, rpc
 from tests.unit.test_api_support import ADMIN, READ, eventually
 from tests.unit.test_har import validate_har

@@ -25,7 +25,7 @@ from services.store import sqlite as sqlite_store
 from tests.integration.coded import PNG, TEXT, coded_upstream
 from tests.integration.conftest import MakeProxy
 from tests.integration.harness import Upstream, free_port
-from tests.integration.test_api import nats_url, store  # noqa: F401  (fixtures)
+from tests.integration.test_api import nats_url  # noqa: F401  (fixture: a NATS of its own)
 from tests.integration.test_store import event, new_id, publish, rpc
 from tests.unit.test_api_support import READ, eventually
 from tests.unit.test_har import validate_har
