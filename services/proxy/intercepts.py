@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxyfleet.intercepts")
 
 DECIDED_KEPT = 10_000  # ids remembered after they were resolved (for 409 answers)
+# exchanges one replica holds at most (~9 KiB each): past it, on_timeout applies at once, so
+# a client that floods an intercept rule cannot grow a replica without bound
+MAX_HELD = 10_000
 _DENY_BODY = b"denied by an operator"
 _TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 _OWNED = frozenset(n.encode() for n in PROTECTED_HEADERS)
@@ -118,6 +121,14 @@ class Intercepts:
         if expires is not None and expires > now:
             entry["note"] = "cached approval"
             flow.intercept = {"phase": phase, "rule": rule, "outcome": "cached", "by": None}
+            return
+        if len(self.pending) >= MAX_HELD:
+            allow = spec.on_timeout == "allow"
+            outcome = "timeout_allowed" if allow else "timeout_denied"
+            entry["note"] = f"{MAX_HELD} exchanges held already: {outcome}"
+            flow.intercept = {"phase": phase, "rule": rule, "outcome": outcome, "by": None}
+            if not allow:
+                ex.respond(503, [_TEXT], b"too many exchanges waiting for a decision")
             return
         aid = approval_id(flow.id, phase)
         redact = self.capture.redaction

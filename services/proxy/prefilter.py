@@ -15,7 +15,6 @@ from ``lower()`` (non-ASCII) is never used to rule anything out.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Generic, Protocol, TypeVar
 
@@ -73,40 +72,38 @@ R = TypeVar("R", bound=Prefiltered)
 
 
 class Screen(Generic[R]):
-    """The literals of one phase's rules, one alternation per text: when none occurs in
-    any of its texts (the usual request), only the rules without needs can match, and
-    that is known after one search per text instead of one test per rule."""
+    """The literals of one phase's rules in one alternation, searched once over one text
+    that holds every text they come from: when none occurs (the usual request), only the
+    rules without needs can match, known after a single search instead of a test per
+    rule. A literal found in another rule's text only sends the phase on to the per-rule
+    tests (the joined text is a superset: it never hides a match)."""
 
-    __slots__ = ("alternations", "unconditional")
+    __slots__ = ("literals", "names", "unconditional")
 
     def __init__(self, rules: Sequence[R]) -> None:
-        literals: dict[str, list[str | bytes]] = {}
+        literals: set[str] = set()
+        names: set[str] = set()
         for rule in rules:
             for name, lit in rule.needs or ():
-                literals.setdefault(name, []).append(lit)
-        # cheapest texts first: the first hit ends the screening
-        order = ("method", "host", "req_headers", "resp_headers", "headers", "url")
-        self.alternations: tuple[tuple[str, re.Pattern[str] | re.Pattern[bytes]], ...] = tuple(
-            (name, _alternation(literals[name])) for name in order if name in literals
-        )
+                names.add(name)
+                literals.add(lit.decode("ascii") if isinstance(lit, bytes) else lit)
+        self.names = tuple(sorted(names))
+        # a loop of substring tests beats one regex alternation here (measured: 0.5 against
+        # 0.8 us for 14 literals over a request's texts)
+        self.literals = tuple(sorted(literals, key=len, reverse=True))
         self.unconditional: tuple[R, ...] = tuple(r for r in rules if r.needs is None)
 
     def nothing_needed_present(self, texts: Texts) -> bool:
         """True when no rule's literal occurs (only ``unconditional`` rules may match)."""
-        for name, rx in self.alternations:
-            text = texts.get(name)
-            if text is None or rx.search(text) is not None:  # type: ignore[arg-type]
+        if not self.literals:
+            return True
+        joined = texts.joined(self.names)
+        if joined is None:
+            return False
+        for literal in self.literals:
+            if literal in joined:
                 return False
         return True
-
-
-def _alternation(literals: list[str | bytes]) -> re.Pattern[str] | re.Pattern[bytes]:
-    """One search for any of ``literals`` (all of one type: a text is str or bytes)."""
-    distinct = sorted(set(literals), key=len, reverse=True)
-    raw = [x for x in distinct if isinstance(x, bytes)]
-    if raw:
-        return re.compile(b"|".join(re.escape(x) for x in raw))
-    return re.compile("|".join(re.escape(x) for x in distinct if isinstance(x, str)))
 
 
 class Texts:
@@ -136,9 +133,38 @@ class Texts:
         text = got[name] = self._text(name)
         return text
 
+    def joined(self, names: tuple[str, ...]) -> str | None:
+        """The named texts in one lowercased string (None when it is not ASCII: then it
+        cannot rule anything out). Bytes are read as latin-1, which keeps ASCII as is."""
+        f = self.flow
+        method = f.method.decode("latin-1")
+        header = self._host_header()
+        parts: list[str] = []
+        for name in names:
+            if name == "method":
+                parts.append(method)
+            elif name == "url":
+                parts.append(pretty_url_cached(f.scheme, f.host, f.port, f.path, method, header))
+            elif name == "host":
+                parts.append(f.host)
+                parts.append(header or "")
+            else:
+                pairs = (
+                    f.req_headers
+                    if name == "req_headers"
+                    else f.resp_headers
+                    if name == "resp_headers"
+                    else (*f.req_headers, *f.resp_headers)
+                )
+                parts.append(
+                    b"".join([n + b": " + v + b"\r\n" for n, v in pairs]).decode("latin-1")
+                )
+        text = "\n".join(parts)
+        return text.lower() if text.isascii() else None
+
     def _host_header(self) -> str | None:
         for n, v in self.flow.req_headers:
-            if n.lower() == b"host":
+            if n == b"Host" or n.lower() == b"host":
                 return v.decode("latin-1")
         return None
 

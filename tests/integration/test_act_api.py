@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +22,7 @@ from libs.common.natsserver import EmbeddedNats
 from services.store.main import Store
 from tests.integration.conftest import MakeProxy
 from tests.integration.harness import ProxyUnderTest, RawClient, Upstream, run_curl
-from tests.unit.test_api_support import ADMIN, READ, eventually
+from tests.unit.test_api_support import ADMIN, READ, api_client, api_settings, eventually
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -244,7 +245,12 @@ async def _all_final(api: httpx.AsyncClient, path: str) -> list[dict[str, Any]] 
 
 
 async def test_killing_a_held_flow_over_rest_cuts_its_client_at_once(
-    api: httpx.AsyncClient, make_proxy: MakeProxy, store: Store, upstream: Upstream
+    api: httpx.AsyncClient,
+    make_proxy: MakeProxy,
+    store: Store,
+    upstream: Upstream,
+    nats_url: str,
+    tmp_path: Path,
 ) -> None:
     proxy = await make_proxy()
     await running(api, proxy)
@@ -256,6 +262,10 @@ async def test_killing_a_held_flow_over_rest_cuts_its_client_at_once(
     async with await RawClient.connect(proxy.port) as client:
         await client.send(f"GET {upstream.http}/echo/hold HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         [held] = await pending_list(api)
+        # the API keeps nothing: another API process (a restarted one) sees the same
+        settings = api_settings(nats_url, tmp_path / "api-2")
+        async with api_client(settings) as restarted:
+            assert [p["id"] for p in await pending_list(restarted)] == [held["id"]]
         t0 = time.monotonic()
         killed = await api.delete(f"/api/flows/{held['flow_id']}", headers=ADMIN)
         assert killed.status_code == 200, killed.text

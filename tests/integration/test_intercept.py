@@ -22,6 +22,7 @@ from libs.common import subjects
 from libs.common.approvals import CachedApproval
 from libs.common.bus import barrier
 from libs.common.natsserver import EmbeddedNats
+from services.proxy import intercepts
 from tests.integration.conftest import MakeProxy
 from tests.integration.harness import RawClient, Upstream
 from tests.integration.rules_harness import Fleet, rule, start_fleet
@@ -354,3 +355,21 @@ async def test_malformed_decisions_are_refused_and_hold_nothing_up(fleet: Fleet)
         reply = await command(fleet, "decide", body)
         assert (reply["ok"], reply["code"]) == (False, "BAD_COMMAND"), body
     assert (await command(fleet, "status", {}))["ok"] is True
+
+
+async def test_past_the_hold_limit_on_timeout_applies_at_once(
+    fleet: Fleet, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client flooding an intercept rule cannot make a replica hold without bound."""
+    monkeypatch.setattr(intercepts, "MAX_HELD", 1)
+    await fleet.put_policy([intercept("hitl", "~u /echo/flood")])
+    async with fleet.client() as client:
+        first = asyncio.create_task(client.get(f"{upstream.http}/echo/flood/1"))
+        [held] = await pending(fleet)
+        second = await client.get(f"{upstream.http}/echo/flood/2")
+        assert second.status_code == 503
+        await command(fleet, "decide", {"id": held["id"], "decision": "allow_once"})
+        assert (await first).status_code == 200
+    event = await fleet.flows.final_for("/echo/flood/2")
+    assert event["intercept"]["outcome"] == "timeout_denied"
+    assert event["server"] is None
