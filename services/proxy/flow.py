@@ -9,6 +9,7 @@ as the bytes the parser produced until the publisher serialises them.
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import time
 from collections.abc import Sequence
@@ -23,13 +24,14 @@ _node = secrets.randbits(24)
 _counter = itertools.count()
 
 
-def new_flow_id() -> str:
+def new_flow_id(now: float | None = None) -> str:
     """A time-ordered id: 12 hex digits of milliseconds, 6 of process, 6 of sequence.
 
     Ids sort by creation time across replicas (to the millisecond) and strictly
     within one process, which is what cursor pagination in the store relies on.
     """
-    return f"{time.time_ns() // 1_000_000:012x}{_node:06x}{next(_counter) & 0xFFFFFF:06x}"
+    ms = time.time_ns() // 1_000_000 if now is None else math.floor(now * 1000)
+    return f"{ms:012x}{_node:06x}{next(_counter) & 0xFFFFFF:06x}"
 
 
 class Flow:
@@ -74,7 +76,8 @@ class Flow:
     )
 
     def __init__(self, client_addr: Any, kind: str = "http") -> None:
-        self.id = new_flow_id()
+        now = time.time()
+        self.id = new_flow_id(now)  # the same instant as t_start: since=t_start finds it
         self.kind = kind  # http | tunnel | websocket
         self.state = ACTIVE
         self.client_addr = client_addr
@@ -96,7 +99,7 @@ class Flow:
         self.resp_body: list[bytes] = []
         self.resp_size = 0
         self.resp_truncated = False
-        self.t_start = time.time()
+        self.t_start = now
         self.t_request_sent = 0.0
         self.t_first_byte = 0.0
         self.t_end = 0.0

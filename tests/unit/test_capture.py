@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import math
 from typing import Any
 
 import nats.errors
@@ -409,3 +410,11 @@ def test_abandon_counts_a_flow_once() -> None:
     cap.emit(f)  # started + final of one flow: one event would have gone out
     lost = cap.abandon()
     assert (lost.events, lost.flows) == (1, 1)
+
+
+def test_a_flow_id_carries_the_millisecond_of_its_start() -> None:
+    """A listing's ``since=<started_at>`` compares ids: the flow that started at that
+    instant must be inside the bound, also across a millisecond boundary."""
+    for _ in range(2000):
+        flow = Flow(("127.0.0.1", 1))
+        assert int(flow.id[:12], 16) == math.floor(flow.t_start * 1000)
