@@ -96,6 +96,28 @@ def _authority(host: str, port: int, default: int) -> bytes:
     return (name if port == default else f"{name}:{port}").encode("idna")
 
 
+def absolute_target(url: bytes) -> tuple[str, str, int, bytes, bytes]:
+    """An absolute-form request target -> (scheme, host, port, path, Host header value);
+    ``FramingError`` (400) when it is not an ``http(s)``/``ws(s)`` URL we can relay."""
+    try:
+        u = parse_url(url)
+    except HttpParserError:
+        raise FramingError(400, f"invalid request target {url[:200]!r}") from None
+    scheme = u.schema.decode("latin-1").lower() if u.schema else ""
+    scheme = _WS_SCHEMES.get(scheme, scheme)
+    if scheme not in _DEFAULT_PORT or not u.host or u.userinfo:
+        raise FramingError(400, f"unsupported request target {url[:200]!r}")
+    if u.port is not None and not 0 < u.port < 65536:
+        raise FramingError(400, f"invalid port in request target {url[:200]!r}")
+    path = u.path or b"/"
+    if u.query is not None:
+        path += b"?" + u.query
+    host = u.host.decode("latin-1").lower().rstrip(".")
+    port = u.port if u.port is not None else _DEFAULT_PORT[scheme]
+    host_header = u.host if u.port is None else b"%s:%d" % (u.host, u.port)
+    return scheme, host, port, path, host_header
+
+
 class ClientConnection(asyncio.Protocol):
     """One connection from a client: parses requests and relays their exchanges."""
 
@@ -426,24 +448,11 @@ class ClientConnection(asyncio.Protocol):
         """Point a request (at its head) at another absolute URL: scheme, host, port,
         path and the Host header follow, as for an absolute-form request."""
         try:
-            u = parse_url(url.encode("latin-1"))
-        except (HttpParserError, UnicodeEncodeError):
-            return "not a URL"
-        scheme = u.schema.decode("latin-1").lower() if u.schema else ""
-        scheme = _WS_SCHEMES.get(scheme, scheme)
-        if scheme not in _DEFAULT_PORT or not u.host or u.userinfo:
-            return "not an http(s) URL with a host"
-        if u.port is not None and not 0 < u.port < 65536:
-            return "invalid port"
-        path = u.path or b"/"
-        if u.query is not None:
-            path += b"?" + u.query
+            target = absolute_target(url.encode("latin-1"))
+        except (FramingError, UnicodeEncodeError) as exc:
+            return str(exc) or "not a URL"
         flow = ex.flow
-        flow.scheme = scheme
-        flow.host = u.host.decode("latin-1").lower().rstrip(".")
-        flow.port = u.port if u.port is not None else _DEFAULT_PORT[scheme]
-        flow.path = path
-        ex.host_header = u.host if u.port is None else b"%s:%d" % (u.host, u.port)
+        flow.scheme, flow.host, flow.port, flow.path, ex.host_header = target
         return None
 
     def _route(self, ex: Exchange, req: RequestHead) -> None:
@@ -467,28 +476,12 @@ class ClientConnection(asyncio.Protocol):
                 raise FramingError(400, "HTTP/1.1 request without a Host header")
             path = url
         else:
-            try:
-                u = parse_url(url)
-            except HttpParserError:
-                raise FramingError(400, f"invalid request target {url[:200]!r}") from None
-            scheme = u.schema.decode("latin-1").lower() if u.schema else ""
-            scheme = _WS_SCHEMES.get(scheme, scheme)
-            if scheme not in _DEFAULT_PORT or not u.host or u.userinfo:
-                raise FramingError(400, f"unsupported request target {url[:200]!r}")
-            if u.port is not None and not 0 < u.port < 65536:
-                raise FramingError(400, f"invalid port in request target {url[:200]!r}")
-            host = u.host.decode("latin-1").lower().rstrip(".")
-            port = u.port if u.port is not None else _DEFAULT_PORT[scheme]
-            path = u.path or b"/"
-            if u.query is not None:
-                path += b"?" + u.query
+            scheme, host, port, path, host_header = absolute_target(url)
             if ctx.reverse is not None:  # reverse mode: every request goes to the upstream
                 scheme, host, port, host_header = ctx.reverse
             elif self.tls_target is not None:  # inside a CONNECT: the tunnel's target wins
                 scheme, host, port = self.inner_scheme, *self.tls_target
                 host_header = _authority(host, port, _DEFAULT_PORT[scheme])
-            else:
-                host_header = u.host if u.port is None else b"%s:%d" % (u.host, u.port)
         if req.via and via_has(flow.req_headers, ctx.via_token):
             raise FramingError(508, "request already passed this proxy (loop refused)")
         flow.scheme, flow.host, flow.port, flow.path = scheme, host, port, path

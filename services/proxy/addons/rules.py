@@ -2,8 +2,10 @@
 
 A policy revision is compiled once (``CompiledPolicy.build``): filters become
 predicates, regexes and header edits become bytes, rules are put in evaluation order
-per phase. Per exchange, a phase costs one ``LiveView`` and one predicate call per
-rule of that phase; only matching rules do more. The decision is recorded on the flow
+per phase, and the literals the filters require are gathered into one screen per phase
+(``services.proxy.prefilter``). Per exchange, a phase costs the screen (one joined text,
+a few substring tests); only rules the screen lets through are matched (over one
+``LiveView``), and only matching rules do more. The decision is recorded on the flow
 (``flow.policy``: the revision and, per applied rule, its id, phase and action).
 
 Waiting (``delay``, ``intercept``) never blocks: the exchange is held at its hook
