@@ -93,11 +93,14 @@ class Screen(Generic[R]):
         self.literals = tuple(sorted(literals, key=len, reverse=True))
         self.unconditional: tuple[R, ...] = tuple(r for r in rules if r.needs is None)
 
-    def nothing_needed_present(self, texts: Texts) -> bool:
-        """True when no rule's literal occurs (only ``unconditional`` rules may match)."""
+    def nothing_needed_present(self, flow: Flow) -> bool:
+        """True when no rule's literal occurs (only ``unconditional`` rules may match).
+
+        Runs on every request the policy sees, so it builds nothing but the one text
+        (measured: an object per request cost more than the whole screen)."""
         if not self.literals:
             return True
-        joined = texts.joined(self.names)
+        joined = joined_text(flow, self.names)
         if joined is None:
             return False
         for literal in self.literals:
@@ -133,40 +136,8 @@ class Texts:
         text = got[name] = self._text(name)
         return text
 
-    def joined(self, names: tuple[str, ...]) -> str | None:
-        """The named texts in one lowercased string (None when it is not ASCII: then it
-        cannot rule anything out). Bytes are read as latin-1, which keeps ASCII as is."""
-        f = self.flow
-        method = f.method.decode("latin-1")
-        header = self._host_header()
-        parts: list[str] = []
-        for name in names:
-            if name == "method":
-                parts.append(method)
-            elif name == "url":
-                parts.append(pretty_url_cached(f.scheme, f.host, f.port, f.path, method, header))
-            elif name == "host":
-                parts.append(f.host)
-                parts.append(header or "")
-            else:
-                pairs = (
-                    f.req_headers
-                    if name == "req_headers"
-                    else f.resp_headers
-                    if name == "resp_headers"
-                    else (*f.req_headers, *f.resp_headers)
-                )
-                parts.append(
-                    b"".join([n + b": " + v + b"\r\n" for n, v in pairs]).decode("latin-1")
-                )
-        text = "\n".join(parts)
-        return text.lower() if text.isascii() else None
-
     def _host_header(self) -> str | None:
-        for n, v in self.flow.req_headers:
-            if n == b"Host" or n.lower() == b"host":
-                return v.decode("latin-1")
-        return None
+        return host_header(self.flow)
 
     def _text(self, name: str) -> str | bytes | None:
         f = self.flow
@@ -186,3 +157,39 @@ class Texts:
             method = f.method.decode("latin-1")
             value = pretty_url_cached(f.scheme, f.host, f.port, f.path, method, header)
         return value.lower() if value.isascii() else None
+
+
+def host_header(flow: Flow) -> str | None:
+    """The request's Host header value (the first one), as ``~d`` and ``~u`` read it."""
+    for n, v in flow.req_headers:
+        if n == b"Host" or n.lower() == b"host":
+            return v.decode("latin-1")
+    return None
+
+
+def joined_text(flow: Flow, names: tuple[str, ...]) -> str | None:
+    """The named texts of ``flow`` in one lowercased string (None when it is not ASCII:
+    then it cannot rule anything out). Bytes are read as latin-1, which keeps ASCII."""
+    method = flow.method.decode("latin-1")
+    header = host_header(flow)
+    parts: list[str] = []
+    for name in names:
+        if name == "method":
+            parts.append(method)
+        elif name == "url":
+            parts.append(
+                pretty_url_cached(flow.scheme, flow.host, flow.port, flow.path, method, header)
+            )
+        elif name == "host":
+            parts.append(flow.host)
+            parts.append(header or "")
+        else:
+            if name == "req_headers":
+                pairs: Sequence[tuple[bytes, bytes]] = flow.req_headers
+            elif name == "resp_headers":
+                pairs = flow.resp_headers
+            else:
+                pairs = (*flow.req_headers, *flow.resp_headers)
+            parts.append(b"".join([n + b": " + v + b"\r\n" for n, v in pairs]).decode("latin-1"))
+    text = "\n".join(parts)
+    return text.lower() if text.isascii() else None

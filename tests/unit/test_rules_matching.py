@@ -107,7 +107,7 @@ def test_the_screen_never_hides_a_match(expr: str) -> None:
     screen = prefilter.Screen([rule, _Rule("~d other.example")])
     for event in FLOWS:
         view = LiveView(live(event), "oracle")
-        if pred(view) and screen.nothing_needed_present(prefilter.Texts(view._flow)):
+        if pred(view) and screen.nothing_needed_present(view._flow):
             assert screen.unconditional == (rule,), (expr, event["id"])
 
 

@@ -260,11 +260,11 @@ class Rules(Addon):
         screen: prefilter.Screen[CompiledRule],
         phase: Phase,
     ) -> None:
-        texts = prefilter.Texts(ex.flow)
-        if screen.nothing_needed_present(texts):
+        if screen.nothing_needed_present(ex.flow):
             if not screen.unconditional:
                 return  # the usual request: no rule can match
             rules = screen.unconditional
+        texts = prefilter.Texts(ex.flow)
         view = LiveView(ex.flow, self.replica)
         matched: list[CompiledRule] = []
         timed_out: set[str] = set()
