@@ -264,25 +264,28 @@ class Rules(Addon):
             if not screen.unconditional:
                 return  # the usual request: no rule can match
             rules = screen.unconditional
-        texts = prefilter.Texts(ex.flow)
+        texts: prefilter.Texts | None = None  # objects cost: made only when a rule needs them
         view = LiveView(ex.flow, self.replica)
         matched: list[CompiledRule] = []
-        timed_out: set[str] = set()
+        timed_out: list[str] = []
         for rule in rules:
             needs = rule.needs
-            if needs is not None and not texts.present(needs):
-                continue  # something the filter needs is absent: it cannot match
+            if needs is not None:
+                if texts is None:
+                    texts = prefilter.Texts(ex.flow)
+                if not texts.present(needs):
+                    continue  # something the filter needs is absent: it cannot match
             try:
                 if rule.matches(view):
                     matched.append(rule)
             except flowfilter.FilterTimeout:
                 # fail closed: a pattern the exchange makes backtrack cannot be used to
                 # slip past a block or an intercept; edits are left out
-                timed_out.add(rule.id)
+                timed_out.append(rule.id)
                 if rule.kind in FAIL_CLOSED:
                     matched.append(rule)
         if timed_out:
-            log.warning("rules %s: filter timed out on flow %s", sorted(timed_out), ex.flow.id)
+            log.warning("rules %s: filter timed out on flow %s", timed_out, ex.flow.id)
         if not matched:
             return
         flow = ex.flow
