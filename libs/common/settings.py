@@ -78,6 +78,13 @@ class CommonSettings(BaseSettings):
         gt=0,
         description="seconds to keep retrying the first NATS connection before giving up",
     )
+    nats_replicas: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="JetStream replicas of every stream and KV bucket this service creates "
+        "(1: one server; 3: a three-node cluster)",
+    )
     data_dir: Path = Field(
         Path("~/.proxyfleet"), description="state directory (CA, keys, database)"
     )
