@@ -280,8 +280,17 @@ class ProxySettings(CommonSettings):
 class StoreSettings(CommonSettings):
     """Settings of the flow store (``proxyfleet store``)."""
 
-    store_db: Path | None = Field(
-        None, description="SQLite database file (default: $FLEET_DATA_DIR/flows.db)"
+    store_db: str | None = Field(
+        None,
+        description="SQLite database file (default: $FLEET_DATA_DIR/flows.db), or a PostgreSQL "
+        "URL (postgresql://user:password@host:port/db)",
+        repr=False,  # a URL may hold a password
+    )
+    store_pg_pool: int = Field(
+        8,
+        ge=2,
+        le=100,
+        description="PostgreSQL connections a store keeps (ingest, queries, retention)",
     )
     store_max_age: float = Field(
         7 * 24 * 3600.0, gt=0, description="seconds a flow is kept (retention by age)"
@@ -331,20 +340,22 @@ class StoreSettings(CommonSettings):
 
     @field_validator("store_db", mode="before")
     @classmethod
-    def _no_db_url(cls, v: object) -> object:
-        """A URL is refused, naming only its scheme: the rest may hold a password, and
-        taken as a path it would silently become a SQLite file named after the URL."""
+    def _db_kind(cls, v: object) -> object:
+        """A PostgreSQL URL or a file path. Another URL is refused, naming only its scheme:
+        the rest may hold a password, and taken as a path it would silently become a
+        SQLite file named after the URL."""
+        if isinstance(v, Path):
+            return str(v)
         if isinstance(v, str) and (m := _URL_SCHEME.match(v.strip())):
-            raise ValueError(
-                f"{m.group(1)}:// URLs are not supported yet (only a SQLite file path; "
-                "the PostgreSQL backend is not built)"
-            )
+            if m.group(1).lower() not in PG_SCHEMES:
+                raise ValueError(
+                    f"{m.group(1)}:// URLs are not supported (a SQLite file path, or "
+                    "postgresql://user:password@host:port/database)"
+                )
+            return v.strip()
+        if isinstance(v, str) and not v.strip():
+            return None
         return v
-
-    @field_validator("store_db")
-    @classmethod
-    def _expand_db(cls, v: Path | None) -> Path | None:
-        return v.expanduser() if v is not None else None
 
     @field_validator("store_metrics_listen")
     @classmethod
@@ -352,9 +363,39 @@ class StoreSettings(CommonSettings):
         return optional_listen(v)
 
     @property
+    def pg_dsn(self) -> str | None:
+        """The PostgreSQL URL when ``store_db`` is one, else None (SQLite)."""
+        v = self.store_db
+        if v is not None and (m := _URL_SCHEME.match(v)) and m.group(1).lower() in PG_SCHEMES:
+            return v
+        return None
+
+    @property
     def db_path(self) -> Path:
-        """The database file: ``store_db``, else ``flows.db`` in the data dir."""
-        return self.store_db if self.store_db is not None else self.data_dir / "flows.db"
+        """The SQLite database file: ``store_db``, else ``flows.db`` in the data dir."""
+        if self.store_db is None or self.pg_dsn is not None:
+            return self.data_dir / "flows.db"
+        return Path(self.store_db).expanduser()
+
+    @property
+    def db_label(self) -> str:
+        """The database, fit to print and log (a URL's password masked)."""
+        if self.pg_dsn is not None:
+            return redact_url(self.pg_dsn)
+        return str(self.db_path)
+
+
+PG_SCHEMES = ("postgresql", "postgres")
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:***@host/...``: a URL fit to print (its password masked)."""
+    url = re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{hostpart}"
 
 
 class ApiKeySpec(BaseModel):

@@ -279,7 +279,7 @@ def _domain(leaf: Leaf, vocabulary: Vocabulary) -> Condition:
 # Host header that says otherwise is ``authority``, stored as the URL shows it.
 _URL_WITH_PORT = (
     "(COALESCE(scheme, 'http') || '://' || COALESCE(authority, COALESCE(host, '') || ':' "
-    "|| COALESCE(port, '')) || COALESCE(path, ''))"
+    "|| COALESCE(CAST(port AS TEXT), '')) || COALESCE(path, ''))"
 )
 _URL_NO_PORT = (
     "(COALESCE(scheme, 'http') || '://' || COALESCE(authority, host, '') || COALESCE(path, ''))"

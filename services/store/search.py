@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +28,7 @@ COUNT_BOUND = 10_000  # filtered_count is exact up to this many flows
 SCAN_CHUNK = 500  # candidate rows fetched per query of a scan
 VOCABULARY_MAX = 5000  # distinct values listed for a regex-over-values rewrite
 
-Execute = Callable[[str, list[object]], list[tuple[Any, ...]]]
+Execute = sql.Execute
 _N_SUMMARY = len(SUMMARY_COLUMNS)
 
 
@@ -161,6 +160,42 @@ def listing(
         count, exact = bounded_count(execute, where, params)
         return Listing(flows, cursor, count, exact)
     return _scan(execute, p, compiled, where, params, scan_limit)
+
+
+def answer(
+    execute: Execute,
+    p: Plan,
+    scan_limit: int,
+    counted: bool = True,
+    vocab: filtersql.Vocabulary | None = None,
+) -> Listing:
+    """The page for any plan, on either backend; ``counted``: with its bounded
+    ``filtered_count`` (a listing; an export page needs none)."""
+    found = listing(execute, p, scan_limit, counted, vocab)
+    if found is not None:
+        return found
+    statement, params = sql.page_statement(execute, p)
+    rows = execute(statement, params) if statement else []
+    more = len(rows) > p.limit
+    rows = rows[: p.limit]
+    cursor = encode_cursor(rows[-1][0]) if more and rows else None
+    flows = [summary(r) for r in rows]
+    if not counted:
+        return Listing(flows, cursor)
+    where, params = sql.conditions(p)
+    n, exact = bounded_count(execute, where, params)
+    return Listing(flows, cursor, n, exact)
+
+
+def count_all(
+    execute: Execute, p: Plan, scan_limit: int, vocab: filtersql.Vocabulary | None = None
+) -> int:
+    """How many flows match a plan (a filter that SQL cannot decide alone: among at most
+    ``scan_limit`` candidates)."""
+    if p.tree is not None:
+        return count(execute, p, scan_limit, vocab)[0]
+    statement, params = sql.count(p)
+    return int(execute(statement, params)[0][0])
 
 
 def _where(p: Plan, compiled: filtersql.Compiled) -> tuple[str, list[object]]:

@@ -9,8 +9,16 @@ merge, ``DELETE ... WHERE id IN (SELECT ... LIMIT n)`` for chunked pruning,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from services.store.query import Plan, prefix_end
 from services.store.rows import COLUMNS, SUMMARY_COLUMNS
+
+# Runs one statement and returns its rows (a reader thread's connection, either backend).
+Execute = Callable[[str, list[object]], list[tuple[Any, ...]]]
+Statement = tuple[str | None, list[object]]
+SPLIT_MAX_VALUES = 100  # more distinct values than this: let the planner range-scan
 
 _UPDATED = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "id")
 
@@ -173,3 +181,39 @@ def records_in(n: int) -> str:
     the ids a listing selected, read by primary key)."""
     marks = ", ".join("?" for _ in range(n))
     return f"SELECT id, doc, req_body, resp_body FROM flows WHERE id IN ({marks}) ORDER BY id DESC"
+
+
+def page_statement(execute: Execute, p: Plan) -> Statement:
+    """The page query of a plan without ``q``; a range filter with few distinct values is
+    split per value (``split_page``).
+
+    With both a host glob and a status range, the one with fewer distinct values is
+    split (the other stays a filter); with too many values for either, the planner gets
+    the plain range query. ``(None, [])``: no row can match.
+    """
+    best: tuple[str, list[object]] | None = None
+    for column, low, high, inclusive in split_candidates(p):
+        values = distinct_in_range(execute, column, low, high, inclusive)
+        if values is not None and (best is None or len(values) < len(best[1])):
+            best = (column, values)
+    if best is None:
+        return page(p, p.limit + 1)
+    column, values = best
+    if not values:
+        return None, []
+    return split_page(p, column, values, p.limit + 1)
+
+
+def distinct_in_range(
+    execute: Execute, column: str, low: object, high: object, inclusive: bool
+) -> list[object] | None:
+    """The distinct values of ``column`` in a range, by index seeks; None if too many."""
+    values: list[object] = []
+    value = low
+    while len(values) <= SPLIT_MAX_VALUES:
+        rows = execute(next_value(column, inclusive, first=not values), [value, high])
+        if not rows:
+            return values
+        value = rows[0][0]
+        values.append(value)
+    return None

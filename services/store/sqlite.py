@@ -31,7 +31,7 @@ from libs.common import logs
 from libs.common.flowfilter import FilterTimeout
 from libs.common.models import FlowQuery
 from services.store import search, sql, writer
-from services.store.query import Plan, encode_cursor, plan, time_bound
+from services.store.query import Plan, plan, time_bound
 from services.store.repository import (
     Exported,
     FlowRecord,
@@ -43,7 +43,7 @@ from services.store.repository import (
     RepositoryError,
     render_rows,
 )
-from services.store.rows import Row, decode_body, decode_payloads, rows_of, summary
+from services.store.rows import Row, decode_body, decode_payloads, rows_of
 
 log = logging.getLogger("proxyfleet.store.sqlite")
 
@@ -125,7 +125,6 @@ ADDED_COLUMNS = (
 # Rows, estimated from the rowid range (two b-tree edge lookups, no scan); NULL when empty.
 ROWID_SPAN = "SELECT (SELECT max(rowid) FROM flows) - (SELECT min(rowid) FROM flows) + 1"
 PRUNE_CHUNK = 2000  # rows per delete transaction: ~10-30 ms of writer time
-SPLIT_MAX_VALUES = 100  # more distinct values than this: let the planner range-scan
 ANALYZE_EVERY = 120  # prune passes between statistics refreshes (an hour at the default)
 DEFAULT_SCAN_LIMIT = 20_000  # FLEET_STORE_SCAN_LIMIT
 EXPORT_SPLIT_MIN = 100  # flows per worker share of an export page, at least
@@ -454,83 +453,22 @@ class SQLiteRepository(FlowRepository):
 
     def _listing(self, p: Plan, counted: bool) -> Listing:
         """A page; ``counted``: with its ``filtered_count`` (a listing, not an export)."""
+        vocab = self._vocabularies.bind(self._execute)
         try:
-            if p.tree is not None:
-                vocab = self._vocabularies.bind(self._execute)
-                found = search.listing(self._execute, p, self.scan_limit, counted, vocab)
-                assert found is not None
-                return found
-            flows, cursor = self._list(p)
-            if not counted:
-                return Listing(flows, cursor)
-            where, params = sql.conditions(p)
-            count, exact = search.bounded_count(self._execute, where, params)
+            return search.answer(self._execute, p, self.scan_limit, counted, vocab)
         except FilterTimeout as exc:
             raise QueryError("q", str(exc), code="BAD_FILTER") from None
         except sqlite3.Error as exc:
             raise RepositoryError(f"query failed: {exc}") from None
-        return Listing(flows, cursor, count, exact)
-
-    def _list(self, p: Plan) -> Page:
-        conn = self._reader()
-        try:
-            statement, params = self._page_sql(conn, p)
-            rows = conn.execute(statement, params).fetchall() if statement else []
-        except sqlite3.Error as exc:
-            raise RepositoryError(f"query failed: {exc}") from None
-        more = len(rows) > p.limit
-        rows = rows[: p.limit]
-        cursor = encode_cursor(rows[-1][0]) if more and rows else None
-        return [summary(r) for r in rows], cursor
-
-    @staticmethod
-    def _page_sql(conn: sqlite3.Connection, p: Plan) -> Statement:
-        """The page query; a range filter with few distinct values is split per value.
-
-        With both a host glob and a status range, the one with fewer distinct
-        values is split (the other stays a filter); with too many values for
-        either, the planner gets the plain range query.
-        """
-        best: tuple[str, Values] | None = None
-        for column, low, high, inclusive in sql.split_candidates(p):
-            values = SQLiteRepository._distinct(conn, column, low, high, inclusive)
-            if values is not None and (best is None or len(values) < len(best[1])):
-                best = (column, values)
-        if best is None:
-            return sql.page(p, p.limit + 1)
-        column, values = best
-        if not values:
-            return None, []
-        return sql.split_page(p, column, values, p.limit + 1)
-
-    @staticmethod
-    def _distinct(
-        conn: sqlite3.Connection, column: str, low: object, high: object, inclusive: bool
-    ) -> Values | None:
-        """The distinct values of ``column`` in a range, by index seeks; None if too many."""
-        values: Values = []
-        value = low
-        while len(values) <= SPLIT_MAX_VALUES:
-            row = conn.execute(
-                sql.next_value(column, inclusive, first=not values), (value, high)
-            ).fetchone()
-            if row is None:
-                return values
-            value = row[0]
-            values.append(value)
-        return None
 
     async def count(self, query: FlowQuery) -> int:
         p = plan(query)
         return await self._read(self._count, p)
 
     def _count(self, p: Plan) -> int:
-        statement, params = sql.count(p)
+        vocab = self._vocabularies.bind(self._execute)
         try:
-            if p.tree is not None:
-                vocab = self._vocabularies.bind(self._execute)
-                return search.count(self._execute, p, self.scan_limit, vocab)[0]
-            return int(self._reader().execute(statement, params).fetchone()[0])
+            return search.count_all(self._execute, p, self.scan_limit, vocab)
         except FilterTimeout as exc:
             raise QueryError("q", str(exc), code="BAD_FILTER") from None
         except sqlite3.Error as exc:

@@ -18,6 +18,7 @@ import pytest
 from libs.common.models import FlowQuery
 from services.proxy.capture import flow_event
 from services.proxy.flow import COMPLETED, Flow
+from services.store import sql as sql_mod
 from services.store import sqlite as sqlite_mod
 from services.store.query import encode_cursor
 from services.store.repository import QueryError, RepositoryError
@@ -268,7 +269,7 @@ async def test_host_exact_and_glob(repo: SQLiteRepository, sample: dict[str, str
 async def test_glob_with_many_hosts_falls_back_to_a_range_scan(
     repo: SQLiteRepository, sample: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_mod, "SPLIT_MAX_VALUES", 1)
+    monkeypatch.setattr(sql_mod, "SPLIT_MAX_VALUES", 1)
     assert _names(sample, await ids(repo, host="*.example.com")) == ["f", "c", "b"]
     assert _names(sample, await ids(repo, min_status=200, max_status=404)) == ["e", "c", "b", "a"]
 
