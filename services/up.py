@@ -181,6 +181,7 @@ async def run_up(settings: UpSettings) -> None:
             FLEET_NATS_URL=nats.address,
             FLEET_NATS_USER=nats.credentials.user,
             FLEET_NATS_PASSWORD_FILE=str(password_file),
+            FLEET_NATS_REPLICAS="1",  # one embedded server: one copy is all it can keep
         )
         nats_shown = f"{nats.address} (embedded; user {DEFAULT_USER}, password in {password_file})"
     children = [

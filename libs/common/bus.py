@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from nats.errors import UnexpectedEOF
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StreamConfig
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Span, SpanKind
@@ -43,6 +43,7 @@ FLOWS_MAX_AGE = 24 * 3600.0
 FLOWS_MAX_BYTES = 4 << 30
 EVENTS_MAX_AGE = 7 * 24 * 3600.0
 DUPLICATE_WINDOW = 120.0
+_NOT_CLUSTERED = 10074  # JetStream err_code: replicas > 1 not supported in non-clustered mode
 
 
 _TRACER = "proxyfleet.bus"
@@ -79,10 +80,12 @@ class Bus:
     could not see while away (the store's replica registry check) from real silence.
     """
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, replicas: int = 1) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.last_reconnect: float | None = None
+        self.replicas = replicas  # of the streams and buckets this bus creates
+        self._grown: set[str] = set()  # buckets whose replicas were checked already
 
     @classmethod
     async def connect(
@@ -91,6 +94,7 @@ class Bus:
         name: str,
         timeout: float = 15.0,
         on_state: Callable[[bool], Awaitable[None] | None] | None = None,
+        replicas: int = 1,
     ) -> Bus:
         """Connect, retrying for up to ``timeout`` seconds; then reconnect forever.
 
@@ -99,7 +103,9 @@ class Bus:
         see ``libs.common.natsurl``). They are handed to the client apart from the
         servers, and only ``natsurl.redact(url)`` is ever logged or put in an error.
         ``on_state(connected)`` is called on every disconnect/reconnect so that a
-        service can report (not block on) the bus state.
+        service can report (not block on) the bus state. ``replicas``: how many copies
+        of each stream and KV bucket this bus creates keep (``FLEET_NATS_REPLICAS``; see
+        ``ensure_streams``).
         """
 
         async def _notify(up: bool) -> None:
@@ -187,7 +193,7 @@ class Bus:
             ) from None
         nc_ref.append(nc)
         log.info("nats connected to %s", shown)
-        bus = cls(nc)
+        bus = cls(nc, replicas)
         bus_ref.append(bus)
         return bus
 
@@ -201,7 +207,14 @@ class Bus:
         return int(self.nc.max_payload)
 
     async def ensure_streams(self) -> None:
-        """Create (or update to the expected shape) the FLOWS and EVENTS streams."""
+        """Create (or update to the expected shape) the FLOWS and EVENTS streams.
+
+        Streams and buckets get ``replicas`` copies. One that exists with fewer is
+        updated to ``replicas`` (JetStream moves a stream to more peers online); one with
+        more keeps them: a service started with the default never shrinks what the
+        cluster was given. On a server that is not clustered ``replicas`` > 1 cannot be
+        had: the bus says so once (a warning) and uses 1.
+        """
         await self._ensure_stream(
             StreamConfig(
                 name=subjects.FLOWS_STREAM,
@@ -220,19 +233,73 @@ class Bus:
             )
         )
 
+    def _not_clustered(self, exc: BaseException) -> bool:
+        """``exc`` says the server cannot keep more than one replica: fall back to one."""
+        if not (isinstance(exc, APIError) and exc.err_code == _NOT_CLUSTERED):
+            return False
+        if self.replicas > 1:
+            log.warning(
+                "FLEET_NATS_REPLICAS=%d but NATS is not a JetStream cluster: "
+                "streams and buckets get 1 replica",
+                self.replicas,
+            )
+            self.replicas = 1
+        return True
+
     async def _ensure_stream(self, config: StreamConfig) -> None:
         assert config.name is not None
         try:
-            await self.js.stream_info(config.name)
+            info = await self.js.stream_info(config.name)
         except NotFoundError:
+            config.num_replicas = self.replicas
             try:
-                await self.js.add_stream(config)
-                log.info("created stream %s", config.name)
+                try:
+                    await self.js.add_stream(config)
+                except APIError as exc:
+                    if not self._not_clustered(exc):
+                        raise
+                    config.num_replicas = self.replicas
+                    await self.js.add_stream(config)
+                log.info("created stream %s (%d replicas)", config.name, config.num_replicas)
             except Exception as exc:  # another replica created it first
                 if "already in use" not in str(exc):
                     raise
             return
-        await self.js.update_stream(config)
+        current = info.config.num_replicas or 1
+        config.num_replicas = max(current, self.replicas)
+        try:
+            await self.js.update_stream(config)
+        except APIError as exc:
+            if config.num_replicas == current:
+                raise
+            # more replicas refused (not clustered, too few servers up): the rest still
+            # applies with what the stream has
+            if not self._not_clustered(exc):
+                log.warning(
+                    "stream %s keeps %d replicas (%d refused: %s)",
+                    config.name,
+                    current,
+                    config.num_replicas,
+                    exc.description or exc,
+                )
+            config.num_replicas = current
+            await self.js.update_stream(config)
+            return
+        if config.num_replicas > current:
+            log.info("stream %s: replicas %d -> %d", config.name, current, config.num_replicas)
+            await self._await_leader(config.name)
+
+    async def _await_leader(self, stream: str, timeout: float = 10.0) -> None:
+        """Wait (bounded) until ``stream`` has a leader again: growing a stream's replicas
+        elects one anew, and until then a publish into it gets no answer."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                info = await self.js.stream_info(stream)
+                if info.cluster is None or info.cluster.leader:
+                    return
+            await asyncio.sleep(0.1)
+        log.warning("stream %s has no leader after %gs", stream, timeout)
 
     async def config_kv(self) -> KeyValue:
         """The runtime-config bucket (history kept for audit and rollback)."""
@@ -272,13 +339,42 @@ class Bus:
         return await self._ensure_kv(KeyValueConfig(bucket=subjects.KEYS_BUCKET, history=1))
 
     async def _ensure_kv(self, config: KeyValueConfig) -> KeyValue:
+        """The bucket, created with ``replicas`` when absent; an existing one with fewer
+        is grown (checked once per bucket and bus), as streams are."""
         try:
-            return await self.js.key_value(config.bucket)
+            kv = await self.js.key_value(config.bucket)
         except BucketNotFoundError:
+            config.replicas = self.replicas
             try:
-                return await self.js.create_key_value(config)
-            except Exception:
+                try:
+                    return await self.js.create_key_value(config)
+                except APIError as exc:
+                    if not self._not_clustered(exc):
+                        raise
+                    config.replicas = self.replicas
+                    return await self.js.create_key_value(config)
+            except Exception:  # another service created it first
                 return await self.js.key_value(config.bucket)
+        if self.replicas > 1 and config.bucket not in self._grown:
+            await self._grow_bucket(config.bucket)
+            self._grown.add(config.bucket)
+        return kv
+
+    async def _grow_bucket(self, bucket: str) -> None:
+        """Give the bucket's stream ``replicas`` copies if it has fewer (never raises)."""
+        stream = f"KV_{bucket}"
+        try:
+            info = await self.js.stream_info(stream)
+            current = info.config.num_replicas or 1
+            if current >= self.replicas:
+                return
+            info.config.num_replicas = self.replicas
+            await self.js.update_stream(info.config)
+            log.info("bucket %s: replicas %d -> %d", bucket, current, self.replicas)
+            await self._await_leader(stream)
+        except Exception as exc:
+            if not self._not_clustered(exc):
+                log.warning("bucket %s keeps its replicas (%r)", bucket, exc)
 
     async def js_publish(
         self,

@@ -9,6 +9,11 @@ The server always requires a user and password (``Credentials``): a proxy client
 reaches the NATS port through the data plane must not be able to read flows or send
 fleet commands. ``url`` carries them (``nats://user:password@host:port``, which every
 NATS client understands); ``address`` is the same URL without them, for printing.
+
+``NatsCluster`` starts several such servers on one machine as one JetStream cluster
+(its own client, route and monitoring port per node, a store dir and a server name
+each, routes to every node; the routes require the same credentials as clients), for
+the tests that kill a stream leader and for a bench.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO
+from urllib.parse import quote
 
 _EXE = "nats-server.exe" if os.name == "nt" else "nats-server"
 _RESERVED_PORTS = {4222, 6222, 8222}  # NATS defaults: a system server may own them
@@ -161,6 +169,57 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct unused ports (``free_port`` may hand out one twice in a row)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """The ``cluster`` block of one node of a JetStream cluster.
+
+    ``routes``: ``host:port`` of every node's route listener (this node's own may be
+    among them: the server skips a route to itself). The routes require the node's
+    credentials (see ``cluster_include``).
+    """
+
+    name: str
+    port: int
+    routes: tuple[str, ...]
+
+    def config(self, host: str, credentials: Credentials) -> str:
+        indented = "".join(f"  {line}\n" for line in cluster_include(credentials, self.routes))
+        return (
+            "cluster {\n"
+            f"  name: {json.dumps(self.name)}\n"
+            f"  listen: {json.dumps(_hostport(host, self.port))}\n"
+            f"{indented}"
+            "}\n"
+        )
+
+
+def cluster_include(c: Credentials, routes: Sequence[str]) -> list[str]:
+    """The lines of a ``cluster`` block that make its routes require ``c`` and send them.
+
+    nats-server sends credentials on a route it opens only when the route URL carries
+    them (the cluster's own ``authorization`` is for the routes it accepts), so each
+    ``nats-route://user:password@host:port`` holds the password: whatever holds these
+    lines is a secret (0600).
+    """
+    userinfo = f"{quote(c.user, safe='')}:{quote(c.password, safe='')}"
+    urls = ", ".join(json.dumps(f"nats-route://{userinfo}@{r}") for r in routes)
+    return [_authorization(c).strip(), f"routes: [{urls}]"]
+
+
 class EmbeddedNats:
     """One nats-server child process with JetStream, restartable on the same port and data.
 
@@ -179,6 +238,9 @@ class EmbeddedNats:
         log_file: Path | None = None,
         credentials: Credentials | None = None,
         die_with_parent: bool = False,
+        server_name: str | None = None,
+        cluster: ClusterOptions | None = None,
+        http_port: int | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
@@ -188,7 +250,10 @@ class EmbeddedNats:
         self.credentials = credentials or Credentials.generate()
         self.die_with_parent = die_with_parent
         # A name of our own lets start() tell our server from whoever else answers the port.
-        self.server_name = f"proxyfleet-{secrets.token_hex(4)}"
+        self.server_name = server_name or f"proxyfleet-{secrets.token_hex(4)}"
+        self.cluster = cluster
+        # the monitoring port (/healthz), when asked for: 0 picks a free one
+        self.http_port = (http_port or free_port(host)) if http_port is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -211,17 +276,33 @@ class EmbeddedNats:
     def _write_config(self) -> Path:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
-        listen = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        listen = _hostport(self.host, self.port)
         # The file holds the password: 0600, like the password file itself.
-        write_private(
-            conf,
+        text = (
             f"listen: {json.dumps(listen)}\n"
             f"server_name: {json.dumps(self.server_name)}\n"
             f"max_payload: {self.max_payload}\n"
             f"jetstream {{ store_dir: {json.dumps(self.store_dir.as_posix())} }}\n"
-            + _authorization(self.credentials),
+            + _authorization(self.credentials)
         )
+        if self.http_port is not None:
+            text += f"http: {json.dumps(_hostport(self.host, self.http_port))}\n"
+        if self.cluster is not None:
+            text += self.cluster.config(self.host, self.credentials)
+        write_private(conf, text)
         return conf
+
+    def healthy(self) -> bool:
+        """``/healthz`` answers 200 (JetStream current: in a cluster, a meta leader is
+        known and this node caught up). Needs ``http_port``."""
+        if self.http_port is None:
+            raise RuntimeError("healthy() needs the monitoring port (http_port)")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        try:
+            with urllib.request.urlopen(f"http://{host}:{self.http_port}/healthz", timeout=1) as r:
+                return bool(r.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
 
     def _log_tail(self, lines: int = 5) -> str:
         if self.log_file is None or not self.log_file.exists():
@@ -256,8 +337,14 @@ class EmbeddedNats:
         """Start the server and return once it accepts clients with JetStream enabled."""
         if self.running:
             return
-        if _port_in_use(self.host, self.port):
-            raise RuntimeError(f"nats-server: port {self.port} on {self.host} is already in use")
+        self._spawn()
+        self._wait_ready(time.monotonic() + timeout, timeout)
+
+    def _spawn(self) -> None:
+        """Start the process (``_wait_ready`` tells when it answers)."""
+        for port in (self.port, self.http_port, self.cluster.port if self.cluster else None):
+            if port is not None and _port_in_use(self.host, port):
+                raise RuntimeError(f"nats-server: port {port} on {self.host} is already in use")
         conf = self._write_config()
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +359,9 @@ class EmbeddedNats:
             start_new_session=True,
             preexec_fn=die_with_parent() if self.die_with_parent else None,
         )
-        deadline = time.monotonic() + timeout
+
+    def _wait_ready(self, deadline: float, timeout: float) -> None:
+        assert self._proc is not None
         while time.monotonic() < deadline:
             code = self._proc.poll()
             if code is not None:
@@ -313,6 +402,120 @@ class EmbeddedNats:
             self._log = None
 
     def __enter__(self) -> EmbeddedNats:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class NatsCluster:
+    """``size`` nats-server processes on this machine forming one JetStream cluster.
+
+    Every node has its own client, route and monitoring port (free ones, never the NATS
+    defaults), its own store dir ``root/<server name>`` and log ``root/<server name>.log``,
+    and routes to every other node; all require the same credentials. ``url`` lists every
+    node (comma-separated, credentials included), which is what ``FLEET_NATS_URL`` takes.
+    A node can be killed and started again on its ports and data (``nodes``, ``node``).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        size: int = 3,
+        host: str = "127.0.0.1",
+        name: str | None = None,
+        credentials: Credentials | None = None,
+        max_payload: int = 8 << 20,
+        die_with_parent: bool = False,
+    ) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.root = Path(root)
+        self.name = name or f"proxyfleet-{secrets.token_hex(3)}"
+        self.credentials = credentials or Credentials.generate()
+        ports = free_ports(3 * size, host)
+        clients, routes, monitors = ports[:size], ports[size : 2 * size], ports[2 * size :]
+        addresses = tuple(_hostport(host, p) for p in routes)
+        self.nodes: list[EmbeddedNats] = []
+        for i in range(size):
+            server_name = f"{self.name}-{i + 1}"
+            self.nodes.append(
+                EmbeddedNats(
+                    self.root / server_name,
+                    host=host,
+                    port=clients[i],
+                    max_payload=max_payload,
+                    log_file=self.root / f"{server_name}.log",
+                    credentials=self.credentials,
+                    die_with_parent=die_with_parent,
+                    server_name=server_name,
+                    cluster=ClusterOptions(self.name, routes[i], addresses),
+                    http_port=monitors[i],
+                )
+            )
+
+    @property
+    def url(self) -> str:
+        """Every node's URL with credentials, comma-separated."""
+        return ",".join(n.url for n in self.nodes)
+
+    @property
+    def address(self) -> str:
+        """Every node's URL without credentials (fit to print)."""
+        return ",".join(n.address for n in self.nodes)
+
+    def node(self, server_name: str) -> EmbeddedNats:
+        """The node called ``server_name`` (what ``stream_info().cluster.leader`` names)."""
+        for n in self.nodes:
+            if n.server_name == server_name:
+                return n
+        raise KeyError(server_name)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every node; return once each accepts clients and JetStream is current on
+        each (a meta leader elected), so that streams can be created at once."""
+        deadline = time.monotonic() + timeout
+        try:
+            for n in self.nodes:
+                if not n.running:
+                    n._spawn()
+            for n in self.nodes:
+                n._wait_ready(deadline, timeout)
+            while not all(n.healthy() for n in self.nodes):
+                if time.monotonic() > deadline:
+                    sick = [n.server_name for n in self.nodes if not n.healthy()]
+                    raise RuntimeError(
+                        f"nats cluster {self.name}: JetStream not current on {sick} "
+                        f"after {timeout:g}s: {self.nodes[0]._log_tail()}"
+                    )
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Wait until every running node answers ``/healthz`` with 200."""
+        deadline = time.monotonic() + timeout
+        while not all(n.healthy() for n in self.nodes if n.running):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nats cluster {self.name}: not healthy after {timeout:g}s")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every node (SIGTERM, all at once; SIGKILL if one hangs); idempotent."""
+        for n in self.nodes:
+            if n._proc is not None and n._proc.poll() is None:
+                n._proc.terminate()
+        for n in self.nodes:
+            n.stop(timeout)
+
+    def __enter__(self) -> NatsCluster:
         self.start()
         return self
 

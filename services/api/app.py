@@ -73,7 +73,10 @@ class ManagementAPI(FastAPI):
 async def connect_bus(settings: ApiSettings) -> Bus:
     """The API's NATS connection (retried up to ``FLEET_NATS_CONNECT_TIMEOUT``)."""
     return await Bus.connect(
-        settings.nats_url, f"api {settings.replica_id}", settings.nats_connect_timeout
+        settings.nats_url,
+        f"api {settings.replica_id}",
+        settings.nats_connect_timeout,
+        replicas=settings.nats_replicas,
     )
 
 

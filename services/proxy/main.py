@@ -85,7 +85,10 @@ class Replica:
             raise StartupError(f"cannot prepare TLS: {exc}") from None
         try:
             self.bus = await Bus.connect(
-                s.nats_url, f"proxy {s.replica_id}", s.nats_connect_timeout
+                s.nats_url,
+                f"proxy {s.replica_id}",
+                s.nats_connect_timeout,
+                replicas=s.nats_replicas,
             )
         except BusUnavailable as exc:
             raise StartupError(str(exc)) from None
