@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 
 from libs.common.natsserver import Credentials, EmbeddedNats
+from tests import pgserver
 
 _MAX_PAYLOAD = 8 << 20  # the EmbeddedNats default, so every mode accepts the same messages
 
@@ -129,3 +130,17 @@ def restartable_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A PostgreSQL server that lets the tests create databases (see ``tests.pgserver``)."""
+    with pgserver.server_dsn() as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def pg_dsn(pg_server: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database for this test alone, dropped after it."""
+    with pgserver.fresh_database(pg_server) as dsn:
+        yield dsn

@@ -73,11 +73,12 @@ class StreamClaim:
     """This store's claim on FLOWS: ``acquire()`` before consuming, ``run()`` while running,
     ``release()`` on a clean stop."""
 
-    def __init__(self, bus: Bus, db_id: str, store_id: str, db_path: Path, ttl: float) -> None:
+    def __init__(self, bus: Bus, db_id: str, store_id: str, db: Path | str, ttl: float) -> None:
         self.bus = bus
         self.db_id = db_id
         self.store_id = store_id
-        self.db_path = str(Path(db_path).resolve())
+        # a SQLite file by its real path; a database URL as given (its password masked)
+        self.db_path = str(Path(db).resolve()) if isinstance(db, Path) else db
         self.ttl = ttl  # the bucket's real TTL once acquired (the first store chose it)
         self.revision: int | None = None
         self._kv: KeyValue | None = None

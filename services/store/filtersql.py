@@ -284,6 +284,8 @@ _URL_WITH_PORT = (
 _URL_NO_PORT = (
     "(COALESCE(scheme, 'http') || '://' || COALESCE(authority, host, '') || COALESCE(path, ''))"
 )
+# the two spellings, as indexed (PostgreSQL's trigram indexes are on exactly these)
+URL_EXPRESSIONS = (_URL_WITH_PORT, _URL_NO_PORT)
 
 
 def _url(leaf: Leaf) -> Condition:

@@ -33,6 +33,23 @@ class StartupError(Exception):
     """The store cannot start; the message is the one line printed before exiting."""
 
 
+def open_repository(s: StoreSettings) -> FlowRepository:
+    """The repository ``FLEET_STORE_DB`` names (not yet opened): PostgreSQL for a
+    ``postgresql://`` URL, else the SQLite file."""
+    if s.pg_dsn is not None:
+        from services.store.postgres import PostgresRepository
+
+        return PostgresRepository(
+            s.pg_dsn,
+            pool_size=s.store_pg_pool,
+            scan_limit=s.store_scan_limit,
+            open_timeout=s.nats_connect_timeout,
+        )
+    return SQLiteRepository(
+        s.db_path, ingest_workers=s.store_ingest_workers, scan_limit=s.store_scan_limit
+    )
+
+
 class Store:
     """A running store replica: consumer, query endpoints, pruner, repository."""
 
@@ -68,18 +85,20 @@ class Store:
                 await self.bus.ensure_streams()
             except Exception as exc:
                 raise StartupError(f"cannot create the JetStream streams: {exc!r}") from None
-            repo = SQLiteRepository(
-                s.db_path, ingest_workers=s.store_ingest_workers, scan_limit=s.store_scan_limit
-            )
+            repo = open_repository(s)
             try:
                 await repo.open()
             except RepositoryError as exc:
                 await repo.close()
                 raise StartupError(str(exc)) from None
             self.repo = repo
-            log.info("database %s open (%d ingest workers)", s.db_path, s.store_ingest_workers)
+            log.info("database %s open", s.db_label)
             claim = StreamClaim(
-                self.bus, await repo.identity(), s.replica_id, s.db_path, s.store_claim_ttl
+                self.bus,
+                await repo.identity(),
+                s.replica_id,
+                s.db_path if s.pg_dsn is None else s.db_label,
+                s.store_claim_ttl,
             )
             try:
                 await claim.acquire()
@@ -214,7 +233,7 @@ async def run_store(settings: StoreSettings) -> None:
         stopping.cancel()
         starting.result()  # raises StartupError
     print(
-        f"proxyfleet store {settings.replica_id}: database {settings.db_path}, "
+        f"proxyfleet store {settings.replica_id}: database {settings.db_label}, "
         f"NATS {natsurl.redact(settings.nats_url)}"
         + (f"; metrics: http://{store.metrics.address}/metrics" if store.metrics else ""),
         flush=True,

@@ -394,3 +394,19 @@ def summary(row: Row) -> dict[str, Any]:
 def decode_body(blob: bytes | None) -> bytes:
     """A stored body back to its bytes (NULL = empty)."""
     return zlib.decompress(blob) if blob else b""
+
+
+def ended_doc(doc: bytes, reason: str, now: float) -> bytes:
+    """The stored event document of an active flow, rewritten as the store's error event."""
+    try:
+        event = orjson.loads(doc)
+    except orjson.JSONDecodeError:
+        event = {}
+    if not isinstance(event, dict):
+        event = {}
+    # ended_by_store: final, but its bodies never arrived (FlowRecord.bodies_known)
+    event.update(event="error", state="error", error=reason, ended_by_store=True)
+    timings = event.get("timings")
+    if isinstance(timings, dict):
+        event["timings"] = {**timings, "end": now}
+    return orjson.dumps(event)

@@ -43,7 +43,7 @@ from services.store.repository import (
     RepositoryError,
     render_rows,
 )
-from services.store.rows import Row, decode_body, decode_payloads, rows_of
+from services.store.rows import Row, decode_body, decode_payloads, ended_doc, rows_of
 
 log = logging.getLogger("proxyfleet.store.sqlite")
 
@@ -381,7 +381,7 @@ class SQLiteRepository(FlowRepository):
                 ended = 0
                 for flow_id, doc in rows:
                     cur = conn.execute(
-                        sql.END_ACTIVE, (reason, now, _ended_doc(doc, reason, now), flow_id)
+                        sql.END_ACTIVE, (reason, now, ended_doc(doc, reason, now), flow_id)
                     )
                     ended += max(cur.rowcount, 0)
                 conn.execute("COMMIT")
@@ -526,19 +526,3 @@ class SQLiteRepository(FlowRepository):
                 cur.close()
         except sqlite3.Error as exc:
             raise RepositoryError(f"query failed: {exc}") from None
-
-
-def _ended_doc(doc: bytes, reason: str, now: float) -> bytes:
-    """The stored event document of an active flow, rewritten as the store's error event."""
-    try:
-        event = orjson.loads(doc)
-    except orjson.JSONDecodeError:
-        event = {}
-    if not isinstance(event, dict):
-        event = {}
-    # ended_by_store: final, but its bodies never arrived (FlowRecord.bodies_known)
-    event.update(event="error", state="error", error=reason, ended_by_store=True)
-    timings = event.get("timings")
-    if isinstance(timings, dict):
-        event["timings"] = {**timings, "end": now}
-    return orjson.dumps(event)

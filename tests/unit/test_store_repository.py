@@ -1,5 +1,5 @@
-"""The SQLite flow repository against a real database file: merge rules, filters,
-pagination, bodies, retention."""
+"""The flow repositories against real databases (a SQLite file, a PostgreSQL database):
+merge rules, filters, pagination, bodies, retention; then what is SQLite's alone."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from services.proxy.flow import COMPLETED, Flow
 from services.store import sql as sql_mod
 from services.store import sqlite as sqlite_mod
 from services.store.query import encode_cursor
-from services.store.repository import QueryError, RepositoryError
+from services.store.repository import FlowRepository, QueryError, RepositoryError
 from services.store.sqlite import SQLiteRepository
+from tests.unit.conftest import MakeRepo
 
 BASE_MS = int(time.time() * 1000) - 3_600_000  # an hour ago
 _seq = itertools.count()
@@ -99,7 +100,14 @@ def ev(
 
 
 @pytest.fixture
-async def repo(tmp_path: Path) -> AsyncIterator[SQLiteRepository]:
+async def repo(make_repo: MakeRepo) -> FlowRepository:
+    """A repository of each backend (``tests/unit/conftest.py``)."""
+    return await make_repo()
+
+
+@pytest.fixture
+async def sqlite_repo(tmp_path: Path) -> AsyncIterator[SQLiteRepository]:
+    """For what only SQLite has (its file, its query plans)."""
     r = SQLiteRepository(tmp_path / "flows.db")
     await r.open()
     try:
@@ -108,14 +116,14 @@ async def repo(tmp_path: Path) -> AsyncIterator[SQLiteRepository]:
         await r.close()
 
 
-async def ids(repo: SQLiteRepository, **filters: Any) -> list[str]:
+async def ids(repo: FlowRepository, **filters: Any) -> list[str]:
     rows, cursor = await repo.list(FlowQuery(limit=1000, **filters))
     assert cursor is None
     return [r["id"] for r in rows]
 
 
 # -- merge rules ---------------------------------------------------------------------------
-async def test_started_then_completed(repo: SQLiteRepository) -> None:
+async def test_started_then_completed(repo: FlowRepository) -> None:
     f = fid()
     await repo.upsert_events([ev(f, "active", status=None)])
     rows, _ = await repo.list(FlowQuery())
@@ -132,7 +140,7 @@ async def test_started_then_completed(repo: SQLiteRepository) -> None:
     assert record.doc["event"] == "completed"
 
 
-async def test_completed_then_started_keeps_completed(repo: SQLiteRepository) -> None:
+async def test_completed_then_started_keeps_completed(repo: FlowRepository) -> None:
     f = fid()
     await repo.upsert_events([ev(f, resp_body=b"body")])
     await repo.upsert_events([ev(f, "active", status=None)])
@@ -142,7 +150,7 @@ async def test_completed_then_started_keeps_completed(repo: SQLiteRepository) ->
     assert await repo.count(FlowQuery()) == 1
 
 
-async def test_order_within_one_batch_is_irrelevant(repo: SQLiteRepository) -> None:
+async def test_order_within_one_batch_is_irrelevant(repo: FlowRepository) -> None:
     a, b = fid(), fid()
     await repo.upsert_events([ev(a), ev(a, "active", status=None)])
     await repo.upsert_events([ev(b, "active", status=None), ev(b)])
@@ -150,7 +158,7 @@ async def test_order_within_one_batch_is_irrelevant(repo: SQLiteRepository) -> N
     assert {r["id"]: r["state"] for r in rows} == {a: "completed", b: "completed"}
 
 
-async def test_duplicates_are_stored_once(repo: SQLiteRepository) -> None:
+async def test_duplicates_are_stored_once(repo: FlowRepository) -> None:
     f, g = fid(), fid()
     batch = [ev(f, "active", status=None), ev(f), ev(g)]
     for _ in range(3):
@@ -160,7 +168,7 @@ async def test_duplicates_are_stored_once(repo: SQLiteRepository) -> None:
     assert await repo.count(FlowQuery()) == 2
 
 
-async def test_first_final_event_wins(repo: SQLiteRepository) -> None:
+async def test_first_final_event_wins(repo: FlowRepository) -> None:
     killed, failed = fid(), fid()
     await repo.upsert_events([ev(killed, "active", status=None), ev(failed, "active")])
     await repo.upsert_events(
@@ -177,7 +185,7 @@ async def test_first_final_event_wins(repo: SQLiteRepository) -> None:
     assert record is not None and record.response_body == b""
 
 
-async def test_real_flow_event_round_trip(repo: SQLiteRepository) -> None:
+async def test_real_flow_event_round_trip(repo: FlowRepository) -> None:
     flow = Flow(("127.0.0.1", 4000))
     flow.method, flow.host, flow.port, flow.path = b"post", "API.Example.com", 443, b"/v1?x=1"
     flow.scheme = "https"
@@ -200,7 +208,7 @@ async def test_real_flow_event_round_trip(repo: SQLiteRepository) -> None:
     assert "body_b64" not in record.doc["request"]
 
 
-async def test_malformed_events_are_skipped(repo: SQLiteRepository) -> None:
+async def test_malformed_events_are_skipped(repo: FlowRepository) -> None:
     good = fid()
     weird = ev(fid())
     weird["port"] = {"not": "a port"}
@@ -230,7 +238,7 @@ async def test_malformed_events_are_skipped(repo: SQLiteRepository) -> None:
 
 # -- filters -------------------------------------------------------------------------------
 @pytest.fixture
-async def sample(repo: SQLiteRepository) -> dict[str, str]:
+async def sample(repo: FlowRepository) -> dict[str, str]:
     """Named flows one second apart, newest last."""
     spec = {
         "a": dict(host="example.com", method="GET", status=200, replica="r1"),
@@ -256,7 +264,7 @@ def _names(named: dict[str, str], found: list[str]) -> list[str]:
     return [back[f] for f in found]
 
 
-async def test_host_exact_and_glob(repo: SQLiteRepository, sample: dict[str, str]) -> None:
+async def test_host_exact_and_glob(repo: FlowRepository, sample: dict[str, str]) -> None:
     assert _names(sample, await ids(repo, host="example.com")) == ["a"]
     assert _names(sample, await ids(repo, host="API.example.com")) == ["f", "b"]
     assert _names(sample, await ids(repo, host="*.example.com")) == ["f", "c", "b"]
@@ -267,14 +275,14 @@ async def test_host_exact_and_glob(repo: SQLiteRepository, sample: dict[str, str
 
 
 async def test_glob_with_many_hosts_falls_back_to_a_range_scan(
-    repo: SQLiteRepository, sample: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    repo: FlowRepository, sample: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sql_mod, "SPLIT_MAX_VALUES", 1)
     assert _names(sample, await ids(repo, host="*.example.com")) == ["f", "c", "b"]
     assert _names(sample, await ids(repo, min_status=200, max_status=404)) == ["e", "c", "b", "a"]
 
 
-async def test_method_status_state_replica(repo: SQLiteRepository, sample: dict[str, str]) -> None:
+async def test_method_status_state_replica(repo: FlowRepository, sample: dict[str, str]) -> None:
     assert _names(sample, await ids(repo, method="get")) == ["e", "c", "a"]
     assert _names(sample, await ids(repo, status=404)) == ["c"]
     assert _names(sample, await ids(repo, min_status=300)) == ["e", "d", "c"]
@@ -288,7 +296,7 @@ async def test_method_status_state_replica(repo: SQLiteRepository, sample: dict[
     assert await repo.count(FlowQuery(min_status=200, max_status=299)) == 2
 
 
-async def test_since_until(repo: SQLiteRepository, sample: dict[str, str]) -> None:
+async def test_since_until(repo: FlowRepository, sample: dict[str, str]) -> None:
     t0 = BASE_MS / 1000
     assert _names(sample, await ids(repo, since=t0 + 2)) == ["f", "e", "d", "c"]
     assert _names(sample, await ids(repo, until=t0 + 2)) == ["b", "a"]
@@ -312,7 +320,7 @@ async def test_since_until(repo: SQLiteRepository, sample: dict[str, str]) -> No
     ],
 )
 async def test_bad_queries_name_the_field(
-    repo: SQLiteRepository, query: FlowQuery, field: str
+    repo: FlowRepository, query: FlowQuery, field: str
 ) -> None:
     with pytest.raises(QueryError) as info:
         await repo.list(query)
@@ -323,7 +331,7 @@ async def test_bad_queries_name_the_field(
 
 # -- pagination ----------------------------------------------------------------------------
 @pytest.mark.parametrize("limit", [100, 1000])
-async def test_pagination_walks_everything_once(repo: SQLiteRepository, limit: int) -> None:
+async def test_pagination_walks_everything_once(repo: FlowRepository, limit: int) -> None:
     hosts = ["a.example.com", "b.example.com", "c.other.org"]
     events = [ev(fid(BASE_MS + i // 3), host=hosts[i % 3], status=200 + i % 2) for i in range(2500)]
     await repo.upsert_events(events)
@@ -348,7 +356,7 @@ async def test_pagination_walks_everything_once(repo: SQLiteRepository, limit: i
     assert await repo.count(FlowQuery()) == 2500
 
 
-async def test_cursor_of_a_full_last_page_is_none(repo: SQLiteRepository) -> None:
+async def test_cursor_of_a_full_last_page_is_none(repo: FlowRepository) -> None:
     await repo.upsert_events([ev(fid()) for _ in range(10)])
     rows, cursor = await repo.list(FlowQuery(limit=10))
     assert len(rows) == 10 and cursor is None
@@ -357,7 +365,8 @@ async def test_cursor_of_a_full_last_page_is_none(repo: SQLiteRepository) -> Non
 
 
 # -- bodies --------------------------------------------------------------------------------
-async def test_bodies_are_stored_compressed(repo: SQLiteRepository, tmp_path: Path) -> None:
+async def test_bodies_are_stored_compressed(sqlite_repo: FlowRepository, tmp_path: Path) -> None:
+    repo = sqlite_repo
     f = fid()
     body = b'{"name": "value", "items": [1, 2, 3]}\n' * 400
     await repo.upsert_events([ev(f, req_body=b"q=1", resp_body=body)])
@@ -383,12 +392,12 @@ async def test_bodies_are_stored_compressed(repo: SQLiteRepository, tmp_path: Pa
         ).fetchone() == (1,)
 
 
-async def test_get_unknown_is_none(repo: SQLiteRepository) -> None:
+async def test_get_unknown_is_none(repo: FlowRepository) -> None:
     assert await repo.get("0" * 24) is None
 
 
 # -- retention -----------------------------------------------------------------------------
-async def test_prune_by_age(repo: SQLiteRepository) -> None:
+async def test_prune_by_age(repo: FlowRepository) -> None:
     now_ms = int(time.time() * 1000)
     old = [fid(now_ms - 3_600_000 - i) for i in range(4500)]  # more than one chunk
     new = [fid(now_ms - 60_000 + i) for i in range(10)]
@@ -399,7 +408,7 @@ async def test_prune_by_age(repo: SQLiteRepository) -> None:
     assert await repo.prune(max_age_s=1800, max_count=1_000_000) == 0
 
 
-async def test_prune_by_count_keeps_the_newest(repo: SQLiteRepository) -> None:
+async def test_prune_by_count_keeps_the_newest(repo: FlowRepository) -> None:
     now_ms = int(time.time() * 1000)
     flows = [fid(now_ms - 10_000 + i) for i in range(5000)]
     await repo.upsert_events([ev(f) for f in flows])
@@ -502,7 +511,7 @@ async def test_identity_is_the_databases_own(tmp_path: Path) -> None:
     await again.close()
 
 
-async def test_end_active_flows_of_a_gone_replica(repo: SQLiteRepository) -> None:
+async def test_end_active_flows_of_a_gone_replica(repo: FlowRepository) -> None:
     open_a, open_b, done, other = fid(), fid(), fid(), fid()
     await repo.upsert_events(
         [
@@ -675,7 +684,7 @@ HOSTILE_DECISIONS: list[dict[str, Any]] = [
 
 
 async def test_hostile_policy_values_are_stored_bounded_never_fail_the_batch(
-    repo: SQLiteRepository,
+    repo: FlowRepository,
 ) -> None:
     events = []
     for over in HOSTILE_DECISIONS:
@@ -718,7 +727,8 @@ async def test_hostile_policy_values_are_stored_bounded_never_fail_the_batch(
     assert await ids(repo, decision="intercept") == []
 
 
-async def test_policy_listings_use_their_partial_indexes(repo: SQLiteRepository) -> None:
+async def test_policy_listings_use_their_partial_indexes(sqlite_repo: FlowRepository) -> None:
+    repo = sqlite_repo
     from services.store import sql
     from services.store.query import plan
 
