@@ -1,11 +1,10 @@
-"""The store's ``export`` verb against a real SQLite file: the listing's page of ids read
-in full, bounded in bytes, with the bodies of active flows unknown rather than empty."""
+"""The store's ``export`` verb against real databases (SQLite, PostgreSQL): the listing's
+page of ids read in full, bounded in bytes, with the bodies of active flows unknown rather
+than empty."""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,28 +14,23 @@ from libs.common.models import FlowQuery
 from services.api.routes.har import page_parts
 from services.store.export import export_page
 from services.store.repository import FlowRepository, wire_bytes
-from services.store.sqlite import SQLiteRepository
-from tests.unit.test_store_sqlite import ev, fid
+from tests.unit.conftest import MakeRepo
+from tests.unit.test_store_repository import ev, fid
 
 
 @pytest.fixture
-async def repo(tmp_path: Path) -> AsyncIterator[SQLiteRepository]:
-    r = SQLiteRepository(tmp_path / "flows.db")
-    await r.open()
-    try:
-        yield r
-    finally:
-        await r.close()
+async def repo(make_repo: MakeRepo) -> FlowRepository:
+    return await make_repo()
 
 
-async def wire(repo: SQLiteRepository, flow_id: str) -> dict[str, Any]:
+async def wire(repo: FlowRepository, flow_id: str) -> dict[str, Any]:
     record = await repo.get(flow_id)
     assert record is not None
     return record.to_wire()
 
 
 async def test_bodies_are_empty_when_final_and_unknown_while_active(
-    repo: SQLiteRepository,
+    repo: FlowRepository,
 ) -> None:
     done, active, gone = fid(), fid(), fid()
     await repo.upsert_events(
@@ -57,7 +51,7 @@ async def test_bodies_are_empty_when_final_and_unknown_while_active(
     assert base64.b64decode(late["response"]["body_b64"]) == b"late"
 
 
-async def test_sqlite_export_records_match_the_generic_ones(repo: SQLiteRepository) -> None:
+async def test_sqlite_export_records_match_the_generic_ones(repo: FlowRepository) -> None:
     ids = [fid(), fid(), fid()]
     await repo.upsert_events(
         [ev(ids[0], resp_body=b"zero"), ev(ids[1], "active"), ev(ids[2], req_body=b"\xff\x00")]
@@ -72,7 +66,7 @@ async def test_sqlite_export_records_match_the_generic_ones(repo: SQLiteReposito
     assert (await repo.export_records([], 100)).flows == []
 
 
-async def test_export_pages_stop_at_the_byte_budget_and_resume(repo: SQLiteRepository) -> None:
+async def test_export_pages_stop_at_the_byte_budget_and_resume(repo: FlowRepository) -> None:
     ids = [fid() for _ in range(12)]
     await repo.upsert_events([ev(i, resp_body=b"b" * 3000) for i in ids])
     one = len(wire_bytes(await _record(repo, ids[0]), 1 << 20))
@@ -97,7 +91,7 @@ async def test_export_pages_stop_at_the_byte_budget_and_resume(repo: SQLiteRepos
     assert len(generic.flows) == 3 and not generic.complete
 
 
-async def test_export_takes_the_listings_filters(repo: SQLiteRepository) -> None:
+async def test_export_takes_the_listings_filters(repo: FlowRepository) -> None:
     get, post = fid(), fid()
     await repo.upsert_events([ev(get), ev(post, method="POST")])
     page = orjson.loads(orjson.dumps(await export_page(repo, FlowQuery(method="POST"), 1 << 20)))
@@ -105,7 +99,7 @@ async def test_export_takes_the_listings_filters(repo: SQLiteRepository) -> None
 
 
 async def test_a_flow_bigger_than_a_reply_comes_without_its_bodies(
-    repo: SQLiteRepository,
+    repo: FlowRepository,
 ) -> None:
     big = fid()
     await repo.upsert_events([ev(big, req_body=b"q" * 5000, resp_body=b"r" * 5000)])
@@ -118,14 +112,14 @@ async def test_a_flow_bigger_than_a_reply_comes_without_its_bodies(
         assert doc[part]["size"] == 5000
 
 
-async def _record(repo: SQLiteRepository, flow_id: str) -> Any:
+async def _record(repo: FlowRepository, flow_id: str) -> Any:
     record = await repo.get(flow_id)
     assert record is not None
     return record
 
 
 async def test_a_har_page_holds_entries_the_api_streams_without_decoding(
-    repo: SQLiteRepository,
+    repo: FlowRepository,
 ) -> None:
     ids = [fid() for _ in range(7)]
     await repo.upsert_events([ev(i, resp_body=b"x" * 500) for i in ids])

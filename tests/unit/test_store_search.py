@@ -1,8 +1,9 @@
 """Filters in the store: SQL pushdown plus recheck selects exactly what the evaluator does.
 
 The conformance flows (recorded through mitmproxy, see tests/conformance) go into a real
-SQLite store; every corpus expression mitmproxy accepts is asked of the store's listing
-and count and must select the same flows as ``libs.common.flowfilter`` on the documents.
+store of each backend (a SQLite file, a PostgreSQL database); every corpus expression
+mitmproxy accepts is asked of the store's listing and count and must select the same
+flows as ``libs.common.flowfilter`` on the documents.
 Then the parts of a scan: the budget, its cursor, the bounded count, hostile patterns.
 """
 
@@ -12,7 +13,6 @@ import base64
 import copy
 import json
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +22,21 @@ from libs.common import flowfilter
 from libs.common.flowfilter import compile_filter
 from libs.common.models import FlowQuery
 from services.store import search
-from services.store.repository import QueryError
-from services.store.sqlite import SQLiteRepository
+from services.store.repository import FlowRepository, QueryError
 from tests.conformance.test_filter_conformance import BY_EXPR, FLOWS
+from tests.unit.conftest import MakeRepo
 
 ACCEPTED = [e for e, case in BY_EXPR.items() if not case.get("error")]
 
 
 @pytest.fixture
-async def corpus_store(tmp_path: Path) -> AsyncIterator[SQLiteRepository]:
-    repo = SQLiteRepository(tmp_path / "flows.db", scan_limit=1000)
-    await repo.open()
+async def corpus_store(make_repo: MakeRepo) -> FlowRepository:
+    repo = await make_repo(scan_limit=1000)
     await repo.upsert_events(copy.deepcopy(FLOWS))
-    try:
-        yield repo
-    finally:
-        await repo.close()
+    return repo
 
 
-async def _all_ids(repo: SQLiteRepository, q: str, limit: int = 7) -> list[str]:
+async def _all_ids(repo: FlowRepository, q: str, limit: int = 7) -> list[str]:
     ids: list[str] = []
     cursor = None
     while True:
@@ -52,7 +48,7 @@ async def _all_ids(repo: SQLiteRepository, q: str, limit: int = 7) -> list[str]:
 
 
 async def test_every_accepted_corpus_expression_selects_what_the_evaluator_does(
-    corpus_store: SQLiteRepository,
+    corpus_store: FlowRepository,
 ) -> None:
     assert len(ACCEPTED) > 250
     wrong = []
@@ -69,7 +65,7 @@ async def test_every_accepted_corpus_expression_selects_what_the_evaluator_does(
 
 
 async def test_exact_filters_are_one_query_and_rechecked_ones_say_what_they_scanned(
-    corpus_store: SQLiteRepository,
+    corpus_store: FlowRepository,
 ) -> None:
     for q in ("~c 200", "~m post & ~c 201", "~d example", "!~s", "~tcp | ~websocket", "~e"):
         page = await corpus_store.listing(FlowQuery(q=q))
@@ -108,64 +104,50 @@ def _flow(i: int, body: bytes = b"hay", host: str = "h.test") -> dict[str, Any]:
     }
 
 
-async def test_a_scan_stops_at_its_budget_and_its_cursor_continues(tmp_path: Path) -> None:
-    repo = SQLiteRepository(tmp_path / "flows.db", scan_limit=100)
-    await repo.open()
-    try:
-        flows = [_flow(i, b"needle" if i % 97 == 0 else b"hay") for i in range(1000)]
-        await repo.upsert_events(flows)
-        want = sorted((f["id"] for i, f in enumerate(flows) if i % 97 == 0), reverse=True)
-        page = await repo.listing(FlowQuery(q="~bs needle", limit=50))
-        assert page.partial and page.scanned == 100  # the budget, not the whole table
-        assert not page.count_exact and page.next_cursor is not None
-        found, cursor, calls = [f["id"] for f in page.flows], page.next_cursor, 1
-        while cursor is not None:
-            page = await repo.listing(FlowQuery(q="~bs needle", limit=50, cursor=cursor))
-            assert page.scanned is not None and page.scanned <= 100
-            found += [f["id"] for f in page.flows]
-            cursor, calls = page.next_cursor, calls + 1
-        assert found == want  # every match once, newest first, across partial pages
-        assert calls <= 11  # 1000 rows at 100 a call (the last may only find the end)
-    finally:
-        await repo.close()
+async def test_a_scan_stops_at_its_budget_and_its_cursor_continues(make_repo: MakeRepo) -> None:
+    repo = await make_repo(scan_limit=100)
+    flows = [_flow(i, b"needle" if i % 97 == 0 else b"hay") for i in range(1000)]
+    await repo.upsert_events(flows)
+    want = sorted((f["id"] for i, f in enumerate(flows) if i % 97 == 0), reverse=True)
+    page = await repo.listing(FlowQuery(q="~bs needle", limit=50))
+    assert page.partial and page.scanned == 100  # the budget, not the whole table
+    assert not page.count_exact and page.next_cursor is not None
+    found, cursor, calls = [f["id"] for f in page.flows], page.next_cursor, 1
+    while cursor is not None:
+        page = await repo.listing(FlowQuery(q="~bs needle", limit=50, cursor=cursor))
+        assert page.scanned is not None and page.scanned <= 100
+        found += [f["id"] for f in page.flows]
+        cursor, calls = page.next_cursor, calls + 1
+    assert found == want  # every match once, newest first, across partial pages
+    assert calls <= 11  # 1000 rows at 100 a call (the last may only find the end)
 
 
 async def test_filtered_count_is_exact_up_to_its_bound(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(search, "COUNT_BOUND", 25)
-    repo = SQLiteRepository(tmp_path / "flows.db")
-    await repo.open()
-    try:
-        await repo.upsert_events(
-            [_flow(i, host="a.test" if i < 20 else "b.test") for i in range(60)]
-        )
-        page = await repo.listing(FlowQuery(q="~d ^a\\.test$", limit=5))
-        assert (page.filtered_count, page.count_exact) == (20, True)
-        page = await repo.listing(FlowQuery(q="~d test", limit=5))
-        assert (page.filtered_count, page.count_exact) == (25, False)  # "at least 25"
-        plain = await repo.listing(FlowQuery(limit=5))
-        assert (plain.filtered_count, plain.count_exact) == (25, False)
-        assert await repo.count(FlowQuery(q="~d test")) == 60  # count stays exact
-    finally:
-        await repo.close()
+    repo = await make_repo()
+    await repo.upsert_events([_flow(i, host="a.test" if i < 20 else "b.test") for i in range(60)])
+    page = await repo.listing(FlowQuery(q="~d ^a\\.test$", limit=5))
+    assert (page.filtered_count, page.count_exact) == (20, True)
+    page = await repo.listing(FlowQuery(q="~d test", limit=5))
+    assert (page.filtered_count, page.count_exact) == (25, False)  # "at least 25"
+    plain = await repo.listing(FlowQuery(limit=5))
+    assert (plain.filtered_count, plain.count_exact) == (25, False)
+    assert await repo.count(FlowQuery(q="~d test")) == 60  # count stays exact
 
 
 async def test_a_pattern_that_backtracks_badly_is_refused_not_run_for_hours(
-    tmp_path: Path,
+    make_repo: MakeRepo,
 ) -> None:
-    repo = SQLiteRepository(tmp_path / "flows.db")
-    await repo.open()
-    try:
-        await repo.upsert_events([_flow(1, b"foo" * 300_000)])
-        with pytest.raises(QueryError) as caught:
-            await repo.listing(FlowQuery(q="~b 'foo.*bar'"))
-        assert caught.value.code == "BAD_FILTER" and "backtracks" in str(caught.value)
-        with pytest.raises(QueryError) as caught:
-            await repo.listing(FlowQuery(q="~c 200 &"))
-        assert caught.value.code == "BAD_FILTER" and caught.value.position == 8
-    finally:
-        await repo.close()
+    repo = await make_repo()
+    await repo.upsert_events([_flow(1, b"foo" * 300_000)])
+    with pytest.raises(QueryError) as caught:
+        await repo.listing(FlowQuery(q="~b 'foo.*bar'"))
+    assert caught.value.code == "BAD_FILTER" and "backtracks" in str(caught.value)
+    with pytest.raises(QueryError) as caught:
+        await repo.listing(FlowQuery(q="~c 200 &"))
+    assert caught.value.code == "BAD_FILTER" and caught.value.position == 8
 
 
 def test_conformance_flows_are_the_committed_ones() -> None:
@@ -173,48 +155,40 @@ def test_conformance_flows_are_the_committed_ones() -> None:
     assert len(data["flows"]) == len(FLOWS) > 50
 
 
-async def test_a_host_seen_for_the_first_time_is_found_at_once(tmp_path: Path) -> None:
+async def test_a_host_seen_for_the_first_time_is_found_at_once(make_repo: MakeRepo) -> None:
     """The distinct hosts behind ``~d`` are cached between queries: flows stored after a
     query, with a host never seen before, are found by the very next query."""
-    repo = SQLiteRepository(tmp_path / "flows.db")
-    await repo.open()
-    try:
-        await repo.upsert_events([_flow(i, host="old.test") for i in range(5)])
-        assert len((await repo.listing(FlowQuery(q="~d test"))).flows) == 5
-        await repo.upsert_events([_flow(i, host="new.test") for i in range(5, 8)])
-        fresh = await repo.listing(FlowQuery(q="~d new & ~c 200"))
-        assert [f["host"] for f in fresh.flows] == ["new.test"] * 3 and fresh.scanned is None
-        assert len((await repo.listing(FlowQuery(q="~d test"))).flows) == 8
-        assert len((await repo.listing(FlowQuery(q="~m get & ~replica r1"))).flows) == 8
-    finally:
-        await repo.close()
+    repo = await make_repo()
+    await repo.upsert_events([_flow(i, host="old.test") for i in range(5)])
+    assert len((await repo.listing(FlowQuery(q="~d test"))).flows) == 5
+    await repo.upsert_events([_flow(i, host="new.test") for i in range(5, 8)])
+    fresh = await repo.listing(FlowQuery(q="~d new & ~c 200"))
+    assert [f["host"] for f in fresh.flows] == ["new.test"] * 3 and fresh.scanned is None
+    assert len((await repo.listing(FlowQuery(q="~d test"))).flows) == 8
+    assert len((await repo.listing(FlowQuery(q="~m get & ~replica r1"))).flows) == 8
 
 
 async def test_missing_fields_and_foreign_kinds_select_as_the_evaluator_does(
-    tmp_path: Path,
+    make_repo: MakeRepo,
 ) -> None:
     """A field a publisher left out reads as "" to the evaluator, so a pattern matching ""
     selects it; SQL must not lose those rows to NULL. A kind no proxy records is stored as
     none, in the column and the document alike."""
-    repo = SQLiteRepository(tmp_path / "flows.db")
-    await repo.open()
-    try:
-        bare = _flow(1)
-        for name in ("replica", "host", "method"):
-            bare[name] = None
-        foreign = {**_flow(2), "kind": "grpc"}
-        await repo.upsert_events([bare, foreign, _flow(3), {**_flow(4), "kind": "tunnel"}])
-        stored = [(await repo.get(f["id"])) for f in (bare, foreign)]
-        assert stored[1] is not None and stored[1].doc["kind"] is None
-        docs = [r.doc for r in stored if r is not None] + [_flow(3), {**_flow(4), "kind": "tunnel"}]
-        for q in ("~replica ^$", "~d ^$", "~m ^$", "~kind ^$", "~kind http", "~kind .",
-                  "~http", "~tcp", "!~replica r1", "~d ''", "~m 'g?'"):  # fmt: skip
-            flt = compile_filter(q)
-            want = sorted((d["id"] for d in docs if flt.matches(d)), reverse=True)
-            got = [f["id"] for f in (await repo.listing(FlowQuery(q=q))).flows]
-            assert got == want, q
-    finally:
-        await repo.close()
+    repo = await make_repo()
+    bare = _flow(1)
+    for name in ("replica", "host", "method"):
+        bare[name] = None
+    foreign = {**_flow(2), "kind": "grpc"}
+    await repo.upsert_events([bare, foreign, _flow(3), {**_flow(4), "kind": "tunnel"}])
+    stored = [(await repo.get(f["id"])) for f in (bare, foreign)]
+    assert stored[1] is not None and stored[1].doc["kind"] is None
+    docs = [r.doc for r in stored if r is not None] + [_flow(3), {**_flow(4), "kind": "tunnel"}]
+    for q in ("~replica ^$", "~d ^$", "~m ^$", "~kind ^$", "~kind http", "~kind .",
+              "~http", "~tcp", "!~replica r1", "~d ''", "~m 'g?'"):  # fmt: skip
+        flt = compile_filter(q)
+        want = sorted((d["id"] for d in docs if flt.matches(d)), reverse=True)
+        got = [f["id"] for f in (await repo.listing(FlowQuery(q=q))).flows]
+        assert got == want, q
 
 
 # -- ~rule and ~tag: the policy's columns ---------------------------------------------------
@@ -302,18 +276,14 @@ RULE_TAG_EXPRESSIONS = [
 
 
 @pytest.fixture
-async def decided_store(tmp_path: Path) -> AsyncIterator[SQLiteRepository]:
-    repo = SQLiteRepository(tmp_path / "flows.db", scan_limit=1000)
-    await repo.open()
+async def decided_store(make_repo: MakeRepo) -> FlowRepository:
+    repo = await make_repo(scan_limit=1000)
     assert await repo.upsert_events(decided_flows()) == 0  # hostile values: stored all the same
-    try:
-        yield repo
-    finally:
-        await repo.close()
+    return repo
 
 
 async def test_rule_and_tag_select_through_sql_what_the_evaluator_does(
-    decided_store: SQLiteRepository,
+    decided_store: FlowRepository,
 ) -> None:
     flows = decided_flows()
     wrong = []
@@ -334,7 +304,7 @@ async def test_rule_and_tag_select_through_sql_what_the_evaluator_does(
 
 
 async def test_every_corpus_expression_still_agrees_on_decided_flows(
-    decided_store: SQLiteRepository,
+    decided_store: FlowRepository,
 ) -> None:
     """The policy fields change nothing for the other operators."""
     flows = decided_flows()
@@ -348,7 +318,7 @@ async def test_every_corpus_expression_still_agrees_on_decided_flows(
     "value", ["block-ads", "BLOCK-ADS", "hdr_set", "allow-%-50", "r255", "r256"]
 )
 async def test_rule_parameter_is_the_anchored_filter(
-    decided_store: SQLiteRepository, value: str
+    decided_store: FlowRepository, value: str
 ) -> None:
     flt = compile_filter(f"~rule '^{re.escape(value)}$'")
     want = sorted((f["id"] for f in decided_flows() if flt.matches(f)), reverse=True)
@@ -359,7 +329,7 @@ async def test_rule_parameter_is_the_anchored_filter(
 
 @pytest.mark.parametrize("value", ["ads", "team:a", "Seen", "t0", "t300", "ok"])
 async def test_tag_parameter_is_the_anchored_filter(
-    decided_store: SQLiteRepository, value: str
+    decided_store: FlowRepository, value: str
 ) -> None:
     flt = compile_filter(f"~tag '^{re.escape(value)}$'")
     want = sorted((f["id"] for f in decided_flows() if flt.matches(f)), reverse=True)
@@ -368,7 +338,7 @@ async def test_tag_parameter_is_the_anchored_filter(
 
 
 @pytest.mark.parametrize("value", ["block", "allow", "intercept", "modify", "respond", "any"])
-async def test_decision_parameter(decided_store: SQLiteRepository, value: str) -> None:
+async def test_decision_parameter(decided_store: FlowRepository, value: str) -> None:
     def keep(f: dict[str, Any]) -> bool:
         found = flowfilter.decision(f)
         return found is not None and value in ("any", found)
