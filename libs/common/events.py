@@ -43,6 +43,8 @@ INTERCEPT_TIMEOUT = "intercept_timeout"
 FLOW_REPLAYED = "flow_replayed"
 INGEST_ERROR = "ingest_error"  # the store could not commit a batch (it is redelivered)
 INGEST_DECODE_ERROR = "ingest_decode_error"  # messages/events the store had to drop
+DATABASE_UNAVAILABLE = "database_unavailable"  # the store stopped ingesting: its database fails
+DATABASE_RECOVERED = "database_recovered"  # ... and answers again: ingest resumed
 AUDIT = subjects.AUDIT_EVENT  # one per mutating API call
 
 TYPES = (
@@ -62,6 +64,8 @@ TYPES = (
     FLOW_REPLAYED,
     INGEST_ERROR,
     INGEST_DECODE_ERROR,
+    DATABASE_UNAVAILABLE,
+    DATABASE_RECOVERED,
     AUDIT,
 )
 

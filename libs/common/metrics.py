@@ -25,11 +25,13 @@ from libs.common.settings import parse_hostport
 log = logging.getLogger("proxyfleet.metrics")
 
 METRICS_PATH = "/metrics"
+READY_PATH = "/readyz"  # served when the owner gives a readiness check
 _MAX_HEAD = 8192
 _READ_TIMEOUT = 5.0
 _REFRESH_TIMEOUT = 2.0
 
 Refresh = Callable[[], Awaitable[None]]
+Ready = Callable[[], Awaitable[str | None]]
 
 
 class MetricsListenError(Exception):
@@ -52,11 +54,16 @@ class MetricsServer:
     """
 
     def __init__(
-        self, registry: CollectorRegistry, listen: str, refresh: Refresh | None = None
+        self,
+        registry: CollectorRegistry,
+        listen: str,
+        refresh: Refresh | None = None,
+        ready: Ready | None = None,
     ) -> None:
         self.registry = registry
         self.listen = listen
         self.refresh = refresh
+        self.ready = ready  # /readyz: None when ready, else why not (one line)
         self._server: asyncio.Server | None = None
 
     @property
@@ -94,7 +101,13 @@ class MetricsServer:
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             writer.close()
             return
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+        reason = {
+            200: "OK",
+            400: "Bad Request",
+            404: "Not Found",
+            405: "Method Not Allowed",
+            503: "Service Unavailable",
+        }
         writer.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n"
@@ -112,7 +125,18 @@ class MetricsServer:
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             return 400, b"bad request\n", "text/plain; charset=utf-8"
         method, target = parts[0], parts[1]
-        if target.split("?", 1)[0] != METRICS_PATH:
+        path = target.split("?", 1)[0]
+        if path == READY_PATH and self.ready is not None:
+            if method not in ("GET", "HEAD"):
+                return 405, b"GET only\n", "text/plain; charset=utf-8"
+            try:
+                why = await asyncio.wait_for(self.ready(), _REFRESH_TIMEOUT)
+            except Exception as exc:
+                why = f"readiness check failed: {exc!r}"
+            if why is None:
+                return 200, b"ready\n", "text/plain; charset=utf-8"
+            return 503, why.encode() + b"\n", "text/plain; charset=utf-8"
+        if path != METRICS_PATH:
             return 404, b"metrics are at /metrics\n", "text/plain; charset=utf-8"
         if method not in ("GET", "HEAD"):
             return 405, b"GET only\n", "text/plain; charset=utf-8"

@@ -32,6 +32,7 @@ log = logging.getLogger("proxyfleet.store.consumer")
 
 RETRY_DELAY = 1.0  # seconds before a batch that failed to commit is redelivered
 MAX_ACK_PENDING = 20_000
+DATABASE_PROBE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -77,6 +78,9 @@ class FlowConsumer:
         self._slots = asyncio.Semaphore(depth)
         self._inflight: set[asyncio.Task[None]] = set()
         self._fetcher: asyncio.Task[None] | None = None
+        # the database failed a commit and has not answered since: fetch nothing (the
+        # messages wait in the stream, unacked) until a ping says it is back
+        self.database_error: str | None = None
 
     async def start(self) -> None:
         """Create (or update) the durable consumer, bind to it, start the loops."""
@@ -125,6 +129,9 @@ class FlowConsumer:
         assert self._sub is not None
         failing = False
         while not self._stopping.is_set():
+            if self.database_error is not None:
+                await self._wait_for_database()
+                continue
             try:
                 msgs = await self._sub.fetch(self.batch, timeout=self.fetch_timeout)
             except TimeoutError:
@@ -142,6 +149,20 @@ class FlowConsumer:
             task.add_done_callback(self._inflight.discard)
         if self._inflight:  # stopping: commit and ack what was fetched
             await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def _wait_for_database(self) -> None:
+        """One probe of a failing database (a second apart); back: say so, fetch again."""
+        try:
+            await asyncio.wait_for(self.repo.ping(), DATABASE_PROBE_TIMEOUT)
+        except Exception as exc:
+            self.database_error = str(exc) if isinstance(exc, RepositoryError) else repr(exc)
+            await self._sleep(RETRY_DELAY)
+            return
+        log.info("database answers again: ingest resumed")
+        self.database_error = None
+        events.emit_soon(
+            self.bus, self.source, events.DATABASE_RECOVERED, {}, "info", replica=self.source
+        )
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -177,6 +198,17 @@ class FlowConsumer:
             for msg in msgs:
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=RETRY_DELAY)
+            if isinstance(exc, RepositoryError) and self.database_error is None:
+                self.database_error = str(exc)
+                log.error("database unavailable: ingest paused until it answers")
+                events.emit_soon(
+                    self.bus,
+                    self.source,
+                    events.DATABASE_UNAVAILABLE,
+                    {"error": str(exc)},
+                    "error",
+                    replica=self.source,
+                )
             await self._sleep(RETRY_DELAY)
             return
         undecodable = set(result.undecodable)

@@ -28,6 +28,8 @@ from services.store.sqlite import SQLiteRepository
 
 log = logging.getLogger("proxyfleet.store")
 
+READY_PROBE_TIMEOUT = 1.5
+
 
 class StartupError(Exception):
     """The store cannot start; the message is the one line printed before exiting."""
@@ -123,7 +125,10 @@ class Store:
                 raise StartupError(f"cannot set up ingest and queries on NATS: {exc!r}") from None
             if s.store_metrics_listen:
                 metrics = MetricsServer(
-                    self.registry, s.store_metrics_listen, refresh=self.collector.refresh
+                    self.registry,
+                    s.store_metrics_listen,
+                    refresh=self.collector.refresh,
+                    ready=self.not_ready,
                 )
                 try:
                     await metrics.start()
@@ -150,6 +155,20 @@ class Store:
         )
         self._watcher = spawn(self.registry_watch.run(), name="store-registry-watch")
         log.info("store %s started", s.replica_id)
+
+    async def not_ready(self) -> str | None:
+        """Why this store cannot ingest or answer now (``/readyz``), or None when it can."""
+        if self.bus is None or not self.bus.connected:
+            return "NATS is not connected"
+        if self.repo is None:
+            return "the database is not open"
+        try:
+            await asyncio.wait_for(self.repo.ping(), READY_PROBE_TIMEOUT)
+        except Exception as exc:
+            return f"database unavailable: {exc}" if str(exc) else "database unavailable"
+        if self.failure:
+            return self.failure
+        return None
 
     async def stop(self) -> None:
         """Stop ingest (finishing the batch in progress), queries and pruning; disconnect."""

@@ -91,6 +91,12 @@ class StoreCollector(Collector):
         )
         consumer = store.consumer
         if consumer is not None:
+            yield GaugeMetricFamily(
+                PREFIX + "database_up",
+                "0 while the database fails (ingest is paused; the messages wait in the "
+                "stream), else 1",
+                value=0.0 if consumer.database_error is not None else 1.0,
+            )
             st = consumer.stats
             counters = (
                 ("messages_ingested", "FLOWS messages committed (and acked)", st.messages),
@@ -140,8 +146,8 @@ class StoreCollector(Collector):
             ),
             (
                 "db_rows",
-                "Flows in the database: a cheap estimate (SQLite rowid span), sampled at "
-                "scrape time",
+                "Flows in the database: a cheap estimate (SQLite rowid span, PostgreSQL "
+                "statistics), sampled at scrape time",
                 self.rows,
             ),
         )

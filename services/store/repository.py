@@ -22,6 +22,7 @@ from libs.common.models import FlowQuery
 from services.store.rows import FINAL_STATES, Decoded, decode_body, split_payloads
 
 Summary = dict[str, Any]
+MAX_PING_SINCE = 253402300799.0  # 9999-12-31: a count that reads one index edge
 Page = tuple[list[Summary], str | None]
 
 
@@ -279,6 +280,11 @@ class FlowRepository(abc.ABC):
         later, still replaces it (see the merge rule). Idempotent; returns how many
         flows it ended.
         """
+
+    async def ping(self) -> None:
+        """Raise ``RepositoryError`` unless the database answers now (readiness, and the
+        consumer's wait while the database is down)."""
+        await self.count(FlowQuery.model_validate({"limit": 1, "since": MAX_PING_SINCE}))
 
     async def estimate_rows(self) -> int | None:
         """About how many flows are stored, cheaply (for metrics); None if unknown."""
