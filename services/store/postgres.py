@@ -144,6 +144,9 @@ class PostgresRepository(FlowRepository):
         scan_limit: int = DEFAULT_SCAN_LIMIT,
         open_timeout: float = 15.0,
     ) -> None:
+        # the pool logs every failed reconnection, over several lines: the consumer says
+        # once that the database is down, and once that it is back
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         self.dsn = dsn
         self.scan_limit = scan_limit
         self.open_timeout = open_timeout
@@ -179,7 +182,7 @@ class PostgresRepository(FlowRepository):
     async def open(self) -> None:
         try:
             await self._run(self._open)
-        except (psycopg.Error, PoolTimeout, pgschema.SchemaError) as exc:
+        except (psycopg.Error, PoolTimeout, pgschema.SchemaError, RepositoryError) as exc:
             raise RepositoryError(f"cannot open the PostgreSQL database: {_line(exc)}") from None
         self._opened = True
 
