@@ -1,8 +1,11 @@
-"""Flow store micro-benchmark: ingest rate into SQLite, and list latency over 1M flows.
+"""Flow store micro-benchmark: ingest rate, and list latency over a big database.
 
     .venv/bin/python bench/store_ingest.py [--flows 200000] [--events-per-msg 100]
-        [--started] [--db-flows 1000000] [--queries 200] [--skip-ingest] [--skip-query]
-        [--profile FILE.svg]
+        [--started] [--stores N] [--db-flows 1000000] [--queries 200] [--skip-ingest]
+        [--skip-query] [--profile FILE.svg] [--db postgresql://user@host:port/db]
+
+``--db`` names a PostgreSQL server (any database on it: the bench creates a database of
+its own per phase and drops it after, unless ``--keep``); without it, SQLite files.
 
 1. Ingest: publishes ``--flows`` synthetic completed flows (realistic events: request and
    response headers, a 1 KiB JSON-ish response body, ~2 KB of JSON each) into FLOWS on a
@@ -44,6 +47,7 @@ from libs.common import subjects  # noqa: E402
 from libs.common.bus import Bus  # noqa: E402
 from libs.common.models import FlowQuery  # noqa: E402
 from libs.common.natsserver import EmbeddedNats  # noqa: E402
+from services.store.repository import FlowRepository  # noqa: E402
 from services.store.sqlite import SQLiteRepository  # noqa: E402
 
 REPLICAS = [f"proxy-{i}" for i in range(4)]
@@ -155,7 +159,7 @@ def started_of(event: dict[str, Any]) -> dict[str, Any]:
 
 # -- store process ---------------------------------------------------------------------------
 def start_store(
-    nats_url: str, db: Path, workdir: Path, fetch_batch: int, name: str = "bench-store"
+    nats_url: str, db: Path | str, workdir: Path, fetch_batch: int, name: str = "bench-store"
 ) -> subprocess.Popen[str]:
     env = {
         **os.environ,
@@ -233,7 +237,7 @@ async def ingest(args: argparse.Namespace, nats: EmbeddedNats, workdir: Path) ->
         f"published {events_total} events in {time.perf_counter() - t0:.1f}s, "
         f"{sizes / events_total:.0f} bytes per event"
     )
-    db = workdir / "ingest.db"
+    db = database(args, workdir, "ingest")
     procs = [
         start_store(nats.url, db, workdir, args.fetch_batch, f"bench-store-{i}")
         for i in range(args.stores)
@@ -284,16 +288,70 @@ async def ingest(args: argparse.Namespace, nats: EmbeddedNats, workdir: Path) ->
 
 
 # -- phase 2: queries over a big database ----------------------------------------------------
-async def fill(db: Path, count: int) -> None:
-    """``count`` flows over the last six days, written straight through the repository."""
-    repo = SQLiteRepository(db, ingest_workers=2)
+def database(args: argparse.Namespace, workdir: Path, phase: str) -> Path | str:
+    """The FLEET_STORE_DB of a phase: a fresh SQLite file, or a fresh PostgreSQL database."""
+    if not args.db:
+        return workdir / f"{phase}.db"
+    import psycopg
+
+    name = f"fleet_bench_{phase}_{os.getpid()}"
+    with psycopg.connect(args.db, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    if not args.keep:
+        CLEANUP.append(name)
+    base, _, query = args.db.partition("?")
+    return base.rsplit("/", 1)[0] + f"/{name}" + (f"?{query}" if query else "")
+
+
+CLEANUP: list[str] = []  # PostgreSQL databases to drop at the end
+
+
+def drop_databases(server: str) -> None:
+    import psycopg
+
+    with psycopg.connect(server, autocommit=True) as conn:
+        for name in CLEANUP:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def open_repo(db: Path | str) -> FlowRepository:
+    if isinstance(db, str):
+        from services.store.postgres import PostgresRepository
+
+        return PostgresRepository(db)
+    return SQLiteRepository(db, ingest_workers=2)
+
+
+def db_size(db: Path | str) -> int:
+    """Bytes the database takes on disk."""
+    if isinstance(db, Path):
+        return db.stat().st_size
+    import psycopg
+
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+    return int(row[0]) if row else 0
+
+
+def fill_part(db: Path | str, count: int, part: int, parts: int) -> None:
+    """A fill worker process: its share of the flows (PostgreSQL takes writers in parallel)."""
+    asyncio.run(fill(db, count, part, parts))
+
+
+async def fill(db: Path | str, count: int, part: int = 0, parts: int = 1) -> None:
+    """``count`` flows over the last six days, written straight through the repository
+    (``part`` of ``parts``: every ``parts``-th message of them)."""
+    repo = open_repo(db)
     await repo.open()
-    maker = FlowMaker(seed=2)
+    maker = FlowMaker(seed=2 + part)
+    maker.seq = part << 20  # ids unique across the fill workers
     now_ms = int(time.time() * 1000)
     span_ms = 6 * 24 * 3600 * 1000
     step = span_ms / count
     t0 = time.perf_counter()
     per_msg, per_call = 100, 32
+    per_write = per_msg * per_call
     slots = asyncio.Semaphore(3)
     tasks: list[asyncio.Task[Any]] = []
 
@@ -304,34 +362,49 @@ async def fill(db: Path, count: int) -> None:
             slots.release()
 
     try:
-        k = 0
-        while k < count:
+        for first in range(part * per_write, count, parts * per_write):
             payloads = []
-            for _ in range(per_call):
+            for lo in range(first, min(count, first + per_write), per_msg):
                 events = []
-                for k in range(k, min(count, k + per_msg)):  # noqa: B020
+                for k in range(lo, min(count, lo + per_msg)):
                     roll = maker.rnd.random()
                     state = "active" if roll < 0.01 else "error" if roll < 0.02 else "completed"
                     events.append(maker.event(now_ms - span_ms + int(k * step), state))
-                k += 1
                 payloads.append(orjson.dumps(events))
-                if k >= count:
-                    break
             await slots.acquire()
             tasks.append(asyncio.create_task(write(payloads)))
-            if len(tasks) % 50 == 0:
-                log(f"  {k:,} flows written")
+            if part == 0 and len(tasks) % 50 == 0:
+                log(f"  {first:,} flows written")
         await asyncio.gather(*tasks)
     finally:
         await repo.close()
-    size = db.stat().st_size >> 20  # noqa: ASYNC240
-    log(f"filled {count:,} flows in {time.perf_counter() - t0:.0f}s ({size} MiB)")
+    if part == 0:
+        log(f"filled {count:,} flows in {time.perf_counter() - t0:.0f}s")
 
 
 async def queries(args: argparse.Namespace, nats: EmbeddedNats, workdir: Path) -> dict[str, Any]:
-    db = workdir / "query.db"
+    db = database(args, workdir, "query")
     log(f"filling a database with {args.db_flows:,} flows ...")
-    await fill(db, args.db_flows)
+    t0 = time.perf_counter()
+    if isinstance(db, str):  # PostgreSQL: a writer process per core
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        parts = os.cpu_count() or 2
+        workers = [
+            ctx.Process(target=fill_part, args=(db, args.db_flows, i, parts)) for i in range(parts)
+        ]
+        for w in workers:
+            w.start()
+        await asyncio.to_thread(lambda: [w.join() for w in workers])
+        if any(w.exitcode for w in workers):
+            raise SystemExit("a fill worker failed")
+    else:
+        await fill(db, args.db_flows)
+    log(
+        f"database of {args.db_flows:,} flows: {time.perf_counter() - t0:.0f}s to fill, "
+        f"{db_size(db) >> 20} MiB"
+    )
     proc = start_store(nats.url, db, workdir, args.fetch_batch)
     bus = await Bus.connect(nats.url, "bench-query", timeout=5)
     now = time.time()
@@ -402,6 +475,7 @@ def main() -> None:
     parser.add_argument("--profile-format", default="flamegraph", help="py-spy --format")
     parser.add_argument("--workdir", help="directory to work in (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--db", help="a PostgreSQL server URL (default: SQLite files)")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="store-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -416,6 +490,8 @@ def main() -> None:
             summary["list"] = asyncio.run(queries(args, nats, workdir))
     finally:
         nats.stop()
+        if args.db and CLEANUP:
+            drop_databases(args.db)
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
