@@ -60,6 +60,7 @@ PRUNE_CHUNK = 5000  # rows per delete transaction
 POOL_TIMEOUT = 5.0  # seconds to wait for a connection (the database down: fail the batch)
 STATEMENT_TIMEOUT_MS = 60_000  # no statement of ours takes this long; a runaway one stops
 DAY_S = 86_400.0
+KNOWN_VALUES_MAX = 50_000  # values remembered as already in ``flow_values``
 
 # Column types of ``flows``, for the binary COPY of a batch.
 _TYPES = {
@@ -274,6 +275,8 @@ class PostgresRepository(FlowRepository):
                         self._add_values(conn, values)
         except (psycopg.Error, PoolTimeout) as exc:
             raise RepositoryError(f"ingest failed: {_line(exc)}") from None
+        if len(self._known_values) > KNOWN_VALUES_MAX:  # a cache: a hostile publisher's
+            self._known_values.clear()  # million hosts must not live here too
         self._known_values |= values
         return bad
 
