@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run proxy test lint fmt bench bench-store bench-visibility bench-queries bench-rules conformance-oracle clean
+.PHONY: setup run proxy test lint fmt bench bench-store bench-store-pg bench-visibility bench-queries bench-rules conformance-oracle clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,14 @@ bench: setup
 
 bench-store: setup
 	$(BIN)/python bench/store_ingest.py
+
+# PostgreSQL: ingest with one and two stores, then list pages over 5M flows (the bench makes
+# and drops databases of its own on the server FLEET_BENCH_PG names)
+FLEET_BENCH_PG ?= postgresql://postgres@127.0.0.1:5432/postgres
+bench-store-pg: setup
+	$(BIN)/python bench/store_ingest.py --db $(FLEET_BENCH_PG) --skip-query
+	$(BIN)/python bench/store_ingest.py --db $(FLEET_BENCH_PG) --skip-query --stores 2
+	$(BIN)/python bench/store_ingest.py --db $(FLEET_BENCH_PG) --skip-ingest --db-flows 5000000
 
 bench-visibility: setup
 	$(BIN)/python bench/visibility.py

@@ -198,7 +198,7 @@ async def run_up(settings: UpSettings) -> None:
         f"  API:     http://{api.api_listen}/api  (OpenAPI: /api/openapi.json)\n"
         f"  API key: {key}\n"
         f"  CA:      {settings.data_dir / 'ca.pem'}  (trust it for HTTPS interception)\n"
-        f"  store:   {store.db_path}\n"
+        f"  store:   {store.db_label}\n"
         f"  metrics: {_metrics_urls(proxy, store, api)}\n"
         f"  NATS:    {nats_shown}\n"
         f"Ctrl-C stops everything.",
