@@ -58,14 +58,30 @@ def test_settings_fold_credentials_into_the_url(
     )
 
 
-def test_a_database_url_is_refused_without_echoing_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLEET_STORE_DB", "postgresql://fleet:hunter2@db:5432/flows")
+def test_another_database_url_is_refused_without_echoing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLEET_STORE_DB", "mysql://fleet:hunter2@db:3306/flows")
     with pytest.raises(SettingsError) as err:
         load(StoreSettings)
     message = str(err.value)
-    assert "FLEET_STORE_DB" in message and "postgresql://" in message
-    assert "hunter2" not in message and "db:5432" not in message
+    assert "FLEET_STORE_DB" in message and "mysql://" in message
+    assert "hunter2" not in message and "db:3306" not in message
     assert "\n" not in message
+
+
+def test_a_postgres_url_is_taken_and_printed_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEET_STORE_DB", "postgresql://fleet:hunter2@db:5432/flows")
+    settings = load(StoreSettings)
+    assert settings.pg_dsn == "postgresql://fleet:hunter2@db:5432/flows"
+    assert settings.db_label == "postgresql://fleet:***@db:5432/flows"
+    assert "hunter2" not in repr(settings)
+    monkeypatch.setenv("FLEET_STORE_DB", "postgres://u@db/flows?password=hunter2&sslmode=require")
+    label = load(StoreSettings).db_label
+    assert "hunter2" not in label and "sslmode=require" in label
+    monkeypatch.setenv("FLEET_STORE_DB", "/var/lib/fleet/flows.db")
+    settings = load(StoreSettings)
+    assert settings.pg_dsn is None and str(settings.db_path) == "/var/lib/fleet/flows.db"
 
 
 def test_password_file_is_private_and_reused(tmp_path: Path) -> None:
