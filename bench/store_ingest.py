@@ -423,6 +423,13 @@ async def queries(args: argparse.Namespace, nats: EmbeddedNats, workdir: Path) -
             "until": now - 2 * 86400,
         },
     }
+    cases |= {  # the filter language (``q``), pushed down
+        "q ~d api.svc3 (host vocabulary)": {"q": "~d api\\.svc3\\.example\\.com"},
+        "q ~m POST & ~c 500": {"q": "~m POST & ~c 500"},
+        "q ~c 404 & ~d svc7": {"q": "~c 404 & ~d svc7"},
+        "q !~c 200 & ~replica proxy-1": {"q": "!~c 200 & ~replica proxy-1"},
+        "q ~u /v1/kappa/12 (substring)": {"q": "~u /v1/kappa/12"},
+    }
     results: dict[str, Any] = {}
     try:
         cases["host exact, next page"] = {"host": "www.svc1.example.com", "cursor": None}
