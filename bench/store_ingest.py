@@ -388,6 +388,19 @@ async def queries(args: argparse.Namespace, nats: EmbeddedNats, workdir: Path) -
     t0 = time.perf_counter()
     if isinstance(db, str):  # PostgreSQL: a writer process per core
         import multiprocessing
+        from datetime import UTC, datetime, timedelta
+
+        import psycopg
+
+        from services.store import pgschema
+
+        repo = open_repo(db)
+        await repo.open()  # the schema, then the partitions of the six days filled, as a
+        await repo.close()  # store running all along would have made them
+        with psycopg.connect(db, autocommit=True) as conn:
+            today = datetime.now(UTC)
+            for days in range(7):
+                pgschema.create_partition(conn, pgschema.day_partition(today - timedelta(days)))
 
         ctx = multiprocessing.get_context("spawn")
         parts = os.cpu_count() or 2
