@@ -37,6 +37,7 @@ log = logging.getLogger("proxyfleet.store.postgres")
 
 MIGRATE_LOCK = 0x70726F78_79666C74 & 0x7FFFFFFFFFFFFFFF  # advisory lock key ("proxyflt")
 PARTITION_LOCK = MIGRATE_LOCK - 1
+RETENTION_LOCK = MIGRATE_LOCK - 2  # held by the one store running a retention pass
 PARTITIONS_AHEAD = 2  # days of partitions made beyond today
 TOAST_TARGET = 256  # bytes: rows larger than this move the bodies out of line
 
@@ -277,6 +278,9 @@ def drop_partition(conn: psycopg.Connection, part: Partition) -> int:
     """Drop one partition whole; return how many flows it held."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+        exists = conn.execute("SELECT to_regclass(%s)", (part.name,)).fetchone()
+        if not exists or exists[0] is None:
+            return 0  # another store dropped it meanwhile
         row = conn.execute(
             pgsql.SQL("SELECT count(*) FROM {}").format(pgsql.Identifier(part.name))
         ).fetchone()

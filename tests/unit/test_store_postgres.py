@@ -182,3 +182,25 @@ async def test_a_filter_on_a_huge_status_or_odd_text_is_answered(
     for q in ("~c 9223372036854775807", "~c 99999999999999999999", "~d '%'", "~u '_'"):
         page = await repo.listing(FlowQuery(q=q, limit=5))
         assert page.flows == [] or q.startswith("~u")
+
+
+async def test_stores_pruning_at_once_neither_fails_nor_deletes_twice(
+    repo: PostgresRepository, pg_dsn: str
+) -> None:
+    now = time.time()
+    old_day = datetime.fromtimestamp(now, UTC) - timedelta(days=10)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        pgschema.create_partition(conn, pgschema.day_partition(old_day))
+    old_ms = int(old_day.replace(hour=12).timestamp() * 1000)
+    old = [fid(old_ms + i) for i in range(30)] + [fid(old_ms - 40 * DAY_MS + i) for i in range(9)]
+    await repo.upsert_events([ev(f) for f in old] + [ev(fid(int(now * 1000)))])
+    other = PostgresRepository(pg_dsn)
+    await other.open()
+    try:
+        results = await asyncio.gather(
+            *(r.prune(max_age_s=3 * 86_400, max_count=1_000_000) for r in (repo, other, repo))
+        )
+    finally:
+        await other.close()
+    assert sum(results) == len(old)
+    assert await repo.count(FlowQuery()) == 1
