@@ -172,7 +172,6 @@ class PostgresRepository(FlowRepository):
         self._known_values: set[tuple[str, str]] = set()  # committed to ``flow_values``
         self._identity = ""
         self._closed = False
-        self._opened = False
 
     # -- plumbing -------------------------------------------------------------------------
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -181,7 +180,8 @@ class PostgresRepository(FlowRepository):
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
     def _conn(self) -> Any:
-        """A pooled connection (context manager); ``RepositoryError`` when none comes."""
+        """A pooled connection (context manager); ``PoolTimeout`` when none comes in
+        ``POOL_TIMEOUT`` (the database down: callers answer ``RepositoryError``)."""
         return self._pool.connection()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -190,7 +190,6 @@ class PostgresRepository(FlowRepository):
             await self._run(self._open)
         except (psycopg.Error, PoolTimeout, pgschema.SchemaError, RepositoryError) as exc:
             raise RepositoryError(f"cannot open the PostgreSQL database: {_line(exc)}") from None
-        self._opened = True
 
     def _open(self) -> None:
         # schema work first, on a plain connection (``%s`` placeholders, transactions): the
