@@ -261,6 +261,8 @@ class Bus:
                     config.num_replicas = self.replicas
                     await self.js.add_stream(config)
                 log.info("created stream %s (%d replicas)", config.name, config.num_replicas)
+                if config.num_replicas > 1:
+                    await self._await_leader(config.name)
             except Exception as exc:  # another replica created it first
                 if "already in use" not in str(exc):
                     raise
@@ -290,12 +292,13 @@ class Bus:
             await self._await_leader(config.name)
 
     async def _await_leader(self, stream: str, timeout: float = 10.0) -> None:
-        """Wait (bounded) until ``stream`` has a leader again: growing a stream's replicas
-        elects one anew, and until then a publish into it gets no answer."""
+        """Wait (bounded) until ``stream`` has a leader: a new replicated stream, or one
+        whose replicas grew, elects one, and until then a publish into it gets no answer."""
+        js = self.nc.jetstream(timeout=1.0)  # a request meeting no leader is not answered
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
-                info = await self.js.stream_info(stream)
+                info = await js.stream_info(stream)
                 if info.cluster is None or info.cluster.leader:
                     return
             await asyncio.sleep(0.1)
@@ -347,14 +350,17 @@ class Bus:
             config.replicas = self.replicas
             try:
                 try:
-                    return await self.js.create_key_value(config)
+                    kv = await self.js.create_key_value(config)
                 except APIError as exc:
                     if not self._not_clustered(exc):
                         raise
                     config.replicas = self.replicas
-                    return await self.js.create_key_value(config)
+                    kv = await self.js.create_key_value(config)
             except Exception:  # another service created it first
                 return await self.js.key_value(config.bucket)
+            if config.replicas > 1:
+                await self._await_leader(f"KV_{config.bucket}")
+            return kv
         if self.replicas > 1 and config.bucket not in self._grown:
             await self._grow_bucket(config.bucket)
             self._grown.add(config.bucket)
