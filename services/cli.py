@@ -46,15 +46,18 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _nats_auth(folder: Path) -> int:
-    """``proxyfleet nats-auth DIR``: the NATS password of a deployment and the server's
-    ``authorization`` include (see ``natsserver.write_auth_files``)."""
-    from libs.common.natsserver import PASSWORD_FILE, write_auth_files
+def _nats_auth(folder: Path, routes: str = "") -> int:
+    """``proxyfleet nats-auth DIR [--routes HOST:PORT,...]``: the NATS password of a
+    deployment and the server's ``authorization`` include; with ``--routes``, the
+    ``cluster`` include of a JetStream cluster too (see ``natsserver.write_auth_files``)."""
+    from libs.common.natsserver import CLUSTER_FILE, PASSWORD_FILE, write_auth_files
 
-    creds = write_auth_files(folder)
+    nodes = [r.strip() for r in routes.split(",") if r.strip()]
+    creds = write_auth_files(folder, routes=nodes)
+    cluster = f", cluster include {folder / CLUSTER_FILE}" if nodes else ""
     print(
         f"NATS credentials: user {creds.user}, password in {folder / PASSWORD_FILE}, "
-        f"server include {folder / 'auth.conf'}"
+        f"server include {folder / 'auth.conf'}{cluster}"
     )
     return 0
 
@@ -151,12 +154,18 @@ def main(argv: list[str] | None = None) -> int:
         "nats-auth", help="create a NATS password and server auth include in DIR (compose)"
     )
     auth.add_argument("dir", type=Path)
+    auth.add_argument(
+        "--routes",
+        default="",
+        metavar="HOST:PORT,...",
+        help="route listeners of every node of a NATS cluster: also write DIR/cluster.conf",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command in _SERVICES:
             return _serve(args.command)
         if args.command == "nats-auth":
-            return _nats_auth(args.dir)
+            return _nats_auth(args.dir, args.routes)
         from services.health import check
 
         return check(args.service)

@@ -94,9 +94,18 @@ class Credentials:
         return creds
 
 
-def write_auth_files(folder: Path, user: str = DEFAULT_USER) -> Credentials:
+CLUSTER_FILE = "cluster.conf"  # the include of a cluster block (deploy/nats-cluster.conf)
+
+
+def write_auth_files(
+    folder: Path, user: str = DEFAULT_USER, routes: Sequence[str] = ()
+) -> Credentials:
     """``folder/nats-password`` (created once) and ``folder/auth.conf``, the nats-server
     ``authorization`` block with that password, for a server config to ``include``.
+
+    With ``routes`` (``host:port`` of every node's route listener), also
+    ``folder/cluster.conf``: the inside of a ``cluster`` block whose routes require the
+    same password and send it (``cluster_include``).
 
     What the compose file's one-shot ``nats-auth`` service runs (``proxyfleet nats-auth``):
     each deployment gets its own password, never one written in the repository.
@@ -104,6 +113,8 @@ def write_auth_files(folder: Path, user: str = DEFAULT_USER) -> Credentials:
     folder = Path(folder)
     creds = Credentials.load_or_create(folder / PASSWORD_FILE, user)
     write_private(folder / "auth.conf", _authorization(creds))
+    if routes:
+        write_private(folder / CLUSTER_FILE, "\n".join(cluster_include(creds, routes)) + "\n")
     return creds
 
 

@@ -276,3 +276,145 @@ async def test_compose_services_wire_up(compose_up: Mapping, upstream: Upstream)
     await m.receiver.wait_for(
         lambda spans: services <= {s.resource.get("service.name") for s in spans}, timeout=10.0
     )
+
+
+# -- the `cluster` profile ---------------------------------------------------------------
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags (``!override``, ``!reset``) read as plain values."""
+
+
+for _tag in ("!override", "!reset"):
+    _ComposeLoader.add_constructor(
+        _tag,
+        lambda loader, node: (
+            loader.construct_mapping(node, deep=True)
+            if isinstance(node, yaml.MappingNode)
+            else loader.construct_sequence(node, deep=True)
+            if isinstance(node, yaml.SequenceNode)
+            else loader.construct_scalar(node)
+        ),
+    )
+
+CLUSTER_OVERRIDE = yaml.load(  # a SafeLoader with two tags more
+    (ROOT / "docker-compose.cluster.yml").read_text(), Loader=_ComposeLoader
+)
+CLUSTER_NODES = ("nats-1", "nats-2", "nats-3")
+
+
+def test_compose_cluster_profile_puts_every_service_on_three_nodes() -> None:
+    services = COMPOSE["services"]
+    for name in CLUSTER_NODES:
+        node = services[name]
+        assert node["profiles"] == ["cluster"], name
+        assert "ports" not in node, f"{name} must not be published outside the network"
+        assert node["command"][-2:] == ["--name", name]
+        assert "nats-auth" in node["depends_on"]
+    text = (ROOT / "docker-compose.cluster.yml").read_text()
+    assert "depends_on: !override" in text  # a merge would keep waiting for `nats`
+    override = CLUSTER_OVERRIDE["services"]
+    assert override["nats"]["profiles"] != ["cluster"]  # the single node stays out
+    urls = ",".join(f"nats://{n}:4222" for n in CLUSTER_NODES)
+    for name in ("store", "api", "proxy"):
+        env = {**services[name]["environment"], **override[name]["environment"]}
+        assert env["FLEET_NATS_URL"] == urls, name
+        assert env["FLEET_NATS_REPLICAS"] == "3", name
+        assert env["FLEET_NATS_USER"] and env["FLEET_NATS_PASSWORD_FILE"], name
+        assert set(override[name]["depends_on"]) == set(CLUSTER_NODES), name
+    protected = override["proxy"]["environment"]["FLEET_PROTECTED_ENDPOINTS"].split(",")
+    assert set(services["proxy"]["environment"]["FLEET_PROTECTED_ENDPOINTS"].split(",")) <= set(
+        protected
+    )
+    assert {f"{n}:6222" for n in CLUSTER_NODES} <= set(protected)
+
+
+@pytest.fixture
+def cluster_up(tmp_path: Path) -> Iterator[Mapping]:
+    """nats-auth, then nats-1, nats-2 and nats-3 the way the `cluster` profile runs them
+    (deploy/nats-cluster.conf, the shared secrets volume), ports and volumes mapped."""
+    mapping = Mapping(tmp_path, "http://127.0.0.1:9")  # no service exports anything here
+    procs: list[subprocess.Popen[bytes]] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "OTEL_"))}
+    try:
+        auth = COMPOSE["services"]["nats-auth"]["command"]
+        routes = auth[auth.index("--routes") + 1].split(",")
+        assert routes == [f"{n}:6222" for n in CLUSTER_NODES]
+        mapped = ",".join(f"127.0.0.1:{mapping.port(r.split(':')[0], 6222)}" for r in routes)
+        argv = [
+            str(BIN / "proxyfleet"),
+            *(mapped if a == ",".join(routes) else mapping.path("nats-auth", a) for a in auth),
+        ]
+        subprocess.run(argv, env=env, check=True, capture_output=True, timeout=30)
+        conf = (ROOT / "deploy" / "nats-cluster.conf").read_text()
+        assert 'store_dir: "/data"' in conf
+        assert 'include "secrets/auth.conf"' in conf and 'include "secrets/cluster.conf"' in conf
+        for name in CLUSTER_NODES:
+            node = COMPOSE["services"][name]
+            mounts = {}
+            for spec in node["volumes"]:
+                source, _, target = spec.partition(":")
+                mounts[target.split(":")[0]] = source
+            assert mounts["/etc/nats/nats-cluster.conf"] == "./deploy/nats-cluster.conf"
+            etc = tmp_path / f"{name}-etc"
+            etc.mkdir()
+            data = mapping.path(name, "/data")
+            (etc / "nats-cluster.conf").write_text(
+                conf.replace('store_dir: "/data"', f'store_dir: "{data}"')
+            )
+            (etc / "secrets").symlink_to(mapping.path(name, "/etc/nats/secrets"))
+            replace = {"/etc/nats/nats-cluster.conf": str(etc / "nats-cluster.conf")}
+            argv = [replace.get(a, a) for a in node["command"]]
+            local = [
+                *("-a", "127.0.0.1", "-p", str(mapping.port(name, 4222))),
+                *("-m", str(mapping.port(name, 8222))),
+                *("--cluster", f"nats://127.0.0.1:{mapping.port(name, 6222)}"),
+            ]
+            log = (tmp_path / f"{name}.log").open("wb")
+            procs.append(
+                subprocess.Popen(
+                    [find_binary(), *argv, *local], stdout=subprocess.DEVNULL, stderr=log
+                )
+            )
+        for name in CLUSTER_NODES:
+            health = COMPOSE["services"][name]["healthcheck"]["test"][-1]
+            _wait_url(health.replace("127.0.0.1:8222", f"127.0.0.1:{mapping.port(name, 8222)}"))
+        yield mapping
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def test_compose_cluster_nodes_form_one_jetstream_cluster(cluster_up: Mapping) -> None:
+    m = cluster_up
+    password = (m.volume("nats-auth", "/secrets") / "nats-password").read_text().strip()
+    servers = [f"nats://127.0.0.1:{m.port(n, 4222)}" for n in CLUSTER_NODES]
+    nc = await nats.connect(servers, user="fleet", password=password, connect_timeout=2)
+    try:
+        js = nc.jetstream(timeout=5.0)
+        info = await js.add_stream(name="CLUSTER_CHECK", subjects=["cluster.check"], num_replicas=3)
+        assert info.config.num_replicas == 3
+        assert info.cluster is not None and info.cluster.leader in CLUSTER_NODES
+        peers = {p.name for p in info.cluster.replicas or []}
+        assert peers | {info.cluster.leader} == set(CLUSTER_NODES)
+        ack = await js.publish("cluster.check", b"x")
+        assert ack.stream == "CLUSTER_CHECK"
+    finally:
+        await nc.close()
+    refused: list[str] = []
+
+    async def record(exc: Exception) -> None:
+        refused.append(str(exc))
+
+    with pytest.raises(NoServersError):  # every node refuses a client without the password
+        await nats.connect(
+            servers,
+            connect_timeout=1,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.1,
+            error_cb=record,
+        )
+    assert any("authorization violation" in e.lower() for e in refused), refused
