@@ -269,3 +269,45 @@ async def test_losing_the_flows_leader_loses_no_flow_and_no_command(
     # two of its idle heartbeats (5 s apart): up to ~10 s
     await eventually(applied, 20.0, f"config revision applied ({killed})")
     assert proxy.ctx.config.doc.capture_body_limit == 123
+
+
+async def replicas_of(bus: Bus, *streams: str) -> list[int]:
+    return [(await bus.js.stream_info(s)).config.num_replicas or 1 for s in streams]
+
+
+STREAMS = (subjects.FLOWS_STREAM, subjects.EVENTS_STREAM, f"KV_{subjects.CONFIG_BUCKET}")
+
+
+async def test_existing_streams_and_buckets_grow_and_never_shrink(nats_url: str) -> None:
+    one = await Bus.connect(nats_url, "r1", timeout=5.0)
+    three = await Bus.connect(nats_url, "r3", timeout=5.0, replicas=REPLICAS)
+    try:
+        await one.ensure_streams()
+        await one.config_kv()
+        assert await replicas_of(one, *STREAMS) == [1, 1, 1]
+        await three.ensure_streams()
+        kv = await three.config_kv()
+        assert await replicas_of(three, *STREAMS) == [REPLICAS] * 3
+        assert await kv.put("grown", b"1")  # a leader at once: the bus waited for it
+        await one.ensure_streams()  # a service left on the default shrinks nothing
+        await one.config_kv()
+        assert await replicas_of(one, *STREAMS) == [REPLICAS] * 3
+    finally:
+        await one.close()
+        await three.close()
+
+
+async def test_replicas_on_a_server_that_is_not_clustered_fall_back_to_one(
+    restartable_nats: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = await Bus.connect(restartable_nats.url, "r3", timeout=5.0, replicas=REPLICAS)
+    try:
+        await bus.ensure_streams()
+        kv = await bus.config_kv()
+        assert await kv.put("k", b"v")
+        assert await replicas_of(bus, *STREAMS) == [1, 1, 1]
+        assert bus.replicas == 1
+    finally:
+        await bus.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("not a JetStream cluster" in w for w in warnings), warnings
