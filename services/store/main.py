@@ -78,7 +78,10 @@ class Store:
         s = self.settings
         try:
             self.bus = await Bus.connect(
-                s.nats_url, f"store {s.replica_id}", s.nats_connect_timeout
+                s.nats_url,
+                f"store {s.replica_id}",
+                s.nats_connect_timeout,
+                replicas=s.nats_replicas,
             )
         except BusUnavailable as exc:
             raise StartupError(str(exc)) from None
