@@ -46,11 +46,20 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _nats_auth(folder: Path, routes: str = "") -> int:
-    """``proxyfleet nats-auth DIR [--routes HOST:PORT,...]``: the NATS password of a
-    deployment and the server's ``authorization`` include; with ``--routes``, the
-    ``cluster`` include of a JetStream cluster too (see ``natsserver.write_auth_files``)."""
-    from libs.common.natsserver import CLUSTER_FILE, PASSWORD_FILE, write_auth_files
+def _nats_auth(folder: Path, routes: str = "", db_owner: int | None = None) -> int:
+    """``proxyfleet nats-auth DIR [--routes HOST:PORT,...] [--db-password-owner UID]``: the
+    NATS password of a deployment and the server's ``authorization`` include; with
+    ``--routes``, the ``cluster`` include of a JetStream cluster too (see
+    ``natsserver.write_auth_files``); with ``--db-password-owner``, a PostgreSQL password
+    too (``DIR/db-password``, 0600, owned by that uid: the database server's user, which
+    reads it at its first start)."""
+    from libs.common.natsserver import (
+        CLUSTER_FILE,
+        DB_PASSWORD_FILE,
+        PASSWORD_FILE,
+        write_auth_files,
+        write_secret_once,
+    )
 
     nodes = [r.strip() for r in routes.split(",") if r.strip()]
     creds = write_auth_files(folder, routes=nodes)
@@ -59,6 +68,9 @@ def _nats_auth(folder: Path, routes: str = "") -> int:
         f"NATS credentials: user {creds.user}, password in {folder / PASSWORD_FILE}, "
         f"server include {folder / 'auth.conf'}{cluster}"
     )
+    if db_owner is not None:
+        path = write_secret_once(folder / DB_PASSWORD_FILE, owner=db_owner)
+        print(f"PostgreSQL password in {path} (owner uid {db_owner})")
     return 0
 
 
@@ -160,12 +172,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="HOST:PORT,...",
         help="route listeners of every node of a NATS cluster: also write DIR/cluster.conf",
     )
+    auth.add_argument(
+        "--db-password-owner",
+        type=int,
+        default=None,
+        metavar="UID",
+        help="also write DIR/db-password (a PostgreSQL password), owned by UID",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command in _SERVICES:
             return _serve(args.command)
         if args.command == "nats-auth":
-            return _nats_auth(args.dir, args.routes)
+            return _nats_auth(args.dir, args.routes, args.db_password_owner)
         from services.health import check
 
         return check(args.service)

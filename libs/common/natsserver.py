@@ -122,6 +122,19 @@ def _authorization(c: Credentials) -> str:
     return f"authorization {{ user: {json.dumps(c.user)}, password: {json.dumps(c.password)} }}\n"
 
 
+DB_PASSWORD_FILE = "db-password"  # the compose deployment's PostgreSQL password
+
+
+def write_secret_once(path: Path, owner: int | None = None) -> Path:
+    """A random password in ``path`` (0600), made once and kept after; ``owner``: the uid
+    that must read it (a database server running as its own user)."""
+    if not path.exists():
+        write_private(path, secrets.token_urlsafe(24) + "\n")
+    if owner is not None and os.stat(path).st_uid != owner:
+        os.chown(path, owner, -1)
+    return path
+
+
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` with mode 0600 from the first byte (no umask window)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -280,11 +281,18 @@ class ProxySettings(CommonSettings):
 class StoreSettings(CommonSettings):
     """Settings of the flow store (``proxyfleet store``)."""
 
+    _pg_password: SecretStr | None = PrivateAttr(None)
+
     store_db: str | None = Field(
         None,
         description="SQLite database file (default: $FLEET_DATA_DIR/flows.db), or a PostgreSQL "
         "URL (postgresql://user:password@host:port/db)",
         repr=False,  # a URL may hold a password
+    )
+    store_db_password_file: Path | None = Field(
+        None,
+        description="file holding the PostgreSQL password (a Docker secret); it wins over a "
+        "password in the URL",
     )
     store_pg_pool: int = Field(
         8,
@@ -361,6 +369,32 @@ class StoreSettings(CommonSettings):
     @classmethod
     def _check_metrics_listen(cls, v: str) -> str:
         return optional_listen(v)
+
+    @model_validator(mode="after")
+    def _db_password(self) -> StoreSettings:
+        """Read ``FLEET_STORE_DB_PASSWORD_FILE`` now: a bad file is a start-up error."""
+        self._pg_password = None
+        path = self.store_db_password_file
+        if path is None:
+            return self
+        if self.pg_dsn is None:
+            raise ValueError("FLEET_STORE_DB_PASSWORD_FILE needs a postgresql:// FLEET_STORE_DB")
+        try:
+            password = path.expanduser().read_text().strip()
+        except OSError as exc:
+            raise ValueError(
+                f"FLEET_STORE_DB_PASSWORD_FILE: cannot read {path}: {exc.strerror}"
+            ) from None
+        if not password:
+            raise ValueError(f"FLEET_STORE_DB_PASSWORD_FILE: {path} is empty")
+        self._pg_password = SecretStr(password)
+        return self
+
+    @property
+    def pg_password(self) -> str | None:
+        """The PostgreSQL password from ``FLEET_STORE_DB_PASSWORD_FILE`` (None: the URL's)."""
+        secret = self._pg_password
+        return secret.get_secret_value() if secret is not None else None
 
     @property
     def pg_dsn(self) -> str | None:

@@ -43,6 +43,7 @@ def open_repository(s: StoreSettings) -> FlowRepository:
 
         return PostgresRepository(
             s.pg_dsn,
+            password=s.pg_password,
             pool_size=s.store_pg_pool,
             scan_limit=s.store_scan_limit,
             open_timeout=s.nats_connect_timeout,

@@ -149,11 +149,15 @@ class PostgresRepository(FlowRepository):
         pool_size: int = 8,
         scan_limit: int = DEFAULT_SCAN_LIMIT,
         open_timeout: float = 15.0,
+        password: str | None = None,
     ) -> None:
         # the pool logs every failed reconnection, over several lines: the consumer says
         # once that the database is down, and once that it is back
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         self.dsn = dsn
+        # a password from a file (``FLEET_STORE_DB_PASSWORD_FILE``) goes beside the URL,
+        # never into it: the URL is what gets printed
+        self._auth: dict[str, Any] = {"password": password} if password is not None else {}
         self.scan_limit = scan_limit
         self.open_timeout = open_timeout
         self._pool = ConnectionPool(
@@ -161,7 +165,7 @@ class PostgresRepository(FlowRepository):
             min_size=min(2, pool_size),
             max_size=pool_size,
             open=False,
-            kwargs={"autocommit": True, "cursor_factory": RawCursor},
+            kwargs={"autocommit": True, "cursor_factory": RawCursor, **self._auth},
             configure=_configure,
             check=ConnectionPool.check_connection,
             timeout=POOL_TIMEOUT,
@@ -178,6 +182,10 @@ class PostgresRepository(FlowRepository):
         if self._closed:
             raise RepositoryError("store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    def _connect(self, **options: Any) -> psycopg.Connection:
+        """A plain connection of its own (schema work, retention), ``%s`` placeholders."""
+        return psycopg.connect(self.dsn, autocommit=True, **self._auth, **options)
 
     def _conn(self) -> Any:
         """A pooled connection (context manager); ``PoolTimeout`` when none comes in
@@ -197,7 +205,7 @@ class PostgresRepository(FlowRepository):
         deadline = time.monotonic() + self.open_timeout
         while True:  # the database may still be starting (compose, a restart): retry a while
             try:
-                conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+                conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10, **self._auth)
                 break
             except psycopg.OperationalError as exc:
                 if time.monotonic() >= deadline:
@@ -371,7 +379,7 @@ class PostgresRepository(FlowRepository):
         cutoff = time_bound(max(0.0, now - max_age_s))
         deleted = 0
         try:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
+            with self._connect() as conn:
                 pgschema.ensure_partitions(conn, now)
                 # one store prunes at a time (the others would wait on its rows, then
                 # find them gone); the lock ends with this connection

@@ -120,6 +120,61 @@ def _wait_healthy(argv: list[str], env: dict[str, str], timeout: float = 30) -> 
         time.sleep(0.3)
 
 
+def _as_me(command: list[str]) -> list[str]:
+    """nats-auth's command with ``--db-password-owner`` made this user when the tests do not
+    run as root (a container's root may give the file away; a plain user may not)."""
+    out = list(command)
+    if "--db-password-owner" in out and os.getuid() != 0:
+        out[out.index("--db-password-owner") + 1] = str(os.getuid())
+    return out
+
+
+def _start_nats(
+    mapping: Mapping, tmp_path: Path, base_env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """The one-shot nats-auth job, then nats with deploy/nats.conf, mounts mapped; healthy."""
+    auth = COMPOSE["services"]["nats-auth"]["command"]
+    argv = [str(BIN / "proxyfleet"), *(mapping.path("nats-auth", a) for a in _as_me(auth))]
+    subprocess.run(argv, env=base_env, check=True, capture_output=True, timeout=30)
+    etc = tmp_path / "nats-etc"
+    etc.mkdir()
+    mounts = {}
+    for spec in COMPOSE["services"]["nats"]["volumes"]:
+        source, _, target = spec.partition(":")
+        mounts[target.split(":")[0]] = source
+    assert mounts["/etc/nats/nats.conf"] == "./deploy/nats.conf"
+    conf = (ROOT / "deploy" / "nats.conf").read_text()
+    assert 'store_dir: "/data"' in conf
+    data = mapping.path("nats", "/data")
+    (etc / "nats.conf").write_text(conf.replace('store_dir: "/data"', f'store_dir: "{data}"'))
+    (etc / "secrets").symlink_to(mapping.path("nats", "/etc/nats/secrets"))
+    monitor = mapping.port("nats", 8222)
+    replace = {"/etc/nats/nats.conf": str(etc / "nats.conf")}
+    nats_cmd = [replace.get(a, a) for a in COMPOSE["services"]["nats"]["command"]]
+    proc = subprocess.Popen(
+        [
+            find_binary(),
+            *nats_cmd,
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(mapping.port("nats", 4222)),
+            "-m",
+            str(monitor),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "nats.log").open("wb"),
+    )
+    health = COMPOSE["services"]["nats"]["healthcheck"]["test"][-1]
+    url = health.replace("127.0.0.1:8222", f"127.0.0.1:{monitor}")
+    try:
+        _wait_url(url)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
 @pytest.fixture
 def compose_up(tmp_path: Path) -> Iterator[Mapping]:
     """Start nats, store, api and proxy the way docker-compose.yml describes them."""
@@ -131,44 +186,7 @@ def compose_up(tmp_path: Path) -> Iterator[Mapping]:
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "OTEL_"))}
     base_env["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # export spans within 0.1 s
     try:
-        # the one-shot nats-auth job, then nats with deploy/nats.conf, mounts mapped
-        auth = COMPOSE["services"]["nats-auth"]
-        argv = [str(BIN / "proxyfleet"), *(mapping.path("nats-auth", a) for a in auth["command"])]
-        subprocess.run(argv, env=base_env, check=True, capture_output=True, timeout=30)
-        etc = tmp_path / "nats-etc"
-        etc.mkdir()
-        mounts = {}
-        for spec in COMPOSE["services"]["nats"]["volumes"]:
-            source, _, target = spec.partition(":")
-            mounts[target.split(":")[0]] = source
-        assert mounts["/etc/nats/nats.conf"] == "./deploy/nats.conf"
-        conf = (ROOT / "deploy" / "nats.conf").read_text()
-        assert 'store_dir: "/data"' in conf
-        data = mapping.path("nats", "/data")
-        (etc / "nats.conf").write_text(conf.replace('store_dir: "/data"', f'store_dir: "{data}"'))
-        (etc / "secrets").symlink_to(mapping.path("nats", "/etc/nats/secrets"))
-        monitor = mapping.port("nats", 8222)
-        replace = {"/etc/nats/nats.conf": str(etc / "nats.conf")}
-        nats_cmd = [replace.get(a, a) for a in COMPOSE["services"]["nats"]["command"]]
-        procs.append(
-            subprocess.Popen(
-                [
-                    find_binary(),
-                    *nats_cmd,
-                    "-a",
-                    "127.0.0.1",
-                    "-p",
-                    str(mapping.port("nats", 4222)),
-                    "-m",
-                    str(monitor),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=(tmp_path / "nats.log").open("wb"),
-            )
-        )
-        health = COMPOSE["services"]["nats"]["healthcheck"]["test"][-1]
-        url = health.replace("127.0.0.1:8222", f"127.0.0.1:{monitor}")
-        _wait_url(url)
+        procs.append(_start_nats(mapping, tmp_path, base_env))
         for service in ("store", "api", "proxy"):
             env = {**base_env, **mapping.env(service)}
             log = (tmp_path / f"{service}.log").open("wb")
@@ -335,7 +353,7 @@ def cluster_up(tmp_path: Path) -> Iterator[Mapping]:
     procs: list[subprocess.Popen[bytes]] = []
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "OTEL_"))}
     try:
-        auth = COMPOSE["services"]["nats-auth"]["command"]
+        auth = _as_me(COMPOSE["services"]["nats-auth"]["command"])
         routes = auth[auth.index("--routes") + 1].split(",")
         assert routes == [f"{n}:6222" for n in CLUSTER_NODES]
         mapped = ",".join(f"127.0.0.1:{mapping.port(r.split(':')[0], 6222)}" for r in routes)
@@ -418,3 +436,94 @@ async def test_compose_cluster_nodes_form_one_jetstream_cluster(cluster_up: Mapp
             error_cb=record,
         )
     assert any("authorization violation" in e.lower() for e in refused), refused
+
+
+# -- the PostgreSQL override -----------------------------------------------------------------
+PG_OVERRIDE = yaml.safe_load((ROOT / "docker-compose.postgres.yml").read_text())
+
+
+def test_compose_postgres_override_runs_the_stores_on_one_private_database() -> None:
+    services = PG_OVERRIDE["services"]
+    pg = services["postgres"]
+    assert str(pg["image"]).startswith("postgres:")
+    assert "ports" not in pg, "PostgreSQL must not be published outside the network"
+    assert pg["environment"]["POSTGRES_PASSWORD_FILE"] == "/secrets/db-password"
+    assert "nats-secrets:/secrets:ro" in pg["volumes"] and "healthcheck" in pg
+    auth = COMPOSE["services"]["nats-auth"]["command"]
+    assert auth[auth.index("--db-password-owner") + 1] == "70"  # postgres:*-alpine's uid
+    store = services["store"]
+    assert store["deploy"]["replicas"] == 2
+    assert store["depends_on"]["postgres"]["condition"] == "service_healthy"
+    env = store["environment"]
+    assert env["FLEET_STORE_DB"] == "postgresql://fleet@postgres:5432/fleet"  # no password
+    assert env["FLEET_STORE_DB_PASSWORD_FILE"] == "/secrets/db-password"
+    assert "nats-secrets:/secrets:ro" in COMPOSE["services"]["store"]["volumes"]
+    for proxy in (COMPOSE, CLUSTER_OVERRIDE):
+        protected = proxy["services"]["proxy"]["environment"]["FLEET_PROTECTED_ENDPOINTS"]
+        assert "postgres:5432" in protected.split(",")
+
+
+@pytest.fixture
+def pg_stores(tmp_path: Path, pg_dsn: str) -> Iterator[Mapping]:
+    """nats-auth and nats as compose runs them, then the store as many times as the override
+    says, with its environment (the database mapped onto this test's own)."""
+    mapping = Mapping(tmp_path, "http://127.0.0.1:9")
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "OTEL_"))}
+    procs = [_start_nats(mapping, tmp_path, base_env)]
+    try:
+        override = PG_OVERRIDE["services"]["store"]["environment"]
+        for i in range(PG_OVERRIDE["services"]["store"]["deploy"]["replicas"]):
+            env = {**base_env, **mapping.env("store")}
+            env["FLEET_STORE_DB"] = override["FLEET_STORE_DB"].replace(
+                "postgresql://fleet@postgres:5432/fleet", pg_dsn
+            )
+            env["FLEET_STORE_DB_PASSWORD_FILE"] = mapping.path(
+                "store", override["FLEET_STORE_DB_PASSWORD_FILE"]
+            )
+            env["FLEET_STORE_METRICS_LISTEN"] = f"127.0.0.1:{mapping.port(f'store-{i}', 9102)}"
+            env["FLEET_REPLICA_ID"] = f"store-{i}"
+            log = (tmp_path / f"store-{i}.log").open("wb")
+            procs.append(subprocess.Popen(_command("store"), env=env, stdout=log, stderr=log))
+            _wait_healthy(_healthcheck("store", env), env)
+            _wait_url(f"http://127.0.0.1:{mapping.port(f'store-{i}', 9102)}/readyz")
+        yield mapping
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def test_compose_postgres_stores_share_the_database(pg_stores: Mapping, pg_dsn: str) -> None:
+    import orjson
+    import psycopg
+
+    from libs.common import subjects
+    from tests.integration.test_store import event, new_id
+
+    m = pg_stores
+    secret = m.volume("nats-auth", "/secrets") / "db-password"
+    assert len(secret.read_text().strip()) >= 24 and (secret.stat().st_mode & 0o077) == 0
+    password = (m.volume("nats-auth", "/secrets") / "nats-password").read_text().strip()
+    nc = await nats.connect(
+        f"nats://127.0.0.1:{m.port('nats', 4222)}", user="fleet", password=password
+    )
+    ids = [new_id() for _ in range(200)]
+    try:
+        js = nc.jetstream()
+        for k in range(0, len(ids), 10):
+            batch = [event(f, "completed") for f in ids[k : k + 10]]
+            await js.publish(subjects.flows_subject("hand"), orjson.dumps(batch))
+        for _ in range(100):
+            reply = await nc.request(subjects.store_subject("count"), b"{}", timeout=5)
+            if orjson.loads(reply.data)["count"] == len(ids):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+    with psycopg.connect(pg_dsn) as conn:
+        row = conn.execute("SELECT count(*), count(DISTINCT id) FROM flows").fetchone()
+    assert row == (len(ids), len(ids))

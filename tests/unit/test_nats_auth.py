@@ -131,3 +131,25 @@ async def test_the_server_refuses_a_client_without_credentials(tmp_path: Path) -
             assert bus.connected
         finally:
             await bus.close()
+
+
+def test_a_database_password_file_is_read_at_start_and_never_shown(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = tmp_path / "db-password"
+    secret.write_text("s3cret-from-file\n")
+    monkeypatch.setenv("FLEET_STORE_DB", "postgresql://fleet@db:5432/flows")
+    monkeypatch.setenv("FLEET_STORE_DB_PASSWORD_FILE", str(secret))
+    settings = load(StoreSettings)
+    assert settings.pg_password == "s3cret-from-file"
+    assert "s3cret" not in repr(settings) and "s3cret" not in settings.db_label
+    secret.write_text("")
+    with pytest.raises(SettingsError, match="is empty"):
+        load(StoreSettings)
+    monkeypatch.setenv("FLEET_STORE_DB_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(SettingsError, match="cannot read"):
+        load(StoreSettings)
+    monkeypatch.setenv("FLEET_STORE_DB", str(tmp_path / "flows.db"))
+    monkeypatch.setenv("FLEET_STORE_DB_PASSWORD_FILE", str(secret))
+    with pytest.raises(SettingsError, match="needs a postgresql://"):
+        load(StoreSettings)
