@@ -391,9 +391,16 @@ class PostgresRepository(FlowRepository):
                 deleted += self._drop_below(conn, cutoff, inclusive=False)
                 table = "flows" if max_age_s < DAY_S else "flows_default"
                 deleted += _delete_chunks(conn, table, "<", cutoff)
-                last = conn.execute(
-                    "SELECT id FROM flows ORDER BY id DESC LIMIT 1 OFFSET %s", (max_count,)
-                ).fetchone()
+                # the count limit reads max_count index entries to find where it falls:
+                # skip that while the statistics say the table is far below it
+                row = conn.execute(ESTIMATE).fetchone()
+                estimate = int(row[0]) if row and row[0] is not None else 0
+                far_below = 0 < estimate < max_count // 2
+                last = None
+                if not far_below:
+                    last = conn.execute(
+                        "SELECT id FROM flows ORDER BY id DESC LIMIT 1 OFFSET %s", (max_count,)
+                    ).fetchone()
                 if last is not None:
                     deleted += self._drop_below(conn, last[0], inclusive=True)
                     deleted += _delete_chunks(conn, "flows", "<=", last[0])
