@@ -204,3 +204,24 @@ async def test_stores_pruning_at_once_neither_fails_nor_deletes_twice(
         await other.close()
     assert sum(results) == len(old)
     assert await repo.count(FlowQuery()) == 1
+
+
+async def test_odd_ids_land_in_the_default_partition_and_behave_as_on_sqlite(
+    repo: PostgresRepository, pg_dsn: str
+) -> None:
+    odd = ["zzzz", "'; DROP TABLE flows; --", "été-1", "0" * 64]
+    events = [ev(fid())] + [dict(ev(fid()), id=i) for i in odd]
+    assert await repo.upsert_events(events) == 0
+    with psycopg.connect(pg_dsn) as conn:
+        found = conn.execute("SELECT tableoid::regclass::text, count(*) FROM flows GROUP BY 1")
+        rows = dict(found.fetchall())
+    assert rows["flows_default"] == len(odd)
+    for flow_id in odd:
+        record = await repo.get(flow_id)
+        assert record is not None and record.doc["id"] == flow_id
+    listed = [f["id"] for f in (await repo.list(FlowQuery(limit=10)))[0]]
+    assert listed == sorted(listed, reverse=True)  # byte order, as SQLite sorts them
+    assert listed[0] == "été-1" and listed[-1] == "'; DROP TABLE flows; --"
+    # the count limit keeps the newest ids, whatever partition holds them
+    assert await repo.prune(max_age_s=10 * 86_400, max_count=2) == 3
+    assert sorted(await ids(repo)) == sorted(["zzzz", "été-1"])
