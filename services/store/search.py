@@ -157,7 +157,7 @@ def listing(
         flows = [summary(r) for r in rows]
         if not counted:
             return Listing(flows, cursor)
-        count, exact = bounded_count(execute, where, params)
+        count, exact = bounded_count(execute, where, params, len(rows) + more)
         return Listing(flows, cursor, count, exact)
     return _scan(execute, p, compiled, where, params, scan_limit)
 
@@ -183,7 +183,7 @@ def answer(
     if not counted:
         return Listing(flows, cursor)
     where, params = sql.conditions(p)
-    n, exact = bounded_count(execute, where, params)
+    n, exact = bounded_count(execute, where, params, len(rows) + more)
     return Listing(flows, cursor, n, exact)
 
 
@@ -208,12 +208,21 @@ def _where(p: Plan, compiled: filtersql.Compiled) -> tuple[str, list[object]]:
     return where, params
 
 
-def bounded_count(execute: Execute, where: str, params: list[object]) -> tuple[int, bool]:
-    """How many rows match, counting at most ``COUNT_BOUND + 1`` (exact when below)."""
-    rows = execute(
-        f"SELECT count(*) FROM (SELECT 1 FROM flows{where} LIMIT ?) AS bounded",
-        [*params, COUNT_BOUND + 1],
-    )
+BOUNDED_COUNT = "SELECT count(*) FROM (SELECT 1 FROM flows"  # how the statement starts
+
+
+def bounded_count(
+    execute: Execute, where: str, params: list[object], floor: int = 0
+) -> tuple[int, bool]:
+    """How many rows match, counting at most ``COUNT_BOUND + 1`` (exact when below).
+
+    A backend may give up on the count (its ``execute`` answers no row: PostgreSQL past a
+    time budget); then the answer is ``floor`` (the matches already seen on the page) as
+    a lower bound, like a count past the bound.
+    """
+    rows = execute(f"{BOUNDED_COUNT}{where} LIMIT ?) AS bounded", [*params, COUNT_BOUND + 1])
+    if not rows:
+        return floor, False
     n = int(rows[0][0])
     return min(n, COUNT_BOUND), n <= COUNT_BOUND
 

@@ -166,16 +166,6 @@ def split_candidates(plan: Plan) -> list[Split]:
     return out
 
 
-def next_value(column: str, high_inclusive: bool, first: bool) -> str:
-    """One index seek: the smallest value of ``column`` after the last one, below the high end."""
-    low_op = ">=" if first else ">"
-    high_op = "<=" if high_inclusive else "<"
-    return (
-        f"SELECT {column} FROM flows WHERE {column} {low_op} ? AND {column} {high_op} ? "
-        f"ORDER BY {column} LIMIT 1"
-    )
-
-
 def records_in(n: int) -> str:
     """The stored documents and bodies of ``n`` flows by id, newest first (an export page:
     the ids a listing selected, read by primary key)."""
@@ -207,13 +197,21 @@ def page_statement(execute: Execute, p: Plan) -> Statement:
 def distinct_in_range(
     execute: Execute, column: str, low: object, high: object, inclusive: bool
 ) -> list[object] | None:
-    """The distinct values of ``column`` in a range, by index seeks; None if too many."""
-    values: list[object] = []
-    value = low
-    while len(values) <= SPLIT_MAX_VALUES:
-        rows = execute(next_value(column, inclusive, first=not values), [value, high])
-        if not rows:
-            return values
-        value = rows[0][0]
-        values.append(value)
-    return None
+    """The distinct values of ``column`` in a range, by index seeks; None if too many.
+
+    One statement (a recursive seek from value to value): on SQLite each seek is a few
+    microseconds in-process, on PostgreSQL a round trip each would cost a millisecond.
+    """
+    high_op = "<=" if inclusive else "<"
+    seek = f"SELECT {column} FROM flows WHERE {column} {{op}} {{low}} AND {column} {high_op} ? "
+    seek += f"ORDER BY {column} LIMIT 1"
+    statement = (
+        "WITH RECURSIVE seen(x, n) AS ("
+        f"SELECT ({seek.format(op='>=', low='?')}), 1 "
+        f"UNION ALL SELECT ({seek.format(op='>', low='seen.x')}), n + 1 FROM seen "
+        "WHERE seen.x IS NOT NULL AND n <= ?) "
+        "SELECT x FROM seen WHERE x IS NOT NULL"
+    )
+    rows = execute(statement, [low, high, high, SPLIT_MAX_VALUES])
+    values = [r[0] for r in rows]
+    return values if len(values) <= SPLIT_MAX_VALUES else None

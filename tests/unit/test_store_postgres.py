@@ -225,3 +225,19 @@ async def test_odd_ids_land_in_the_default_partition_and_behave_as_on_sqlite(
     # the count limit keeps the newest ids, whatever partition holds them
     assert await repo.prune(max_age_s=10 * 86_400, max_count=2) == 3
     assert sorted(await ids(repo)) == sorted(["zzzz", "été-1"])
+
+
+async def test_a_count_past_its_time_budget_is_a_lower_bound(
+    repo: PostgresRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.store import postgres
+
+    now_ms = int(time.time() * 1000)
+    await repo.upsert_events([ev(fid(now_ms - 20_000 + i)) for i in range(12_000)])
+    full = await repo.listing(FlowQuery(limit=5))
+    assert (full.filtered_count, full.count_exact) == (10_000, False)  # past COUNT_BOUND
+    monkeypatch.setattr(postgres, "COUNT_BUDGET_MS", 1)  # 10,001 rows take longer than that
+    hurried = await repo.listing(FlowQuery(limit=5))
+    assert [f["id"] for f in hurried.flows] == [f["id"] for f in full.flows]  # same page
+    assert (hurried.filtered_count, hurried.count_exact) == (6, False)  # the page and one more
+    assert await repo.count(FlowQuery()) == 12_000  # count itself has no budget
