@@ -59,7 +59,7 @@ Rows = list[tuple[Any, ...]]
 PRUNE_CHUNK = 5000  # rows per delete transaction
 POOL_TIMEOUT = 5.0  # seconds to wait for a connection (the database down: fail the batch)
 STATEMENT_TIMEOUT_MS = 60_000  # no statement of ours takes this long; a runaway one stops
-COUNT_BUDGET_MS = 15  # a listing's filtered_count: exact within this, else a lower bound
+COUNT_BUDGET_MS = 10  # a listing's filtered_count: exact within this, else a lower bound
 DAY_S = 86_400.0
 KNOWN_VALUES_MAX = 50_000  # values remembered as already in ``flow_values``
 
