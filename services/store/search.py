@@ -20,7 +20,7 @@ import orjson
 
 from libs.common.flowfilter import FlowView, predicate
 from services.store import filtersql, sql
-from services.store.query import Plan, encode_cursor
+from services.store.query import Plan, encode_cursor, time_bound
 from services.store.repository import Listing
 from services.store.rows import KINDS, STATES, SUMMARY_COLUMNS, decode_body, summary
 
@@ -242,9 +242,10 @@ def _scan(
         extra += ", doc"
     if compiled.needs_bodies:
         extra += ", req_body, resp_body"
-    chunk_where = f"{where} AND id < ?" if where else " WHERE id < ?"
-    statement = f"SELECT {sql.SUMMARY}{extra} FROM flows{chunk_where} ORDER BY id DESC LIMIT ?"
-    first = f"SELECT {sql.SUMMARY}{extra} FROM flows{where} ORDER BY id DESC LIMIT ?"
+    head = f"SELECT {sql.SUMMARY}{extra} FROM flows{where}"
+    joiner = " AND " if where else " WHERE "
+    windows = scan_windows(p)
+    k = 0
     found: list[tuple[Any, ...]] = []
     scanned = 0
     last_id: str | None = None
@@ -254,10 +255,15 @@ def _scan(
         if budget <= 0:
             break
         size = min(SCAN_CHUNK, budget)
-        if last_id is None:
-            rows = execute(first, [*params, size])
-        else:
-            rows = execute(statement, [*params, last_id, size])
+        bounds, values = [], list(params)
+        if last_id is not None:
+            bounds.append("id < ?")
+            values.append(last_id)
+        if windows[k] is not None:
+            bounds.append("id >= ?")
+            values.append(windows[k])
+        statement = head + (joiner + " AND ".join(bounds) if bounds else "")
+        rows = execute(f"{statement} ORDER BY id DESC LIMIT ?", [*values, size])
         for row in rows:
             scanned += 1
             last_id = row[0]
@@ -266,8 +272,10 @@ def _scan(
                 if len(found) > p.limit:
                     break
         if len(rows) < size and len(found) <= p.limit:
-            exhausted = True
-            break
+            if windows[k] is None:
+                exhausted = True
+                break
+            k += 1  # this window is done: the next, older one
     page = found[: p.limit]
     if len(found) > p.limit:
         cursor: str | None = encode_cursor(page[-1][0])
@@ -284,6 +292,29 @@ def _scan(
         scanned=scanned,
         partial=partial,
     )
+
+
+SCAN_WINDOWS_S = (3600.0, 86_400.0, 7 * 86_400.0)  # how far back each window reaches
+
+
+def scan_windows(p: Plan, now: float | None = None) -> list[str | None]:
+    """Lower id bounds of the windows a scan reads in turn, newest first (None: no bound).
+
+    A rechecked filter reads its candidates newest first, and a page usually fills from the
+    newest flows; a window keeps the database from reading every candidate in the table
+    first (PostgreSQL: a trigram bitmap gathers all its matches, in every partition, before
+    the sort by id; with ``id >=`` it reads the newest partitions only). The order of the
+    candidates, hence the page and its cursor, is the same with or without windows."""
+    now = time.time() if now is None else now
+    out: list[str | None] = []
+    for seconds in SCAN_WINDOWS_S:
+        bound = time_bound(max(0.0, now - seconds))
+        if p.id_below is not None and bound >= p.id_below:
+            continue  # every candidate is older: the window is empty
+        if p.id_from is not None and bound <= p.id_from:
+            break  # the plan's own lower bound is no wider
+        out.append(bound)
+    return [*out, None]
 
 
 def _view(row: tuple[Any, ...], compiled: filtersql.Compiled) -> FlowView:

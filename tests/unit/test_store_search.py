@@ -356,3 +356,45 @@ async def test_decision_parameter(decided_store: FlowRepository, value: str) -> 
     assert [r["id"] for r in both.flows] == [
         i for i in want if flt.matches(next(f for f in decided_flows() if f["id"] == i))
     ]
+
+
+async def test_a_scan_reads_windows_newest_first_and_misses_nothing_between_them(
+    make_repo: MakeRepo,
+) -> None:
+    """Candidates on both sides of every window bound (an hour, a day, a week ago, older),
+    matching or not: the pages walk every match once, newest first, whatever the chunk."""
+    import time
+
+    repo = await make_repo(scan_limit=1000)
+    now_ms = int(time.time() * 1000)
+    flows = []
+    for k, age_s in enumerate((10, 3590, 3610, 86_390, 86_410, 604_790, 604_810, 30 * 86_400)):
+        for j in range(7):
+            f = _flow(k * 10 + j, b"needle" if j % 2 == 0 else b"hay")
+            f["id"] = f"{now_ms - age_s * 1000 - j:012x}{k * 10 + j:012x}"
+            flows.append(f)
+    await repo.upsert_events(flows)
+    want = sorted((f["id"] for f in flows if (int(f["id"][12:], 16) % 10) % 2 == 0), reverse=True)
+    for limit in (1, 3, 100):
+        got, cursor = [], None
+        while True:
+            page = await repo.listing(FlowQuery(q="~bs needle", limit=limit, cursor=cursor))
+            got += [f["id"] for f in page.flows]
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        assert got == want, limit
+    page = await repo.listing(FlowQuery(q="~bs needle", limit=100))
+    assert page.scanned == len(flows) and page.count_exact and page.filtered_count == len(want)
+
+
+def test_scan_windows_skip_what_the_plan_bounds_already() -> None:
+    from services.store.query import plan, time_bound
+
+    now = 2_000_000_000.0
+    bounds = [time_bound(now - s) for s in search.SCAN_WINDOWS_S]
+    assert search.scan_windows(plan(FlowQuery()), now) == [*bounds, None]
+    two_hours_ago = plan(FlowQuery(until=now - 7200))  # the last hour is empty
+    assert search.scan_windows(two_hours_ago, now) == [*bounds[1:], None]
+    last_day = plan(FlowQuery(since=now - 86_400))  # the week window adds nothing
+    assert search.scan_windows(last_day, now) == [bounds[0], None]
