@@ -428,7 +428,10 @@ class PostgresRepository(FlowRepository):
                     values = [_no_nul(p) for p in params]
                     if statement.startswith(search.BOUNDED_COUNT):
                         return _budgeted(conn, native(statement), values)
-                    return conn.execute(native(statement), values).fetchall()
+                    # a LIKE's best plan depends on its pattern (the trigram index or
+                    # not): never the generic plan of a prepared statement
+                    prepare = False if " LIKE " in statement else None
+                    return conn.execute(native(statement), values, prepare=prepare).fetchall()
 
                 return fn(execute)
         except FilterTimeout as exc:
