@@ -215,7 +215,8 @@ def existing_partitions(conn: psycopg.Connection) -> list[Partition]:
     out = []
     for name, bound in rows:
         # FOR VALUES FROM ('019a...') TO ('019b...')
-        if not str(name).startswith("flows_p") or "FROM ('" not in bound:
+        # no bound: a partition another store is detaching right now
+        if bound is None or not str(name).startswith("flows_p") or "FROM ('" not in bound:
             continue
         low = bound.split("FROM ('", 1)[1].split("'", 1)[0]
         high = bound.split("TO ('", 1)[1].split("'", 1)[0]

@@ -381,14 +381,14 @@ class PostgresRepository(FlowRepository):
         deleted = 0
         try:
             with self._connect() as conn:
-                pgschema.ensure_partitions(conn, now)
-                # one store prunes at a time (the others would wait on its rows, then
-                # find them gone); the lock ends with this connection
+                # one store at a time makes partitions and prunes (the others would wait on
+                # its rows, then find them gone); the lock ends with this connection
                 row = conn.execute(
                     "SELECT pg_try_advisory_lock(%s)", (pgschema.RETENTION_LOCK,)
                 ).fetchone()
                 if not row or not row[0]:
                     return 0
+                pgschema.ensure_partitions(conn, now)
                 deleted += self._drop_below(conn, cutoff, inclusive=False)
                 table = "flows" if max_age_s < DAY_S else "flows_default"
                 deleted += _delete_chunks(conn, table, "<", cutoff)
