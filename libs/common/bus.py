@@ -341,6 +341,10 @@ class Bus:
         """The API-key digests (written by the API at start-up, watched by the proxies)."""
         return await self._ensure_kv(KeyValueConfig(bucket=subjects.KEYS_BUCKET, history=1))
 
+    async def api_keys_kv(self) -> KeyValue:
+        """The API keys made at runtime (digests, scopes, last use; watched by every API)."""
+        return await self._ensure_kv(KeyValueConfig(bucket=subjects.API_KEYS_BUCKET, history=1))
+
     async def _ensure_kv(self, config: KeyValueConfig) -> KeyValue:
         """The bucket, created with ``replicas`` when absent; an existing one with fewer
         is grown (checked once per bucket and bus), as streams are."""

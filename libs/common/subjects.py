@@ -36,6 +36,10 @@ REPLICAS_BUCKET = "fleet_replicas"
 # SHA-256 digests of the management API's keys (key: the hex digest, value: JSON with the
 # key's id and scope): proxies mask these keys wherever they see them in recorded traffic.
 KEYS_BUCKET = "fleet_keys"
+# API keys made at runtime (``POST /api/keys``): ``key.<id>`` holds the key's id, scope,
+# SHA-256 digest and creation (never the key); ``used.<id>`` when it was last used. Every
+# API replica watches the bucket: a key made or revoked on one is honoured by all.
+API_KEYS_BUCKET = "fleet_api_keys"
 # The flow store's claim on the FLOWS stream: key ``STORE_CLAIM_KEY`` holds the identity of
 # the database that ingests it (entries expire with the bucket's TTL unless heartbeated).
 STORE_CLAIM_BUCKET = "fleet_store"

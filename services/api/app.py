@@ -46,6 +46,10 @@ from services.api.routes import (
     proxy,
     replay,
 )
+from services.api.routes import (
+    keys as keys_routes,
+)
+from services.api.runtime_keys import RuntimeKeys
 from services.api.store import StoreClient
 from services.api.streams import FlowHub
 
@@ -113,16 +117,22 @@ def create_app(
             policy=DocumentStore(active, POLICY),
             events=EventLog(active),
             flow_hub=FlowHub(active, settings.api_stream_queue_size),
+            keys=RuntimeKeys(active, lambda found: keys.set_runtime([k.spec() for k in found])),
         )
+        runtime = app.state.services.keys
+        keys.on_use = runtime.touch
+        await runtime.start()
         try:
             await active.ensure_streams()  # the event log and audit records need EVENTS
         except Exception as exc:
             log.warning("cannot create the JetStream streams: %r", exc)
         # proxies mask these keys in recorded traffic (bounded, never fails start-up)
-        await publish_key_digests(active, keys._keys)
+        await publish_key_digests(active, keys.static)
         try:
             yield
         finally:
+            keys.on_use = None
+            await runtime.stop()
             await app.state.services.flow_hub.stop()
             app.state.services = None
             if bus is None:
@@ -165,6 +175,7 @@ def create_app(
         events,
         approvals,
         logs,
+        keys_routes,
     )
     for module in routers:
         api.include_router(module.router)

@@ -20,7 +20,7 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -58,19 +58,35 @@ class KeyRing:
             raise ValueError("a key ring needs at least one key")
         self._keys = tuple(keys)
         self.source = source  # for the start line: "FLEET_API_KEYS (2 keys)" or the file path
+        # keys made at runtime (``runtime_keys``): replaced whole, never mutated, so that an
+        # authentication in progress sees one consistent set
+        self._runtime: tuple[ApiKeySpec, ...] = ()
+        self.on_use: Callable[[str], None] | None = None  # told the id of each key used
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._keys) + len(self._runtime)
+
+    @property
+    def static(self) -> tuple[ApiKeySpec, ...]:
+        """The configured keys (settings or the key file): not revocable over the API."""
+        return self._keys
+
+    def set_runtime(self, keys: Sequence[ApiKeySpec]) -> None:
+        """The runtime keys now (a runtime key never shadows a configured one's id)."""
+        taken = {k.id for k in self._keys}
+        self._runtime = tuple(k for k in keys if k.id not in taken)
 
     def authenticate(self, presented: str) -> Principal | None:
         """The principal whose key is ``presented``, or None; constant time in the keys."""
         digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
         found: ApiKeySpec | None = None
-        for key in self._keys:  # no break: every digest is compared every time
+        for key in (*self._keys, *self._runtime):  # no break: every digest, every time
             if hmac.compare_digest(digest, key.sha256):
                 found = key
         if found is None:
             return None
+        if self.on_use is not None:
+            self.on_use(found.id)
         return Principal(found.id, found.scope)
 
     @classmethod

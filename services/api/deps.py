@@ -22,6 +22,7 @@ from services.api.documents import DocumentStore
 from services.api.errors import ApiError
 from services.api.eventlog import EventLog
 from services.api.fleet import Fleet
+from services.api.runtime_keys import RuntimeKeys
 from services.api.store import StoreClient
 from services.api.streams import FlowHub
 
@@ -37,6 +38,7 @@ class Services:
     policy: DocumentStore[Policy]
     events: EventLog
     flow_hub: FlowHub
+    keys: RuntimeKeys
 
 
 async def get_services(request: Request) -> Services:
@@ -79,7 +81,12 @@ async def _flow_hub(s: Annotated[Services, Depends(get_services)]) -> FlowHub:
     return s.flow_hub
 
 
+async def _keys(s: Annotated[Services, Depends(get_services)]) -> RuntimeKeys:
+    return s.keys
+
+
 BusDep = Annotated[Bus, Depends(_bus)]
+KeysDep = Annotated[RuntimeKeys, Depends(_keys)]
 FleetDep = Annotated[Fleet, Depends(_fleet)]
 StoreDep = Annotated[StoreClient, Depends(_store)]
 ConfigDep = Annotated[ConfigStore, Depends(_config)]

@@ -197,3 +197,24 @@ async def test_health_needs_no_key_but_openapi_does(client: httpx.AsyncClient) -
     assert (await client.get("/readyz")).status_code == 200
     assert (await client.get("/api/openapi.json")).status_code == 401
     assert (await client.get("/api/openapi.json", headers=READ)).status_code == 200
+
+
+def test_runtime_keys_join_the_ring_and_never_shadow_a_configured_id() -> None:
+    from libs.common.settings import ApiKeySpec
+
+    static = parse_api_key("ops:read:static-secret-0123456789")
+    ring = KeyRing([static], "test")
+    used: list[str] = []
+    ring.on_use = used.append
+
+    def spec(key_id: str, secret: str) -> ApiKeySpec:
+        return ApiKeySpec(id=key_id, scope="admin", sha256=hashlib.sha256(secret.encode()).digest())
+
+    ring.set_runtime([spec("k1", "runtime-secret-1"), spec("ops", "takeover-secret")])
+    who = ring.authenticate("runtime-secret-1")
+    assert who is not None and (who.key_id, who.scope) == ("k1", "admin")
+    assert ring.authenticate("takeover-secret") is None  # "ops" is the configured key's id
+    assert ring.authenticate("static-secret-0123456789") is not None
+    assert used == ["k1", "ops"] and len(ring) == 2
+    ring.set_runtime([])  # revoked
+    assert ring.authenticate("runtime-secret-1") is None
