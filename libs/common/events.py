@@ -70,6 +70,8 @@ TYPES = (
 )
 
 DEFAULT_TIMEOUT = 2.0
+RETRY_PAUSE = 0.5  # seconds between tries of a failed publish
+BACKGROUND_RETRY_S = 15.0  # an event sent in the background outlasts a leader election
 _TOKEN_BAD = re.compile(r"[^A-Za-z0-9_-]")
 
 published = 0  # process-wide counters (metrics, tests)
@@ -105,27 +107,44 @@ def build(
 
 
 async def publish(
-    bus: Bus | None, event: SystemEvent, msg_id: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    bus: Bus | None,
+    event: SystemEvent,
+    msg_id: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    retry_for: float = 0.0,
 ) -> bool:
-    """Store ``event`` in EVENTS; False (never an exception) when it could not be."""
+    """Store ``event`` in EVENTS; False (never an exception) when it could not be.
+
+    ``retry_for``: seconds to keep trying after a failed publish (a stream leader being
+    elected takes 4-9 s), with the same message id each time, so that the stream's
+    duplicate window stores the event once however many tries reached it.
+    """
     global published, failed
     if bus is None or not bus.connected:
         failed += 1
         log.debug("event %s not published: NATS is not connected", event.type)
         return False
-    try:
-        await bus.js_publish(
-            subjects.events_subject(event.source, event.type),
-            event.model_dump_json().encode(),
-            msg_id=msg_id or event.id,
-            timeout=timeout,
-        )
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # no stream, timeout, disconnect: the caller must not care
-        failed += 1
-        log.debug("event %s not published: %r", event.type, exc)
-        return False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_for
+    payload = event.model_dump_json().encode()
+    while True:
+        try:
+            await bus.js_publish(
+                subjects.events_subject(event.source, event.type),
+                payload,
+                msg_id=msg_id or event.id,
+                timeout=timeout,
+            )
+            break
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # no stream, timeout, disconnect: the caller must not care
+            if loop.time() + RETRY_PAUSE < deadline and not bus.nc.is_closed:
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
+            failed += 1
+            log.debug("event %s not published: %r", event.type, exc)
+            return False
     published += 1
     return True
 
@@ -140,8 +159,10 @@ async def emit(
     replica: str | None = None,
     msg_id: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    retry_for: float = 0.0,
 ) -> SystemEvent | None:
-    """Publish one system event, waiting at most ``timeout`` seconds; never raises.
+    """Publish one system event, waiting at most ``timeout`` seconds a try (and trying
+    again for ``retry_for`` seconds, see ``publish``); never raises.
 
     Returns the event when the stream acknowledged it, else None.
     """
@@ -150,7 +171,7 @@ async def emit(
     except Exception as exc:  # data that is not JSON-able is a bug, not a crash
         log.warning("event %s not built: %r", type, exc)
         return None
-    return event if await publish(bus, event, msg_id, timeout) else None
+    return event if await publish(bus, event, msg_id, timeout, retry_for) else None
 
 
 def emit_soon(
@@ -169,7 +190,16 @@ def emit_soon(
     except RuntimeError:
         return None
     return spawn(
-        emit(bus, source, type, data, severity, replica=replica, msg_id=msg_id),
+        emit(
+            bus,
+            source,
+            type,
+            data,
+            severity,
+            replica=replica,
+            msg_id=msg_id,
+            retry_for=BACKGROUND_RETRY_S,
+        ),
         name=f"event-{type}",
     )
 
