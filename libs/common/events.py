@@ -139,7 +139,8 @@ async def publish(
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # no stream, timeout, disconnect: the caller must not care
-            if loop.time() + RETRY_PAUSE < deadline and not bus.nc.is_closed:
+            closed = bool(getattr(getattr(bus, "nc", None), "is_closed", False))
+            if loop.time() + RETRY_PAUSE < deadline and not closed:
                 await asyncio.sleep(RETRY_PAUSE)
                 continue
             failed += 1

@@ -137,9 +137,24 @@ class Upstream:
     async def start(self) -> None:
         self._runner = web.AppRunner(upstream_app(), access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.http_port).start()
         tls = self.ca.server_context("127.0.0.1")
-        await web.TCPSite(self._runner, "127.0.0.1", self.https_port, ssl_context=tls).start()
+        for attempt in range(5):  # a free port can be taken between free_port() and bind
+            try:
+                await web.TCPSite(self._runner, "127.0.0.1", self.http_port).start()
+                break
+            except OSError:
+                if attempt == 4:
+                    raise
+                self.http_port = free_port()
+        for attempt in range(5):
+            try:
+                site = web.TCPSite(self._runner, "127.0.0.1", self.https_port, ssl_context=tls)
+                await site.start()
+                break
+            except OSError:
+                if attempt == 4:
+                    raise
+                self.https_port = free_port()
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -413,7 +413,19 @@ async def test_compose_cluster_nodes_form_one_jetstream_cluster(cluster_up: Mapp
     nc = await nats.connect(servers, user="fleet", password=password, connect_timeout=2)
     try:
         js = nc.jetstream(timeout=5.0)
-        info = await js.add_stream(name="CLUSTER_CHECK", subjects=["cluster.check"], num_replicas=3)
+        # /healthz passes per node; the cluster's first stream may still wait on the meta
+        # leader's election on a busy machine: give it the time a deployment would
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                info = await js.add_stream(
+                    name="CLUSTER_CHECK", subjects=["cluster.check"], num_replicas=3
+                )
+                break
+            except nats.errors.TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
         assert info.config.num_replicas == 3
         assert info.cluster is not None and info.cluster.leader in CLUSTER_NODES
         peers = {p.name for p in info.cluster.replicas or []}
