@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -95,7 +97,7 @@ def new_secret() -> str:
 class RuntimeKeys:
     """The runtime keys of one API replica: its watch of the bucket, and writes to it."""
 
-    def __init__(self, bus: Bus, on_change: Any) -> None:
+    def __init__(self, bus: Bus, on_change: Callable[[list[RuntimeKey]], None]) -> None:
         self.bus = bus
         self.keys: dict[str, RuntimeKey] = {}
         self.last_used: dict[str, float] = {}  # by this replica, since it started
@@ -156,8 +158,6 @@ class RuntimeKeys:
 
     async def create(self, scope: Scope, name: str, by: str) -> tuple[RuntimeKey, str]:
         """Make a key; return it and its secret (the only time the secret exists)."""
-        import hashlib
-
         secret = new_secret()
         key = RuntimeKey(
             new_key_id(), scope, hashlib.sha256(secret.encode()).digest(), time.time(), by, name

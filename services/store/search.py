@@ -151,15 +151,23 @@ def listing(
             f"SELECT {sql.SUMMARY} FROM flows{where} ORDER BY id DESC LIMIT ?",
             [*params, p.limit + 1],
         )
-        more = len(rows) > p.limit
-        rows = rows[: p.limit]
-        cursor = encode_cursor(rows[-1][0]) if more and rows else None
-        flows = [summary(r) for r in rows]
-        if not counted:
-            return Listing(flows, cursor)
-        count, exact = bounded_count(execute, where, params, len(rows) + more)
-        return Listing(flows, cursor, count, exact)
+        return _page(execute, rows, p.limit, (where, params) if counted else None)
     return _scan(execute, p, compiled, where, params, scan_limit)
+
+
+def _page(
+    execute: Execute, rows: list[tuple[Any, ...]], limit: int, counted: sql.Where | None
+) -> Listing:
+    """A page from up to ``limit + 1`` selected rows (one more: there is a next page);
+    ``counted``: the WHERE clause to give it a bounded ``filtered_count``."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    cursor = encode_cursor(rows[-1][0]) if more and rows else None
+    flows = [summary(r) for r in rows]
+    if counted is None:
+        return Listing(flows, cursor)
+    n, exact = bounded_count(execute, *counted, len(rows) + more)
+    return Listing(flows, cursor, n, exact)
 
 
 def answer(
@@ -176,15 +184,7 @@ def answer(
         return found
     statement, params = sql.page_statement(execute, p)
     rows = execute(statement, params) if statement else []
-    more = len(rows) > p.limit
-    rows = rows[: p.limit]
-    cursor = encode_cursor(rows[-1][0]) if more and rows else None
-    flows = [summary(r) for r in rows]
-    if not counted:
-        return Listing(flows, cursor)
-    where, params = sql.conditions(p)
-    n, exact = bounded_count(execute, where, params, len(rows) + more)
-    return Listing(flows, cursor, n, exact)
+    return _page(execute, rows, p.limit, sql.conditions(p) if counted else None)
 
 
 def count_all(

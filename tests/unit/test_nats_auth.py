@@ -153,3 +153,23 @@ def test_a_database_password_file_is_read_at_start_and_never_shown(
     monkeypatch.setenv("FLEET_STORE_DB_PASSWORD_FILE", str(secret))
     with pytest.raises(SettingsError, match="needs a postgresql://"):
         load(StoreSettings)
+
+
+@pytest.mark.parametrize("value", ["0", "6", "-1", "three", "1.5", ""])
+def test_a_bad_replica_count_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    from libs.common.settings import ProxySettings
+
+    monkeypatch.setenv("FLEET_NATS_REPLICAS", value)
+    with pytest.raises(SettingsError) as err:
+        load(ProxySettings)
+    message = str(err.value)
+    assert "nats_replicas" in message.lower() and "\n" not in message
+
+
+def test_a_good_replica_count_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    from libs.common.settings import ProxySettings
+
+    monkeypatch.setenv("FLEET_NATS_REPLICAS", "3")
+    assert load(ProxySettings).nats_replicas == 3

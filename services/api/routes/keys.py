@@ -14,13 +14,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from libs.common.bus import Bus
 from services.api import audit
 from services.api.auth import KeyRing
 from services.api.deps import CallerDep, KeysDep
 from services.api.errors import ApiError, problem_responses
 from services.api.keyshare import publish_key_digests
-from services.api.runtime_keys import MAX_RUNTIME_KEYS
+from services.api.runtime_keys import MAX_RUNTIME_KEYS, RuntimeKey
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 
@@ -70,18 +69,20 @@ async def list_keys(request: Request, keys: KeysDep) -> dict[str, Any]:
         for k in ring.static
     ]
     for key in sorted(keys.keys.values(), key=lambda k: k.created):
-        out.append(
-            {
-                "id": key.id,
-                "scope": key.scope,
-                "source": "runtime",
-                "name": key.name,
-                "created": key.created,
-                "created_by": key.created_by,
-                "last_used": used.get(key.id),
-            }
-        )
+        out.append(_info(key) | {"last_used": used.get(key.id)})
     return {"keys": out}
+
+
+def _info(key: RuntimeKey) -> dict[str, Any]:
+    """What the API shows of a runtime key (never its digest)."""
+    return {
+        "id": key.id,
+        "scope": key.scope,
+        "source": "runtime",
+        "name": key.name,
+        "created": key.created,
+        "created_by": key.created_by,
+    }
 
 
 @router.post(
@@ -98,19 +99,10 @@ async def create_key(
     if len(keys.keys) >= MAX_RUNTIME_KEYS:
         raise ApiError(409, "KEY_LIMIT", f"at most {MAX_RUNTIME_KEYS} runtime keys; revoke some")
     key, secret = await keys.create(body.scope, body.name, caller.key_id)
-    bus: Bus = keys.bus
-    await publish_key_digests(bus, [key.spec()])  # proxies mask it in recorded traffic
+    await publish_key_digests(keys.bus, [key.spec()])  # proxies mask it in recorded traffic
     audit.note(request, "key.create", key=key.id, scope=key.scope)
     response.headers["Cache-Control"] = "no-store"
-    return {
-        "id": key.id,
-        "scope": key.scope,
-        "source": "runtime",
-        "name": key.name,
-        "created": key.created,
-        "created_by": key.created_by,
-        "secret": secret,
-    }
+    return _info(key) | {"secret": secret}
 
 
 @router.delete(
