@@ -76,8 +76,9 @@ async def test_status_reflects_reality(
             assert (await client.get(f"{upstream.http}/echo/x")).status_code == 200
 
         async def counted() -> dict[str, Any] | None:
-            view = await replica_view(api, proxy)
-            return view if view["flows_total"] == 3 else None
+            body = await status(api)  # the replica may not be listed yet on a busy machine
+            view = next((r for r in body["replicas"] if r["id"] == proxy.id), None)
+            return view if view is not None and view["flows_total"] == 3 else None
 
         view = await eventually(counted, 5.0, "3 flows in the registry")
         assert view["state"] == "running" and view["listen"] == proxy.replica.address
