@@ -7,9 +7,11 @@ kept here, because importers (browsers' DevTools, HTTP Toolkit, mitmproxy) rely 
 - every entry is valid, also one without a response (error, killed, still active):
   status 0 and ``content`` ``{size: 0, mimeType: "x-unknown"}``, as Chrome writes a
   failed request, with the reason in ``_error``;
-- ``send``, ``wait`` and ``receive`` are never negative and ``time`` is their sum
-  (what we measure: start, request sent, first response byte, end); the connection
-  phases we do not measure (``blocked``, ``dns``, ``connect``, ``ssl``) are -1;
+- ``send``, ``wait`` and ``receive`` are never negative and ``time`` is the sum of the
+  phases that are not -1, ``ssl`` excepted (``connect`` includes it). ``dns``,
+  ``connect`` and ``ssl`` are measured when the flow opened a new upstream connection
+  (-1 on a reused one, ``ssl`` -1 on plain http); ``blocked`` is always -1 (see
+  ``har_timings``);
 - ``content.text`` is the body with its Content-Encoding undone, UTF-8 text or
   ``encoding: "base64"``; a body that does not decode (corrupt, cut at the capture
   limit) is the recorded bytes in base64 and ``_decode_error`` says why;
@@ -126,7 +128,7 @@ def entry(flow: dict[str, Any], bodies: Bodies | None = None) -> dict[str, Any]:
     response_part = flow.get("response")
     out: dict[str, Any] = {
         "startedDateTime": iso_time(start if start is not None else 0.0),
-        "time": round(timings["send"] + timings["wait"] + timings["receive"], 3),
+        "time": har_time(timings),
         "request": request(
             flow,
             request_part if isinstance(request_part, dict) else {},
@@ -178,33 +180,60 @@ def _decision(out: dict[str, Any], flow: dict[str, Any]) -> None:
 
 
 def har_timings(times: dict[str, Any]) -> dict[str, float]:
-    """HAR timings (ms) from ours (epoch seconds: start, request_sent, first_byte, end).
+    """HAR timings (ms) from ours (epoch seconds: start, dns, connect, tls, request_sent,
+    first_byte, end).
+
+    ``dns``, ``connect`` and ``tls`` are when the upstream name resolution, TCP connect and
+    TLS handshake of a connection the flow opened ended; the phases run from the point
+    before: ``dns`` from the flow's start (so it also holds the proxy's own work before
+    the lookup began; ``blocked`` stays -1, as that start is not measured), ``connect``
+    from the end of ``dns``, ``ssl`` from the end of ``connect``. As HAR 1.2 asks,
+    ``connect`` includes ``ssl``. A point that is absent makes its phase -1: all three on a
+    reused connection, ``ssl`` on plain http. ``send`` then runs from the last of them
+    (from the start on a reused connection) to ``request_sent``.
 
     A phase whose end we lack runs to the next point we have (a flow that failed before
     its request was sent spent its time sending), an active flow ends at its last known
     point, and points out of order (a response before the request was all sent) are
-    clamped, so every phase is >= 0 and they add up to the time the flow took.
+    clamped between the point before and the end, so every phase is >= 0 and they add up
+    to the time the flow took (``har_time``: ``ssl`` excluded, being inside ``connect``).
     """
     start = _num(times.get("start"))
-    unknown = {"blocked": -1.0, "dns": -1.0, "connect": -1.0, "ssl": -1.0}
+    out = {"blocked": -1.0, "dns": -1.0, "connect": -1.0, "ssl": -1.0}
     if start is None:
-        return {**unknown, "send": 0.0, "wait": 0.0, "receive": 0.0}
+        return {**out, "send": 0.0, "wait": 0.0, "receive": 0.0}
+    dns, connect, tls = (_num(times.get(k)) for k in ("dns", "connect", "tls"))
     sent, first, end = (_num(times.get(k)) for k in ("request_sent", "first_byte", "end"))
     if end is None:
-        end = max(p for p in (start, sent, first) if p is not None)
+        end = max(p for p in (start, dns, connect, tls, sent, first) if p is not None)
+    at = start  # the end of the last phase
+    for name, point in (("dns", dns), ("connect", connect), ("ssl", tls)):
+        if point is not None:
+            point = min(max(at, point), end)
+            out[name] = _ms(point - at)
+            at = point
+    if out["ssl"] >= 0:
+        out["connect"] = round(max(out["connect"], 0.0) + out["ssl"], 3)
     if first is None:
         first = end
     if sent is None:
         sent = first
-    t = [start]
+    t = [at]
     for point in (sent, first, end):
-        t.append(max(t[-1], point))
+        t.append(min(max(t[-1], point), end))
     return {
-        **unknown,
+        **out,
         "send": _ms(t[1] - t[0]),
         "wait": _ms(t[2] - t[1]),
         "receive": _ms(t[3] - t[2]),
     }
+
+
+def har_time(timings: dict[str, float]) -> float:
+    """An entry's ``time``: the sum of its timings that are not -1, less ``ssl`` (which
+    ``connect`` includes)."""
+    total = sum(v for k, v in timings.items() if k != "ssl" and v >= 0)
+    return round(total, 3)
 
 
 def request(flow: dict[str, Any], part: dict[str, Any], raw: bytes | None) -> dict[str, Any]:

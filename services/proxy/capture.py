@@ -186,6 +186,12 @@ def flow_event(
         "response": response,
         "timings": {
             "start": flow.t_start,
+            # the new upstream connection's phases (null: a pooled connection was reused,
+            # or the phase did not happen: no tls for http; the client side's own TLS
+            # handshake with the proxy is not measured)
+            "dns": flow.t_dns or None,
+            "connect": flow.t_connect or None,
+            "tls": flow.t_tls or None,
             "request_sent": flow.t_request_sent or None,
             "first_byte": flow.t_first_byte or None,
             "end": flow.t_end or None,

@@ -667,6 +667,7 @@ class ClientConnection(asyncio.Protocol):
                     # the client's server name, unless an addon sent it elsewhere
                     self.sni if scheme == "https" and (host, port) == self.tls_target else None,
                     ex.span,
+                    ex.flow,  # a new connection: its dns/connect/tls points go on the flow
                 )
         except (OSError, ssl.SSLError, TimeoutError, Exception) as exc:
             status, message = describe_failure(host, port, exc)
@@ -1085,7 +1086,9 @@ class ClientConnection(asyncio.Protocol):
         relay = Relay(self, ex.flow.stats, count_frames=False)
         try:
             async with asyncio.timeout(self.ctx.config.doc.upstream_connect_timeout):
-                await open_connection(self.ctx, ex.key, lambda: relay.server, None, ex.span)
+                await open_connection(
+                    self.ctx, ex.key, lambda: relay.server, None, ex.span, ex.flow
+                )
         except Exception as exc:
             status, message = describe_failure(host, port, exc)
             self._upstream_error(ex, status, message)

@@ -66,10 +66,13 @@ class Flow:
         "state",
         "stats",
         "status",
+        "t_connect",
+        "t_dns",
         "t_end",
         "t_first_byte",
         "t_request_sent",
         "t_start",
+        "t_tls",
         "tags",
         "trace_id",
         "traceparent",
@@ -100,6 +103,10 @@ class Flow:
         self.resp_size = 0
         self.resp_truncated = False
         self.t_start = now
+        # the upstream connection's phases, set by ``upstream.open_connection`` only when
+        # this flow opened a new connection (0.0: not measured, e.g. a pooled connection
+        # was reused; no ``t_tls`` for plain http or a blind tunnel)
+        self.t_dns = self.t_connect = self.t_tls = 0.0
         self.t_request_sent = 0.0
         self.t_first_byte = 0.0
         self.t_end = 0.0

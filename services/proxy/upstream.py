@@ -21,6 +21,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
     from services.proxy.context import ProxyContext
     from services.proxy.exchange import Exchange
+    from services.proxy.flow import Flow
 
 log = logging.getLogger("proxyfleet.proxy")
 
@@ -133,9 +135,18 @@ async def open_connection(
     factory: Callable[[], asyncio.Protocol],
     sni: str | None = None,
     span: Span | None = None,
+    flow: Flow | None = None,
 ) -> asyncio.Protocol:
     """Connect to ``key`` = (scheme, host, port): ``http`` and ``https`` speak HTTP,
     ``tcp`` is a blind tunnel. Returns the protocol ``factory`` made, connected.
+
+    With ``flow``, the end of each phase is stored on it (epoch seconds, one
+    ``time.time()`` each): ``t_dns`` when the name is resolved (from the cache or a
+    literal IP: at once; in ``upstream:`` mode, where the upstream proxy resolves, when
+    the destination check is done), ``t_connect`` when the TCP connection is up (in
+    ``upstream:`` mode, for ``https``/``tcp``, when the upstream proxy's ``CONNECT``
+    tunnel is up too), ``t_tls`` when the upstream TLS handshake is done (``https``
+    only). A phase that fails leaves its point at 0.0 (not measured).
 
     Raises ``Refused`` for a destination the policy refuses, ``OSError`` /
     ``ssl.SSLError`` / ``TimeoutError`` for connection failures.
@@ -154,6 +165,8 @@ async def open_connection(
         if picked is None:
             raise Refused(403, refusal or f"cannot resolve {host}")
         address, to_port = picked, port
+    if flow is not None:
+        flow.t_dns = time.time()
     spans = tracing.connect_spans(span, host, port) if span is not None else None
     with spans.tcp() if spans is not None else contextlib.nullcontext():
         transport, proto = await loop.create_connection(factory, address, to_port)
@@ -168,6 +181,8 @@ async def open_connection(
         transport.set_protocol(proto)
         if first:  # a server that speaks first (the tunnel's protocol keeps them)
             proto.data_received(first)
+    if flow is not None:
+        flow.t_connect = time.time()
     if scheme != "https":
         return proto
     server_name = sni or host
@@ -183,6 +198,8 @@ async def open_connection(
     except BaseException:
         transport.abort()
         raise
+    if flow is not None:
+        flow.t_tls = time.time()
     proto.connection_made(tls)  # the protocol now writes through the TLS transport
     return proto
 

@@ -89,7 +89,10 @@ def check_har(doc: dict[str, Any]) -> list[str]:
         for name in TIMING_NAMES:
             if name in t and not (t[name] == -1 or t[name] >= 0):
                 problems.append(f"{where}: timings.{name} is {t[name]!r}")
-        total = sum(t[n] for n in TIMING_NAMES if n in t and t[n] != -1)
+        # HAR 1.2: connect includes ssl, so ssl is not counted a second time
+        total = sum(t[n] for n in TIMING_NAMES if n in t and t[n] != -1 and n != "ssl")
+        if t.get("ssl", -1) >= 0 and not t.get("connect", -1) >= t["ssl"]:
+            problems.append(f"{where}: timings.connect {t.get('connect')} excludes ssl")
         if abs(e["time"] - total) > 1e-6:
             problems.append(f"{where}: time {e['time']} != sum of timings {total}")
         started = datetime.fromisoformat(e["startedDateTime"])
@@ -257,7 +260,42 @@ ACTIVE_FLOW = flow(
     response={"headers": [["Content-Type", "text/plain"]], "body_b64": None, "size": 0},
     timings={"start": T0, "request_sent": T0 + 0.01, "first_byte": T0 + 0.02, "end": None},
 )
-ALL = [GZIP_FLOW, PNG_FLOW, BINARY_POST, TEXT_DELETE, ERROR_FLOW, KILLED_FLOW, ACTIVE_FLOW]
+# a flow that opened a new upstream connection: resolved, connected, TLS, then its request
+FRESH_HTTPS = flow(
+    timings={
+        "start": T0,
+        "dns": T0 + 0.002,
+        "connect": T0 + 0.007,
+        "tls": T0 + 0.020,
+        "request_sent": T0 + 0.021,
+        "first_byte": T0 + 0.121,
+        "end": T0 + 0.125,
+    },
+)
+FRESH_HTTP = flow(
+    scheme="http",
+    port=80,
+    timings={
+        "start": T0,
+        "dns": T0 + 0.002,
+        "connect": T0 + 0.007,
+        "tls": None,
+        "request_sent": T0 + 0.008,
+        "first_byte": T0 + 0.108,
+        "end": T0 + 0.110,
+    },
+)
+ALL = [
+    GZIP_FLOW,
+    PNG_FLOW,
+    BINARY_POST,
+    TEXT_DELETE,
+    ERROR_FLOW,
+    KILLED_FLOW,
+    ACTIVE_FLOW,
+    FRESH_HTTPS,
+    FRESH_HTTP,
+]
 
 
 def one(f: dict[str, Any]) -> dict[str, Any]:
@@ -341,6 +379,52 @@ def test_timings_add_up() -> None:
     assert (t["send"], t["wait"], t["receive"]) == (10.0, 100.0, 15.0)
     assert t["blocked"] == t["dns"] == t["connect"] == t["ssl"] == -1
     assert e["time"] == 125.0
+
+
+def test_fresh_https_connection_has_dns_connect_and_ssl() -> None:
+    e = one(FRESH_HTTPS)
+    t = e["timings"]
+    assert t["blocked"] == -1
+    assert (t["dns"], t["ssl"]) == (2.0, 13.0)
+    assert t["connect"] == 18.0  # 5 ms of TCP connect and the 13 ms of TLS (HAR 1.2)
+    assert (t["send"], t["wait"], t["receive"]) == (1.0, 100.0, 4.0)
+    assert e["time"] == 125.0  # ssl counted once, inside connect
+
+
+def test_fresh_plain_http_connection_has_no_ssl() -> None:
+    e = one(FRESH_HTTP)
+    t = e["timings"]
+    assert (t["dns"], t["connect"], t["ssl"]) == (2.0, 5.0, -1)
+    assert (t["send"], t["wait"], t["receive"]) == (1.0, 100.0, 2.0)
+    assert e["time"] == 110.0
+
+
+def test_reused_connection_has_no_connection_phases() -> None:
+    reused = {**FRESH_HTTPS["timings"], "dns": None, "connect": None, "tls": None}
+    e = one({**FRESH_HTTPS, "timings": reused})
+    t = e["timings"]
+    assert t["blocked"] == t["dns"] == t["connect"] == t["ssl"] == -1
+    assert t["send"] == 21.0 and e["time"] == 125.0  # send runs from the start
+
+
+@pytest.mark.parametrize(
+    ("times", "expect"),
+    [
+        # failed in the TLS handshake: resolved, connected, then "sending" until the end
+        ({"start": 10.0, "dns": 10.1, "connect": 10.2, "end": 10.5}, (100, 100, -1, 300)),
+        # connection points out of order or after the end (a kill racing the connect)
+        ({"start": 10.0, "dns": 9.0, "connect": 10.2, "tls": 10.1, "end": 10.3}, (0, 200, 0, 100)),
+        ({"start": 10.0, "dns": 10.1, "connect": 11.0, "tls": 12.0, "end": 10.5}, (100, 400, 0, 0)),
+        # still active, connecting: ends at its last known point
+        ({"start": 10.0, "dns": 10.1, "connect": 10.3}, (100, 200, -1, 0)),
+    ],
+)
+def test_connection_phases_are_clamped(times: dict[str, Any], expect: tuple[int, ...]) -> None:
+    t = har.har_timings(times)
+    assert (t["dns"], t["connect"], t["ssl"], t["send"]) == pytest.approx(expect)
+    e = one({**flow(), "timings": times})
+    assert e["time"] == pytest.approx(sum(v for v in expect if v > 0))
+    assert e["time"] == pytest.approx((times.get("end") or 10.3) * 1000 - 10_000)
 
 
 @pytest.mark.parametrize(
