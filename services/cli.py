@@ -1,5 +1,6 @@
-"""The ``proxyfleet`` command: ``proxy``, ``store``, ``api``, ``up``, ``health`` and
-``nats-auth``."""
+"""The ``proxyfleet`` command: the services (``proxy``, ``store``, ``api``, ``up``,
+``health``, ``nats-auth``) here, and the API client's commands (``status``, ``flows``,
+``config``, ...; see ``services.client``), routed there by their first word."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from libs.common.logs import is_json, setup_logging
 from libs.common.settings import SettingsError, load
 from libs.common.tasks import run
 from libs.common.telemetry import SERVICE_API, SERVICE_PROXY, SERVICE_STORE, setup_tracing
+from services.client import COMMANDS as CLIENT_COMMANDS
+from services.client import GLOBAL_OPTIONS as CLIENT_OPTIONS
 
 # Set by ``proxyfleet up`` in each child's environment to its own pid. A service started
 # with it ends itself (SIGTERM to itself: a graceful stop) once its parent is another
@@ -151,11 +154,24 @@ def _serve(name: str) -> int:
     return 0
 
 
+def _is_client(argv: list[str]) -> bool:
+    first = argv[0] if argv else ""
+    return first in CLIENT_COMMANDS or first.split("=", 1)[0] in CLIENT_OPTIONS
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if _is_client(argv):
+        from services.client.commands import main as client_main
+
+        return client_main(argv)
     parser = argparse.ArgumentParser(
         prog="proxyfleet",
         description="A fleet of intercepting HTTP/HTTPS proxies with a management API. "
         "Settings come from FLEET_* environment variables (see README).",
+        epilog="API client commands (FLEET_API_URL, FLEET_API_KEY): "
+        + ", ".join(sorted(CLIENT_COMMANDS))
+        + "; proxyfleet COMMAND --help for each.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, svc in _SERVICES.items():
