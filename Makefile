@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run proxy test lint fmt bench bench-store bench-store-pg bench-visibility bench-queries bench-rules conformance-oracle clean
+.PHONY: setup browser run proxy test lint fmt bench bench-store bench-store-pg bench-visibility bench-queries bench-rules conformance-oracle clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,16 @@ fmt: setup
 	$(BIN)/ruff format libs services tests bench
 	$(BIN)/ruff check --fix libs services tests bench
 
-test: lint
+# The browser tests drive Debian's chromium (never a downloaded browser build): installed here
+# when missing (as root, or through sudo); the tests fail, not skip, without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+	@chromium --version 2>/dev/null | head -1
+
+test: lint browser
 	$(BIN)/pytest -q
 
 bench: setup

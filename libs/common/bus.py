@@ -345,6 +345,14 @@ class Bus:
         """The API keys made at runtime (digests, scopes, last use; watched by every API)."""
         return await self._ensure_kv(KeyValueConfig(bucket=subjects.API_KEYS_BUCKET, history=1))
 
+    async def ui_sessions_kv(self) -> KeyValue:
+        """Web UI sessions (``services.api.ui.sessions``; entries expire with the bucket)."""
+        return await self._ensure_kv(
+            KeyValueConfig(
+                bucket=subjects.UI_SESSIONS_BUCKET, history=1, ttl=subjects.UI_SESSIONS_MAX_AGE
+            )
+        )
+
     async def _ensure_kv(self, config: KeyValueConfig) -> KeyValue:
         """The bucket, created with ``replicas`` when absent; an existing one with fewer
         is grown (checked once per bucket and bus), as streams are."""

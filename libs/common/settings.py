@@ -509,6 +509,16 @@ class ApiSettings(CommonSettings):
         le=7 * 24 * 3600,
         description="seconds an approve decision stays cached (the body's ttl_s overrides it)",
     )
+    ui_session_ttl: float = Field(
+        default=12 * 3600.0,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="seconds a web UI sign-in lasts (then the key is asked for again)",
+    )
+    ui_secure_cookie: bool | None = Field(
+        default=None,
+        description="mark the UI session cookie Secure; empty: when the request came over https",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -40,6 +40,10 @@ KEYS_BUCKET = "fleet_keys"
 # SHA-256 digest and creation (never the key); ``used.<id>`` when it was last used. Every
 # API replica watches the bucket: a key made or revoked on one is honoured by all.
 API_KEYS_BUCKET = "fleet_api_keys"
+# Web UI sign-in sessions: ``s.<SHA-256 of the session token>`` holds the key id, the CSRF
+# token and the expiry (never the token); the bucket's max age bounds every session.
+UI_SESSIONS_BUCKET = "fleet_ui_sessions"
+UI_SESSIONS_MAX_AGE = 7 * 24 * 3600.0
 # The flow store's claim on the FLOWS stream: key ``STORE_CLAIM_KEY`` holds the identity of
 # the database that ingests it (entries expire with the bucket's TTL unless heartbeated).
 STORE_CLAIM_BUCKET = "fleet_store"

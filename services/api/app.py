@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import fastapi_swagger
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
 
 from libs.common import telemetry
 from libs.common.bus import Bus
@@ -52,10 +55,14 @@ from services.api.routes import (
 from services.api.runtime_keys import RuntimeKeys
 from services.api.store import StoreClient
 from services.api.streams import FlowHub
+from services.api.ui import routes as ui_routes
+from services.api.ui.sessions import Sessions
 
 log = logging.getLogger("proxyfleet.api")
 
 API_VERSION = "0.1.0"
+# Swagger UI 5, from the pinned fastapi-swagger wheel (served from the package, no CDN)
+SWAGGER_ASSETS = Path(fastapi_swagger.__file__).parent / "resources"
 OPENAPI_PATH = "/api/openapi.json"
 
 
@@ -118,6 +125,7 @@ def create_app(
             events=EventLog(active),
             flow_hub=FlowHub(active, settings.api_stream_queue_size),
             keys=RuntimeKeys(active, lambda found: keys.set_runtime([k.spec() for k in found])),
+            sessions=Sessions(active, settings.ui_session_ttl),
         )
         runtime = app.state.services.keys
         keys.on_use = runtime.touch
@@ -186,6 +194,9 @@ def create_app(
 
     api.add_api_route(OPENAPI_PATH.removeprefix("/api"), openapi_document, include_in_schema=False)
     app.include_router(api)
+    app.include_router(ui_routes.router)
+    app.mount("/ui/static", StaticFiles(directory=ui_routes.STATIC_DIR), name="ui-static")
+    app.mount("/api/docs/assets", StaticFiles(directory=SWAGGER_ASSETS), name="api-docs-assets")
     app.include_router(health.router)
     app.include_router(metrics_router)  # /metrics: no API key, like /healthz
     return app

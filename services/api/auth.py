@@ -30,6 +30,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from libs.common.settings import ApiKeySpec, ApiSettings, ensure_private_dir
 from services.api.errors import ApiError
+from services.api.ui.sessions import COOKIE_NAME, CSRF_HEADER
 
 log = logging.getLogger("proxyfleet.api.auth")
 
@@ -88,6 +89,16 @@ class KeyRing:
         if self.on_use is not None:
             self.on_use(found.id)
         return Principal(found.id, found.scope)
+
+    def principal_of(self, key_id: str) -> Principal | None:
+        """The principal of the key with that id now (a UI session's key), or None once it
+        is revoked or gone from the settings."""
+        for key in (*self._keys, *self._runtime):
+            if key.id == key_id:
+                if self.on_use is not None:
+                    self.on_use(key.id)
+                return Principal(key.id, key.scope)
+        return None
 
     @classmethod
     def from_settings(cls, settings: ApiSettings) -> KeyRing:
@@ -165,10 +176,14 @@ async def authorize(
 
     Safe methods (GET/HEAD/OPTIONS) need ``read``; anything that changes state
     needs ``admin``. Deciding by method (not per route) means a new route is
-    protected by being mounted, not by remembering a decorator.
+    protected by being mounted, not by remembering a decorator. A request without a key
+    may carry a web UI session cookie instead (``ui.sessions``): then a mutating method
+    must also carry the session's CSRF token.
     """
     presented = api_key if api_key else (bearer.credentials if bearer is not None else None)
     keyring: KeyRing = request.app.state.keyring
+    if presented is None and request.cookies.get(COOKIE_NAME):
+        return await _session_principal(request, keyring)
     principal = keyring.authenticate(presented) if presented else None
     if principal is None:
         raise ApiError(
@@ -179,9 +194,33 @@ async def authorize(
             else "the API key is not valid",
             headers={"WWW-Authenticate": 'Bearer realm="proxyfleet"'},
         )
+    return _check_scope(request, principal)
+
+
+def _check_scope(request: Request, principal: Principal) -> Principal:
     request.state.principal = principal  # known even when refused (the audit record)
     if request.method not in READ_METHODS and principal.scope != "admin":
         raise ApiError(
             403, "AUTH_FORBIDDEN", f"key {principal.key_id!r} has scope read; this needs admin"
         )
     return principal
+
+
+async def _session_principal(request: Request, keyring: KeyRing) -> Principal:
+    """The principal of the request's UI session (its key, looked up again now)."""
+    services = getattr(request.app.state, "services", None)
+    session = None
+    if services is not None:
+        session = await services.sessions.find(request.cookies[COOKIE_NAME])
+    principal = keyring.principal_of(session.key_id) if session is not None else None
+    if session is None or principal is None:
+        raise ApiError(
+            401,
+            "AUTH_REQUIRED",
+            "the web UI session has ended; sign in again",
+            headers={"WWW-Authenticate": 'Bearer realm="proxyfleet"'},
+        )
+    if request.method not in READ_METHODS and not session.csrf_ok(request.headers.get(CSRF_HEADER)):
+        request.state.principal = principal
+        raise ApiError(403, "CSRF_FAILED", f"a session's {CSRF_HEADER} header is missing or wrong")
+    return _check_scope(request, principal)

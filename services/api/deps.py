@@ -25,6 +25,7 @@ from services.api.fleet import Fleet
 from services.api.runtime_keys import RuntimeKeys
 from services.api.store import StoreClient
 from services.api.streams import FlowHub
+from services.api.ui.sessions import Sessions
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,7 @@ class Services:
     events: EventLog
     flow_hub: FlowHub
     keys: RuntimeKeys
+    sessions: Sessions
 
 
 async def get_services(request: Request) -> Services:
