@@ -347,7 +347,7 @@ def flows_tail(app: App, last_event_id: str | None, as_json: bool, **kw: Any) ->
         "/api/flows/stream", _filters(kw), last_event_id, on_reconnect=_reconnecting
     ):
         if event.event == "connected":
-            _connected(event)
+            _connected(event, "flows")
             continue
         data = event.json()
         if not isinstance(data, dict):
@@ -364,8 +364,11 @@ def _reconnecting(reason: str, last: str | None) -> None:
     note.print(text(f"reconnecting ({reason}){after}", "dim"))
 
 
-def _connected(event: SseEvent) -> None:
+def _connected(event: SseEvent, what: str) -> None:
+    """Say on stderr that the stream is followed (once per connection)."""
     data = event.json()
+    resumed = data.get("resumed_after") if isinstance(data, dict) else None
+    note.print(text(f"following {what}" + (f" after {resumed}" if resumed else ""), "dim"))
     if isinstance(data, dict) and data.get("gap"):
         note.print(
             text(
@@ -663,7 +666,8 @@ def rules_add(
 def rules_rm(app: App, rule_id: str) -> None:
     """Remove a rule."""
     resp = app.api.request("DELETE", f"/api/policy/rules/{rule_id}")
-    out.print(text(f"removed rule {rule_id} (policy revision {resp.headers.get('ETag', '?')})"))
+    revision = resp.headers.get("ETag", "?").strip('"')
+    out.print(text(f"removed rule {rule_id} (policy revision {revision})"))
 
 
 def _toggle(app: App, rule_id: str, enabled: bool, as_json: bool) -> None:
@@ -751,6 +755,8 @@ def approvals_ls(app: App, as_json: bool) -> None:
 def approvals_watch(app: App, as_json: bool) -> None:
     """Follow held exchanges live: a snapshot, then each one held or resolved."""
     for event in app.api.events("/api/approvals/pending", on_reconnect=_reconnecting):
+        if event.event == "snapshot":
+            note.print(text("following held exchanges", "dim"))
         data = event.json()
         if not isinstance(data, dict):
             continue
@@ -897,7 +903,7 @@ def events_tail(
         "/api/events/stream", params, last_event_id, on_reconnect=_reconnecting
     ):
         if event.event == "connected":
-            _connected(event)
+            _connected(event, "events")
             continue
         data = event.json()
         if not isinstance(data, dict):
