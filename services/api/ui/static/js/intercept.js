@@ -172,13 +172,15 @@ function describe(a) {
   return `${a.request?.method ?? ""} ${a.request?.url ?? ""}`;
 }
 
+const PAST = { approve: "approved", allow_once: "allowed once", deny: "denied", modify: "sent modified" };
+
 function onEvent(data) {
   switch (data.type) {
     case "snapshot": snapshot(data); liveState.textContent = "live"; liveState.dataset.state = "live"; break;
     case "pending_created": if (data.approval) add(data.approval); break;
     case "pending_resolved": {
       const known = state.cards.get(data.id);
-      if (known) drop(data.id, `${describe(known.approval)}: ${data.outcome ?? data.decision}${data.by ? ` by ${data.by}` : ""}`);
+      if (known) drop(data.id, `${describe(known.approval)}: ${PAST[data.decision] ?? data.outcome ?? data.decision}${data.by ? ` by ${data.by}` : ""}`);
       if (data.decision === "approve") loadCached();
       break;
     }
@@ -303,7 +305,7 @@ function openModify(a, editor, box) {
     top,
     h("div", { class: "field" }, h("span", null, "Headers"), headers),
     field("Body", body, "grow"),
-    h("label", { class: "check" }, replaceEmpty, " send an empty body"),
+    h("label", { class: "held-check" }, replaceEmpty, " send an empty body"),
     h("div", { class: "actions" },
       button("Send modified", async () => {
         const edit = {};
@@ -344,7 +346,8 @@ function markFields(err, map, scope, resolve) {
     el.setAttribute("aria-invalid", "true");
     const note = h("div", { class: "field-error", role: "alert" }, e.message);
     note.dataset.field = e.field;
-    (el.closest(".field, .header-row") ?? el).after(note);
+    const holder = el.closest(".field");
+    if (holder) holder.append(note); else (el.closest(".header-row") ?? el).after(note);
   }
 }
 

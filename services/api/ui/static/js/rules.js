@@ -197,7 +197,7 @@ function openEditor(rule) {
       field("ID", f.id, { hint: creating ? "letters, digits, _ . - (1-64)" : "" }),
       field("Phase", f.phase),
       field("Priority", f.priority, { hint: "higher runs first" }),
-      h("label", { class: "check" }, f.enabled, " enabled"),
+      h("label", { class: "rule-check" }, f.enabled, " enabled"),
     ),
     field("Filter", f.filter, { cls: "wide mono" }),
     filterError,
@@ -290,7 +290,7 @@ function openEditor(rule) {
       if (!el) continue;
       el.setAttribute("aria-invalid", "true");
       if (el === f.filter && !filterError.hidden) continue;
-      el.closest(".field, .check, .rule-json")?.append(h("div", { class: "field-error", role: "alert" }, `${e.field}: ${e.message}`));
+      el.closest(".field, .rule-check, .rule-json")?.append(h("div", { class: "field-error", role: "alert" }, `${e.field}: ${e.message}`));
     }
   }
   function fromJsonQuiet() { try { return JSON.parse(json.value); } catch { return null; } }
