@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser run proxy test lint fmt bench bench-store bench-store-pg bench-visibility bench-queries bench-rules conformance-oracle clean
+.PHONY: setup browser run proxy test lint fmt bench bench-store bench-store-pg bench-visibility bench-queries bench-rules bench-ui conformance-oracle clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,10 @@ bench-queries: setup
 
 bench-rules: setup
 	$(BIN)/python bench/rules.py
+
+# the web UI in Debian's chromium: 1M flows in the store, 10 minutes of live traffic
+bench-ui: setup browser
+	$(BIN)/python bench/ui.py
 
 conformance-oracle: setup
 	$(BIN)/python tests/conformance/oracle.py

@@ -3,7 +3,7 @@
 // arriving live over SSE, and a waterfall of the page's flows as devtools draw it.
 import { ApiProblem, api, get, stream } from "./api.js";
 import { app, fmtBytes, fmtMs, fmtTime, h, problemBox, statusClass } from "./dom.js";
-import { pageBars } from "./waterfall.js";
+import { placeBars } from "./waterfall.js";
 
 const PAGE = 100;
 const KEEP = 300; // rows kept while live: older ones fall off the bottom (page to them)
@@ -19,6 +19,7 @@ const state = {
   pending: [],
   feed: null,
   newer: 0, // live flows seen while reading an older page
+  seen: 0, // live events received (the UI benchmark reads it)
 };
 
 const root = app();
@@ -132,30 +133,44 @@ function firstPage() { state.cursors = []; state.cursor = null; state.newer = 0;
 function olderPage() { if (!state.next) return; state.cursors.push(state.cursor); state.cursor = state.next; load(); }
 function newerPage() { if (!state.cursors.length) return; state.cursor = state.cursors.pop(); load(); }
 
-function cells(f) {
+function values(f) {
   const status = f.status ?? f.response?.status ?? (f.state === "active" ? "…" : f.state);
   const started = f.started_at ?? f.timings?.start;
   const ended = f.ended_at ?? f.timings?.end;
   const size = f.response_size ?? f.response?.size;
   const dur = f.duration_ms ?? (started && ended ? (ended - started) * 1000 : null);
-  return [
-    h("td", { class: "t" }, fmtTime(started)),
-    h("td", null, f.method),
-    h("td", { class: "st" }, String(status ?? "")),
-    h("td", { class: "host", title: f.host }, f.host),
-    h("td", { class: "path", title: f.path }, h("a", { href: `/ui/flows/${encodeURIComponent(f.id)}` }, f.path || "/")),
-    h("td", { class: "num" }, fmtBytes(size)),
-    h("td", { class: "num" }, fmtMs(dur)),
-    h("td", { class: "muted" }, f.replica ?? ""),
-    h("td", { class: "wf" }),
-  ];
+  return { status: String(status ?? ""), size: fmtBytes(size), dur: fmtMs(dur) };
 }
 
 function row(f) {
-  const tr = h("tr", { dataset: { id: f.id }, class: statusClass(f) }, cells(f));
-  const entry = { tr, flow: f };
+  const v = values(f);
+  const st = h("td", { class: "st" }, v.status);
+  const size = h("td", { class: "num" }, v.size);
+  const dur = h("td", { class: "num" }, v.dur);
+  const tr = h("tr", { dataset: { id: f.id }, class: statusClass(f) },
+    h("td", { class: "t" }, fmtTime(f.started_at ?? f.timings?.start)),
+    h("td", null, f.method),
+    st,
+    h("td", { class: "host", title: f.host }, f.host),
+    h("td", { class: "path", title: f.path }, h("a", { href: `/ui/flows/${encodeURIComponent(f.id)}` }, f.path || "/")),
+    size,
+    dur,
+    h("td", { class: "muted" }, f.replica ?? ""),
+    h("td", { class: "wf" }),
+  );
+  const entry = { tr, flow: f, st, size, dur, bar: null, phased: false };
   state.rows.set(f.id, entry);
   return entry;
+}
+
+// A live update of a row already drawn: only the cells that change.
+function update(entry, f) {
+  entry.flow = f;
+  const v = values(f);
+  entry.tr.className = statusClass(f);
+  if (entry.st.textContent !== v.status) entry.st.textContent = v.status;
+  if (entry.size.textContent !== v.size) entry.size.textContent = v.size;
+  if (entry.dur.textContent !== v.dur) entry.dur.textContent = v.dur;
 }
 
 function onEvent(ev) {
@@ -167,6 +182,8 @@ function onEvent(ev) {
 function flush() {
   const batch = state.pending;
   state.pending = [];
+  state.seen += batch.length;
+  root.dataset.seen = String(state.seen);
   if (state.cursor !== null) { // reading an older page: count, do not move the rows
     state.newer += batch.filter((e) => e.event === "started" || !state.rows.has(e.id)).length;
     newerBadge.hidden = state.newer === 0;
@@ -178,10 +195,7 @@ function flush() {
   for (const ev of batch) {
     const known = state.rows.get(ev.id);
     if (known) {
-      const merged = { ...known.flow, ...summaryOf(ev) };
-      known.flow = merged;
-      known.tr.className = statusClass(merged);
-      known.tr.replaceChildren(...cells(merged));
+      update(known, { ...known.flow, ...summaryOf(ev) });
     } else {
       added.push(row(summaryOf(ev)).tr);
     }
@@ -214,9 +228,7 @@ function drawWaterfall() {
   wfScheduled = true;
   setTimeout(() => {
     wfScheduled = false;
-    const entries = [...state.rows.values()];
-    const bars = pageBars(entries.map((e) => e.flow));
-    entries.forEach((e, i) => e.tr.lastElementChild?.replaceChildren(bars[i]));
+    placeBars([...state.rows.values()]);
   }, 250);
 }
 

@@ -45,32 +45,44 @@ export function flowWaterfall(flow) {
   );
 }
 
-// One bar per flow on the span of the page (oldest start .. latest end).
-export function pageBars(flows) {
+// Each row's bar placed on the span of the page (oldest start .. latest end). The bar
+// elements are made once per row and only moved here: a live page redraws this often.
+export function placeBars(entries) {
   let lo = Infinity;
   let hi = -Infinity;
   const now = Date.now() / 1000;
-  for (const f of flows) {
+  for (const { flow: f } of entries) {
     const s = f.started_at ?? f.timings?.start;
     if (!s) continue;
     lo = Math.min(lo, s);
     hi = Math.max(hi, f.ended_at ?? f.timings?.end ?? now);
   }
   const span = hi > lo ? hi - lo : 1;
-  return flows.map((f) => {
+  for (const entry of entries) {
+    const f = entry.flow;
     const s = f.started_at ?? f.timings?.start;
-    if (!s) return h("span");
-    const e = f.ended_at ?? f.timings?.end ?? now;
-    const bar = h("div", {
-      class: `wfbar ${f.ended_at || f.timings?.end ? "" : "open"}`,
-      style: `left:${((s - lo) / span) * 100}%;width:${Math.max(((e - s) / span) * 100, 0.4)}%`,
-      title: fmtMs((e - s) * 1000),
-    });
-    const parts = f.timings ? phases(f.timings) : [];
-    const total = parts.reduce((n, p) => n + p.ms, 0);
-    if (total > 0) {
-      for (const p of parts) bar.append(h("i", { class: p.name, style: `width:${(p.ms / total) * 100}%` }));
+    const cell = entry.tr.lastElementChild;
+    if (!s || !cell) continue;
+    const ended = f.ended_at ?? f.timings?.end;
+    const e = ended ?? now;
+    if (!entry.bar) {
+      entry.bar = h("div", { class: "wfbar" });
+      cell.replaceChildren(h("div", { class: "wftrack" }, entry.bar));
     }
-    return h("div", { class: "wftrack" }, bar);
-  });
+    const bar = entry.bar;
+    bar.style.left = `${((s - lo) / span) * 100}%`;
+    bar.style.width = `${Math.max(((e - s) / span) * 100, 0.4)}%`;
+    if (ended && !entry.phased) { // drawn once, when the flow is over
+      entry.phased = true;
+      bar.classList.remove("open");
+      bar.title = fmtMs((e - s) * 1000);
+      const parts = f.timings ? phases(f.timings) : [];
+      const total = parts.reduce((n, p) => n + p.ms, 0);
+      if (total > 0) {
+        for (const p of parts) bar.append(h("i", { class: p.name, style: `width:${(p.ms / total) * 100}%` }));
+      }
+    } else if (!ended) {
+      bar.classList.add("open");
+    }
+  }
 }
