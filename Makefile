@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser run proxy test lint fmt bench bench-store bench-store-pg bench-visibility bench-queries bench-rules bench-ui conformance-oracle clean
+.PHONY: setup browser mitm run proxy test lint fmt bench bench-store bench-store-pg bench-visibility bench-queries bench-rules bench-ui conformance-oracle clean
 
 setup: $(STAMP)
 
@@ -38,7 +38,13 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
 	@chromium --version 2>/dev/null | head -1
 
-test: lint browser
+# mitmproxy in a venv of its own (bench/.venv-mitm): the benchmark's rival, and the HAR test
+# checks that mitmproxy reads our HAR files
+mitm: setup
+	@test -x bench/.venv-mitm/bin/mitmdump || $(BIN)/python -c \
+	  "import sys; sys.path.insert(0, 'bench'); from infra import ensure_mitmdump; ensure_mitmdump()"
+
+test: lint browser mitm
 	$(BIN)/pytest -q
 
 bench: setup
