@@ -121,7 +121,7 @@ async def test_intercept_rule_from_the_editor_then_approve_allow_deny_modify(
     card = held_card(page, f"/json/held-{tag}-a")
     await expect(card).to_have_count(1, timeout=15_000)  # arrived live, no reload
     await expect(card.locator(".rule")).to_have_text(rule_id)
-    await expect(card.locator(".countdown")).to_have_text(re.compile(r"^\d+s$"))
+    await expect(card.locator(".countdown")).to_have_text(re.compile(r"^(1m 00s|\d+s)$"))
     await card.locator("details.request-headers summary").click()
     await expect(card.locator("table.headers")).to_contain_text("User-Agent")
     await shot(page, "intercept-one-held")
@@ -193,3 +193,179 @@ async def test_intercept_rule_from_the_editor_then_approve_allow_deny_modify(
     await expect(cached).to_have_count(0)
     left = (await api.get("/api/approvals/cached")).json()["cached"]
     assert not [c for c in left if c["rule"] == rule_id]
+
+
+async def test_edit_a_rule_errors_in_place_then_saved_and_toggled(
+    page: Page, system: System, api: httpx.AsyncClient, rules_made: list[str]
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    rule_id = f"tag-{tag}"
+    good = f"~u never-{tag}"
+    await add_rule(
+        api,
+        rules_made,
+        {"id": rule_id, "match": {"filter": good}, "action": {"type": "tag", "tags": [tag]}},
+    )
+    await sign_in(page, system, target="/ui/rules")
+    row = page.locator(f"#rule-rows tr[data-id='{rule_id}']")
+    await expect(row.locator("td.filter")).to_have_text(good)
+    await expect(row.locator("td.action")).to_have_text(f"tag {tag}")
+    revision = (await api.get("/api/policy")).json()["revision"]
+    await expect(page.locator("#policy-revision")).to_have_text(f"revision {revision}")
+
+    await row.get_by_role("button", name="Edit").click()
+    await expect(page.locator("#rule-id")).to_have_value(rule_id)
+    bad = f"~u edited-{tag} & (~d"
+    await page.fill("#rule-filter", bad)
+    await page.click("#rule-save")
+    error = page.locator("#rule-filter-error")
+    await expect(error).to_be_visible()
+    caret_line = (await error.locator("pre.caret").inner_text()).splitlines()[1]
+    assert caret_line.index("^") == len(bad)  # at the end: something is missing there
+    assert await error.get_attribute("data-position") == str(len(bad))
+    await expect(page.locator("#rule-errors")).to_contain_text("POLICY_INVALID")
+    await expect(page.locator("#rule-filter")).to_have_attribute("aria-invalid", "true")
+    await shot(page, "rules-filter-error")
+    on_server = (await api.get(f"/api/policy/rules/{rule_id}")).json()
+    assert on_server["match"]["filter"] == good  # nothing was saved
+    assert (await api.get("/api/policy")).json()["revision"] == revision
+
+    # a response operator in a request-phase rule: refused where it is too
+    await page.fill("#rule-filter", f"~u edited-{tag} & ~c 200")
+    await page.click("#rule-save")
+    await expect(error.locator("pre.caret")).to_contain_text("~c")
+    assert await error.get_attribute("data-position") == str(len(f"~u edited-{tag} & "))
+
+    # fixed: saved, the editor closes, the list and the server agree
+    await page.fill("#rule-filter", f"~u edited-{tag}")
+    await page.click("#rule-save")
+    await expect(page.locator("#rule-editor")).to_be_hidden()
+    await expect(row.locator("td.filter")).to_have_text(f"~u edited-{tag}")
+    on_server = (await api.get(f"/api/policy/rules/{rule_id}")).json()
+    assert on_server["match"]["filter"] == f"~u edited-{tag}"
+    assert on_server["action"] == {"type": "tag", "tags": [tag]}
+
+    # the whole rule as JSON: a bad field is refused and named, nothing saved
+    await row.get_by_role("button", name="Edit").click()
+    await page.click("#rule-mode")
+    doc = json.loads(await page.input_value("#rule-json"))
+    assert doc["id"] == rule_id
+    doc["priority"] = "high"
+    await page.fill("#rule-json", json.dumps(doc))
+    await page.click("#rule-save")
+    await expect(page.locator("#rule-errors")).to_contain_text("body.priority")
+    await page.click("#rule-cancel")
+    assert (await api.get(f"/api/policy/rules/{rule_id}")).json()["priority"] == 0
+
+    # disable, enable: the toggle says what the server says
+    toggle = row.locator("td.on button")
+    await expect(toggle).to_have_attribute("aria-pressed", "true")
+    await toggle.click()
+    await expect(row).to_have_attribute("data-enabled", "false")
+    await expect(toggle).to_have_attribute("aria-pressed", "false")
+    assert (await api.get(f"/api/policy/rules/{rule_id}")).json()["enabled"] is False
+    await shot(page, "rules-list")
+    await toggle.click()
+    await expect(row).to_have_attribute("data-enabled", "true")
+    assert (await api.get(f"/api/policy/rules/{rule_id}")).json()["enabled"] is True
+
+    # history: the revisions this test wrote are listed
+    await page.click("#history-toggle")
+    now = (await api.get("/api/policy")).json()["revision"]
+    await expect(page.locator(f"#policy-history tr[data-revision='{now}']")).to_contain_text(
+        "current"
+    )
+
+    # delete (pressed twice)
+    await row.get_by_role("button", name="Delete").click()
+    await row.get_by_role("button", name="Really delete?").click()
+    await expect(row).to_have_count(0)
+    assert (await api.get(f"/api/policy/rules/{rule_id}")).status_code == 404
+
+
+async def test_a_read_key_sees_the_queue_and_rules_and_cannot_act(
+    page: Page, system: System, site: str, api: httpx.AsyncClient, rules_made: list[str]
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    rule_id = f"ro-{tag}"
+    await add_rule(api, rules_made, intercept_rule(rule_id, f"~u ro-{tag}"))
+    made = await api.post("/api/keys", json={"scope": "read", "name": f"viewer-{tag}"})
+    assert made.status_code == 201, made.text
+    held = in_background(system, f"{site}/json/ro-{tag}")
+    await sign_in(page, system, key=made.json()["secret"], target="/ui/intercept")
+    await expect(page.locator("#scope")).to_have_text("read")
+    await expect(page.locator("#live-state")).to_have_text("live")
+    card = held_card(page, f"/json/ro-{tag}")
+    await expect(card).to_have_count(1, timeout=15_000)
+    approval_id = await card.get_attribute("data-id")
+    buttons = card.locator(".held-actions button")
+    assert await buttons.count() == 4
+    for i in range(4):
+        await expect(buttons.nth(i)).to_be_disabled()
+    await expect(card.locator("input.ttl")).to_be_disabled()
+    await expect(page.locator("#forget-all")).to_be_disabled()
+    await card.locator("details.request-headers summary").click()
+    await expect(card.locator("table.headers")).to_contain_text("User-Agent")
+    await shot(page, "intercept-read-key")
+    # and the API refuses anyway, CSRF token and all
+    status = await page.evaluate(
+        """async (id) => {
+            const csrf = document.querySelector('meta[name="csrf-token"]').content;
+            const r = await fetch(`/api/approvals/pending/${id}/allow-once`,
+                {method: 'POST', headers: {'X-CSRF-Token': csrf}});
+            return r.status;
+        }""",
+        approval_id,
+    )
+    assert status == 403
+
+    await page.goto(f"{system.api}/ui/rules")
+    row = page.locator(f"#rule-rows tr[data-id='{rule_id}']")
+    await expect(row).to_have_count(1)
+    await expect(row.locator("td.action")).to_have_text(f"intercept {HOLD:g}s, then deny")
+    await expect(page.locator("#add-rule")).to_be_disabled()
+    await expect(row.locator("td.on button")).to_be_disabled()
+    for name in ("Edit", "Delete"):
+        await expect(row.get_by_role("button", name=name, exact=True)).to_be_disabled()
+    await page.click("#history-toggle")  # reading the history is fine
+    await expect(page.locator("#policy-history table.history")).to_be_visible()
+
+    r = await api.post(f"/api/approvals/pending/{approval_id}/deny", json={"status": 409})
+    assert r.status_code == 200, r.text
+    assert (await held).status_code == 409
+
+
+async def test_held_markup_is_shown_as_text(
+    page: Page, system: System, site: str, api: httpx.AsyncClient, rules_made: list[str]
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    rule_id = f"evil-{tag}"
+    await add_rule(api, rules_made, intercept_rule(rule_id, f"~u evil-{tag}"))
+    markup = "<img src=x onerror=window.__pwned=1>"
+    await sign_in(page, system, target="/ui/intercept")
+    await expect(page.locator("#live-state")).to_have_text("live")
+    held = in_background(
+        system,
+        f"{site}/json/evil-{tag}",
+        params={"q": "<script>window.__pwned=2</script>"},
+        headers={"X-Evil": markup, "X-Evil-2": "<svg onload=window.__pwned=3><b>bold</b>"},
+    )
+    card = held_card(page, f"/json/evil-{tag}")
+    await expect(card).to_have_count(1, timeout=15_000)
+    await card.locator("details.request-headers summary").click()
+    evil = card.locator("table.headers tr", has_text="X-Evil")
+    await expect(evil.first).to_contain_text(markup)  # the markup, as text
+    await expect(card.locator("img, svg, script, b")).to_have_count(0)
+    await card.get_by_role("button", name="Modify…").click()  # into inputs: values, not markup
+    values = await card.locator(".header-row input.hvalue").evaluate_all(
+        "els => els.map(e => e.value)"
+    )
+    assert markup in values
+    await expect(card.locator("img, svg, script, b")).to_have_count(0)
+    await shot(page, "intercept-hostile")
+    assert await page.evaluate("window.__pwned") is None
+    await card.get_by_role("button", name="Deny…").click()
+    await card.get_by_role("button", name="Send deny").click()
+    assert (await held).status_code == 403  # deny's default answer
+    await expect(card).to_have_count(0)
+    assert await page.evaluate("window.__pwned") is None

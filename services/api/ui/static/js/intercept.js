@@ -96,9 +96,9 @@ function card(a) {
   const cardNotice = h("div", { class: "card-notice" });
   const editor = h("div", { class: "held-editor", hidden: true });
   const ttl = h("input", { type: "number", class: "ttl", min: "1", step: "1", placeholder: "TTL s", title: "seconds the approval stays cached (empty: the API's default)", "aria-label": "approval TTL in seconds" });
-  const el = h("article", { class: `held phase-${a.phase}`, dataset: { id: a.id, phase: a.phase } },
+  const el = h("article", { class: `held held-${a.phase}`, dataset: { id: a.id, phase: a.phase } },
     h("header", { class: "held-head" },
-      h("span", { class: `phase phase-${a.phase}` }, a.phase),
+      h("span", { class: `phase-tag phase-tag-${a.phase}` }, a.phase),
       h("span", { class: "method" }, req.method),
       h("span", { class: "url", title: req.url }, req.url),
       countdown,
@@ -373,6 +373,7 @@ async function loadCached() {
     return tr;
   }));
   cachedEmpty.hidden = out.cached.length !== 0;
+  cachedBody.closest("table").hidden = out.cached.length === 0;
   forgetAll.hidden = out.cached.length === 0;
 }
 

@@ -79,7 +79,7 @@ function row(rule, i) {
     h("td", { class: "num muted" }, String(i + 1)),
     h("td", { class: "on" }, toggle),
     h("td", { class: "id" }, h("code", null, rule.id)),
-    h("td", { class: "phase" }, h("span", { class: `phase phase-${rule.match?.phase ?? "request"}` }, rule.match?.phase ?? "request")),
+    h("td", { class: "phase" }, h("span", { class: `phase-tag phase-tag-${rule.match?.phase ?? "request"}` }, rule.match?.phase ?? "request")),
     h("td", { class: "num prio" }, String(rule.priority ?? 0)),
     h("td", { class: "filter" }, h("code", null, rule.match?.filter ?? "")),
     h("td", { class: "action" }, h("span", { class: `act act-${rule.action?.type}` }, actionSummary(rule.action))),
@@ -280,7 +280,8 @@ function openEditor(rule) {
         filterError.hidden = false;
         filterError.append(h("pre", { class: "caret" },
           text.slice(0, pos), h("mark", null, text.slice(pos, pos + 1) || " "), text.slice(pos + 1), "\n",
-          " ".repeat(pos) + "^ " + e.message + (e.expected ? ` (expected ${e.expected})` : "")));
+          " ".repeat(pos) + "^"),
+        h("div", { class: "caret-message" }, `at position ${e.position}: ${e.message.replace(/^Value error, /, "")}`));
         filterError.dataset.position = String(e.position);
         if (mode === "json") jsonPane.append(filterError);
         else formPane.insertBefore(filterError, f.filter.closest(".field").nextSibling);
