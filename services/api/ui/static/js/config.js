@@ -161,6 +161,7 @@ async function save() {
     showErrors([]);
     showRollout(res, "Saved");
     await load(true);
+setInterval(() => { if (!document.hidden) loadCompare(); }, 5000); // pending replicas catch up
     message.replaceChildren(h("div", { class: "ok", role: "status", id: "saved" }, `Saved as revision ${res.revision}.`));
   } catch (err) {
     if (!(err instanceof ApiProblem)) throw err;
@@ -240,6 +241,7 @@ async function rollback(revision) {
     const res = await api("POST", "/api/config/rollback", { body: { revision } });
     showRollout(res, `Rolled back to revision ${revision}`);
     await load(true);
+setInterval(() => { if (!document.hidden) loadCompare(); }, 5000); // pending replicas catch up
     message.replaceChildren(h("div", { class: "ok", role: "status", id: "saved" }, `Revision ${revision}'s document is now revision ${res.revision}.`));
   } catch (err) {
     message.replaceChildren(problemBox(err));
@@ -298,3 +300,4 @@ async function loadCompare() {
 }
 
 load(true);
+setInterval(() => { if (!document.hidden) loadCompare(); }, 5000); // pending replicas catch up
