@@ -374,7 +374,7 @@ async function loadCached() {
   }));
   cachedEmpty.hidden = out.cached.length !== 0;
   cachedBody.closest("table").hidden = out.cached.length === 0;
-  forgetAll.hidden = out.cached.length === 0;
+  forgetAll.disabled = !CAN_ACT || out.cached.length === 0;
 }
 
 async function forget(c) {

@@ -281,7 +281,7 @@ function openEditor(rule) {
         filterError.append(h("pre", { class: "caret" },
           text.slice(0, pos), h("mark", null, text.slice(pos, pos + 1) || " "), text.slice(pos + 1), "\n",
           " ".repeat(pos) + "^"),
-        h("div", { class: "caret-message" }, `at position ${e.position}: ${e.message.replace(/^Value error, /, "")}`));
+        h("div", { class: "caret-message" }, e.message.replace(/^Value error, /, "")));
         filterError.dataset.position = String(e.position);
         if (mode === "json") jsonPane.append(filterError);
         else formPane.insertBefore(filterError, f.filter.closest(".field").nextSibling);
