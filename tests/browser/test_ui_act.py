@@ -369,3 +369,27 @@ async def test_held_markup_is_shown_as_text(
     assert (await held).status_code == 403  # deny's default answer
     await expect(card).to_have_count(0)
     assert await page.evaluate("window.__pwned") is None
+
+
+async def test_a_held_response_is_modified(
+    page: Page, system: System, site: str, api: httpx.AsyncClient, rules_made: list[str]
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    rule = intercept_rule(f"resp-{tag}", f"~u resp-{tag}")
+    rule["match"]["phase"] = "response"
+    await add_rule(api, rules_made, rule)
+    await sign_in(page, system, target="/ui/intercept")
+    await expect(page.locator("#live-state")).to_have_text("live")
+    held = in_background(system, f"{site}/json/resp-{tag}")
+    card = held_card(page, f"/json/resp-{tag}")
+    await expect(card).to_have_count(1, timeout=15_000)
+    await expect(card.locator(".phase-tag")).to_have_text("response")
+    await expect(card.locator(".held-status .status")).to_have_text("200")
+    await card.get_by_role("button", name="Modify…").click()
+    await card.locator("input[name=status]").fill("202")
+    await card.locator("textarea[name=body]").fill("changed by a person")
+    await shot(page, "intercept-response-modify")
+    await card.get_by_role("button", name="Send modified").click()
+    answer = await held
+    assert (answer.status_code, answer.text) == (202, "changed by a person")
+    await expect(card).to_have_count(0)
