@@ -281,6 +281,7 @@ async def test_a_read_key_sees_the_ops_views_and_cannot_act(
             await expect(page.locator("#app > section").first).to_be_visible()
             if view == "config":
                 await expect(page.locator("#history-rows tr").nth(1)).to_be_visible()
+                assert await page.locator("#config-editor").evaluate("e => e.readOnly")
             if view == "replicas":
                 await expect(page.locator("article.replica")).to_have_count(1)
             if view == "keys":

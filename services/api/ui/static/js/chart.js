@@ -167,7 +167,7 @@ export function drawLatency(svg, points) {
     samples += p.samples;
   }
   const max = niceMax(peak);
-  axes(svg, max, (v) => (v >= 1000 ? `${(v / 1000).toFixed(1)}s` : v < 10 ? `${v.toFixed(1)}ms` : `${Math.round(v)}ms`), points[0]?.sec ?? 0, points.at(-1)?.sec ?? 0);
+  axes(svg, max, (v) => (v === 0 ? "0" : v >= 1000 ? `${(v / 1000).toFixed(1)}s` : v < 10 ? `${v.toFixed(1)}ms` : `${Math.round(v)}ms`), points[0]?.sec ?? 0, points.at(-1)?.sec ?? 0);
   const iw = W - PAD.l - PAD.r, ih = H - PAD.t - PAD.b;
   const step = iw / Math.max(1, points.length);
   for (const key of ["p95", "p50"]) {

@@ -3,7 +3,7 @@
 // nothing is written), the roll-out of a write, the history (who wrote each revision, from
 // the audit log), a field-by-field diff of two revisions, rollback, and the saved document
 // against what each replica runs.
-import { ApiProblem, api, get } from "./api.js";
+import { ApiProblem, CAN_ACT, api, get } from "./api.js";
 import { app, button, fmtDate, h, problemBox } from "./dom.js";
 
 const root = app();
@@ -15,6 +15,10 @@ const editor = h("textarea", {
   "aria-label": "the runtime config document (JSON)", "aria-describedby": "config-errors",
 });
 const message = h("div", { id: "config-message" });
+if (!CAN_ACT) {
+  editor.readOnly = true;
+  message.append(h("p", { class: "muted", id: "read-only" }, "Read only: saving and rolling back need an admin key."));
+}
 const errors = h("div", { id: "config-errors", "aria-live": "polite" });
 const fields = h("ul", { id: "config-fields" });
 const rollout = h("div", { id: "rollout", class: "rollout" });

@@ -40,9 +40,9 @@ function row(k) {
     h("td", null, h("span", { class: `badge scope-${k.scope}` }, k.scope)),
     h("td", null, k.source === "settings" ? "configured" : "runtime"),
     h("td", null, k.name ?? ""),
-    h("td", null, fmtDate(k.created)),
+    h("td", { class: "date" }, fmtDate(k.created)),
     h("td", null, k.created_by ? h("code", null, k.created_by) : ""),
-    h("td", null, k.last_used ? fmtDate(k.last_used) : h("span", { class: "muted" }, "never")),
+    h("td", { class: "date" }, k.last_used ? fmtDate(k.last_used) : h("span", { class: "muted" }, "never")),
     h("td", { class: "why" }),
   );
   const cell = tr.lastElementChild;
