@@ -254,6 +254,7 @@ async def test_edit_a_rule_errors_in_place_then_saved_and_toggled(
     await page.fill("#rule-json", json.dumps(doc))
     await page.click("#rule-save")
     await expect(page.locator("#rule-errors")).to_contain_text("body.priority")
+    await shot(page, "rules-json-error")
     await page.click("#rule-cancel")
     assert (await api.get(f"/api/policy/rules/{rule_id}")).json()["priority"] == 0
 
@@ -275,6 +276,7 @@ async def test_edit_a_rule_errors_in_place_then_saved_and_toggled(
     await expect(page.locator(f"#policy-history tr[data-revision='{now}']")).to_contain_text(
         "current"
     )
+    await shot(page, "rules-history")
 
     # delete (pressed twice)
     await row.get_by_role("button", name="Delete").click()

@@ -166,6 +166,7 @@ function openEditor(rule) {
   const creating = rule === null;
   const start = structuredClone(rule ?? TEMPLATE);
   state.editing = { id: creating ? null : rule.id };
+  notice.replaceChildren();
   let mode = "form";
 
   const f = {
