@@ -72,11 +72,14 @@ async def test_image_gzip_and_hostile_bodies(page: Page, system: System, site: s
     await sign_in(page, system)
     await page.fill("#filter", "~u /image.png")
     await page.press("#filter", "Enter")
-    await page.locator("#flow-rows tr td.path a").first.click()
+    first = page.locator("#flow-rows tr td.path a").first
+    await expect(first).to_have_text("/image.png")  # the filtered page is drawn
+    await first.click()
     await expect(page.locator("#response-body img.preview")).to_be_visible()
     assert await page.locator("#response-body img.preview").evaluate("i => i.naturalWidth") == 1
 
     await page.goto(f"{system.api}/ui/flows?q=~u%20/gzip")
+    await expect(page.locator("#flow-rows tr td.path a").first).to_have_text("/gzip")
     await page.locator("#flow-rows tr td.path a").first.click()
     await expect(page.locator("#response-body")).to_contain_text("decoded from gzip")
     await expect(page.locator("#response-body pre.text")).to_contain_text("unzipped in the UI")
@@ -108,7 +111,9 @@ async def test_a_read_key_sees_everything_and_cannot_act(
     await expect(page.locator("#scope")).to_have_text("read")
     await page.fill("#filter", "~u /json/read-only")
     await page.press("#filter", "Enter")
-    await page.locator("#flow-rows tr td.path a").first.click()
+    first = page.locator("#flow-rows tr td.path a").first
+    await expect(first).to_have_text("/json/read-only")
+    await first.click()
     await expect(page.get_by_role("button", name="Replay")).to_be_disabled()
     await expect(page.get_by_role("button", name="Kill")).to_be_disabled()
     # and the API refuses anyway, CSRF token and all
