@@ -355,7 +355,7 @@ def flows_tail(app: App, last_event_id: str | None, as_json: bool, **kw: Any) ->
         if as_json:
             out_json_line(data)
         else:
-            out.print(flow_event_line(data))
+            out.print(flow_event_line(data), soft_wrap=True)
             sys.stdout.flush()
 
 
@@ -772,7 +772,7 @@ def approvals_watch(app: App, as_json: bool) -> None:
             line = text(f"held     {p.get('id')} ", "yellow")
             what = (p.get("rule"), p.get("phase"), req.get("method"), req.get("url"))
             line.append(" ".join(map(clean, what)))
-            out.print(line)
+            out.print(line, soft_wrap=True)
         elif kind == "pending_resolved":
             out.print(text(f"resolved {data.get('id')} {data.get('decision')} by {data.get('by')}"))
         elif kind == "pending_timeout":
@@ -913,7 +913,7 @@ def events_tail(
         else:
             row = _event_row(data)
             line = Text(" ").join(c if isinstance(c, Text) else text(c) for c in row)
-            out.print(line)
+            out.print(line, soft_wrap=True)
         sys.stdout.flush()
 
 
@@ -983,7 +983,9 @@ def main(argv: list[str]) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except click.Abort:
+    except click.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # Ctrl-C in tail, watch, edit
+            return 130
         print("aborted", file=sys.stderr)
         return 1
     except UsageProblem as exc:

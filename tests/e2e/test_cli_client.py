@@ -187,6 +187,18 @@ async def test_errors_are_one_problem_and_an_exit_code(system: System, tmp_path:
     assert down.err.strip().count("\n") == 0 and "connection refused" in down.err
 
 
+async def test_stop_then_start(system: System) -> None:
+    stopped = await ok(system, "stop", "--deadline", "1")
+    assert ": stopped" in stopped.out
+    assert (await ok(system, "status", "--json")).json()["state"] == "stopped"
+    assert "fleet stopped" in (await ok(system, "status")).out
+    started = (await ok(system, "start", "--json")).json()
+    assert started["ok"] is True and started["action"] == "start"
+    assert (await ok(system, "status", "--json")).json()["state"] == "running"
+    unknown = await cli(system, "stop", "--replica", "no-such-replica")
+    assert unknown.code == 1 and "REPLICA_NOT_FOUND" in unknown.err, unknown.err
+
+
 # -- flows -----------------------------------------------------------------------------------
 async def test_flows_ls_show_bodies_decode_har_replay(
     system: System, upstream: Upstream, tmp_path: Path
@@ -452,7 +464,16 @@ async def test_approvals_watch_then_approve_releases_the_request(
 
 
 # -- events, keys ------------------------------------------------------------------------------
-async def test_events_ls(system: System) -> None:
+async def test_events_ls_and_tail(system: System) -> None:
+    tail = await Lines.start(system, "events", "tail", "--json", "--type", "audit")
+    try:
+        assert "following events" in await tail.stderr_line()
+        await ok(system, "config", "set", "client_idle_timeout=null")
+        audit = await tail.until(lambda e: e["data"].get("action") == "config.patch")
+        assert audit["type"] == "audit" and audit["seq"] > 0
+    finally:
+        await tail.stop()
+
     doc = (await ok(system, "events", "ls", "--type", "audit", "--json")).json()
     assert doc["events"] and {e["type"] for e in doc["events"]} == {"audit"}
     table = await ok(system, "events", "ls", "--limit", "5")
