@@ -34,6 +34,7 @@ from services.client.render import (
     console,
     flow_event_line,
     flow_row,
+    has_controls,
     headers_table,
     key_value_lines,
     out_json,
@@ -284,8 +285,17 @@ def flows_show(app: App, flow_id: str, part: str | None, decode: bool, as_json: 
     if part is not None:
         with app.api.stream(f"/api/flows/{flow_id}/{part}/body", params) as resp:
             problem = resp.headers.get("X-Flow-Decode-Error")
-            for chunk in resp.iter_bytes():
-                sys.stdout.buffer.write(chunk)
+            if sys.stdout.isatty():  # bodies are capped at capture: read it whole, check it
+                data = resp.read()
+                if has_controls(data):
+                    raise click.UsageError(
+                        f"the {part} body has control bytes that would act on the terminal: "
+                        "redirect it (> body.bin) or pipe it"
+                    )
+                sys.stdout.buffer.write(data)
+            else:
+                for chunk in resp.iter_bytes():
+                    sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
         if decode and problem:
             note.print(text(f"not decoded ({problem}): the bytes as recorded", "yellow"))

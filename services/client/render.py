@@ -26,6 +26,11 @@ def _escape(m: re.Match[str]) -> str:
     return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
 
 
+def has_controls(data: bytes) -> bool:
+    """Bytes a terminal would act on (escapes, C1 controls) rather than show."""
+    return re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\xc2[\x80-\x9f]", data) is not None
+
+
 def clean(value: object) -> str:
     """``value`` as one line of text a terminal shows as is: control and invisible
     formatting characters become ``\\xNN`` / ``\\uNNNN``."""
@@ -44,13 +49,14 @@ def console(stderr: bool = False) -> Console:
 
 def out_json(doc: Any) -> None:
     """One JSON document on stdout (``--json``)."""
-    sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    # ASCII only: C1 controls and bidi overrides in the API's strings come out escaped
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     sys.stdout.flush()
 
 
 def out_json_line(doc: Any) -> None:
     """One JSON object per line (``--json`` of tail/watch commands)."""
-    sys.stdout.write(json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n")
+    sys.stdout.write(json.dumps(doc, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 
 

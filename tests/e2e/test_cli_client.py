@@ -458,6 +458,28 @@ async def test_approvals_watch_then_approve_releases_the_request(
         assert resolved["id"] == approval["id"] and resolved["decision"] == "approve"
         again = await cli(system, "approvals", "deny", approval["id"])
         assert again.code == 1 and "APPROVAL_" in again.err
+
+        async with httpx.AsyncClient(proxy=system.proxy, timeout=30) as client:
+            for verb in ("deny", "modify"):
+                held = asyncio.create_task(client.get(f"{upstream.http}/echo/cli-hold-{verb}"))
+                created = await watch.until(
+                    lambda e, v=verb: (
+                        e["type"] == "pending_created"
+                        and e["approval"]["request"]["url"].endswith(f"cli-hold-{v}")
+                    )
+                )
+                approval_id = created["approval"]["id"]
+                if verb == "deny":
+                    args = ["--status", "451", "--body", "not today"]
+                else:
+                    edit = {"request": {"url": f"{upstream.http}/echo/cli-modified"}}
+                    args = [json.dumps(edit)]
+                await ok(system, "approvals", verb, approval_id, *args)
+                response = await asyncio.wait_for(held, 15)
+                if verb == "deny":
+                    assert response.status_code == 451 and response.text == "not today"
+                else:
+                    assert response.json()["path"] == "/echo/cli-modified"
     finally:
         await watch.stop()
         await cli(system, "rules", "rm", "cli-hold")

@@ -13,7 +13,15 @@ from rich.console import Console
 from services import cli as service_cli
 from services.client import COMMANDS
 from services.client.commands import cli, main, parse_assignments, read_json_arg
-from services.client.render import clean, flow_row, table, text
+from services.client.render import (
+    clean,
+    flow_event_line,
+    flow_row,
+    has_controls,
+    out_json,
+    table,
+    text,
+)
 
 
 def test_assignments_are_json_when_they_parse_else_text() -> None:
@@ -92,6 +100,37 @@ def test_markup_and_escapes_in_values_stay_inert_even_on_a_terminal() -> None:
     assert "\\x1b]0;title\\x07\\x1b[2J" in shown
     assert "]8;" not in shown  # no hyperlink was made of the markup
     assert _render(text("[red]x[/red]")).count("[red]x[/red]") == 1
+
+
+def test_a_live_flow_line_is_inert() -> None:
+    line = flow_event_line(
+        {
+            "event": "completed",
+            "id": "f1",
+            "replica": "r\x1b[1m",
+            "scheme": "http",
+            "method": "GET",
+            "host": "h\x1b]8;;http://evil\x07",
+            "port": 8080,
+            "path": "/[i]p[/i]",
+            "timings": {"start": 0},
+            "response": {"status": 200},
+        }
+    )
+    shown = _render(line)
+    assert "http://h\\x1b]8;;http://evil\\x07:8080/[i]p[/i]" in shown
+    assert "\x1b]8;" not in shown and "r\\x1b[1m" in shown
+
+
+def test_json_output_is_ascii(capsys: pytest.CaptureFixture[str]) -> None:
+    out_json({"path": "/\x1b[2J\u202e\x9b"})
+    written = capsys.readouterr().out
+    assert written.isascii() and "\\u001b[2J\\u202e\\u009b" in written
+
+
+def test_raw_bodies_with_terminal_controls_are_recognised() -> None:
+    assert has_controls(b"a\x1b[31mb") and has_controls("x\x9by".encode()) and has_controls(b"\x00")
+    assert not has_controls(b"plain text\r\n\twith tabs") and not has_controls("ünï".encode())
 
 
 # -- routing --------------------------------------------------------------------------------
