@@ -4,6 +4,7 @@ text (control characters escaped, never parsed as rich markup), and JSON for scr
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -43,8 +44,14 @@ def text(value: object, style: str = "") -> Text:
     return Text(clean(value), style=style)
 
 
+# a pipe or a file has no width: wide enough that a table's rows stay one line each
+PIPE_WIDTH = 220
+
+
 def console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, emoji=False)
+    probe = Console(stderr=stderr)
+    width = None if probe.is_terminal or os.environ.get("COLUMNS") else PIPE_WIDTH
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, emoji=False, width=width)
 
 
 def out_json(doc: Any) -> None:
@@ -60,17 +67,34 @@ def out_json_line(doc: Any) -> None:
     sys.stdout.flush()
 
 
+# columns whose values are long and free-form: they give way (with an ellipsis) when the
+# screen is narrow; every other column keeps its values whole
+WIDE_COLUMNS = frozenset(
+    {"path", "url", "host", "error", "errors", "data", "differences", "filter", "changed",
+     "description", "name", "rule", "action", "detail", "listen"}
+)  # fmt: skip
+
+
 def table(columns: Sequence[str], rows: Iterable[Sequence[object]], title: str = "") -> Table:
-    """A compact table; ``id`` columns never wrap. Cells are made inert unless already
-    ``Text``."""
+    """A compact table, one line per row. Only the free-form columns (``WIDE_COLUMNS``)
+    shrink on a narrow screen, ending in an ellipsis; ids, statuses and times stay whole
+    (an id is what the next command takes). Cells are made inert unless already ``Text``."""
+    cells = [[c if isinstance(c, Text) else text(c) for c in row] for row in rows]
+    longest = [
+        max([len(name), *(c.cell_len for row in cells for c in row[i : i + 1])])
+        for i, name in enumerate(columns)
+    ]
+    wide = [i for i, name in enumerate(columns) if name in WIDE_COLUMNS]
+    fixed = sum(w for i, w in enumerate(longest) if i not in wide) + 2 * len(columns)
+    share = max(12, (console().width - fixed) // max(1, len(wide)))
     t = Table(title=title or None, box=None, header_style="bold", pad_edge=False)
-    for name in columns:
-        if name == "id" or name.endswith(" id"):
-            t.add_column(name, no_wrap=True, overflow="fold")
+    for i, name in enumerate(columns):
+        if i in wide:
+            t.add_column(name, no_wrap=True, overflow="ellipsis", max_width=share)
         else:
-            t.add_column(name, overflow="fold")
-    for row in rows:
-        t.add_row(*(c if isinstance(c, Text) else text(c) for c in row))
+            t.add_column(name, no_wrap=True, overflow="fold", min_width=longest[i])
+    for row in cells:
+        t.add_row(*row)
     return t
 
 
