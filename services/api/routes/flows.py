@@ -195,7 +195,9 @@ class FlowDetail(BaseModel):
     request: MessagePart | None = None
     response: ResponsePart | None = None
     timings: dict[str, float | None] | None = Field(
-        None, description="epoch seconds: start, request_sent, first_byte, end"
+        None,
+        description="epoch seconds: start, dns, connect, tls (the upstream connection, when "
+        "this flow opened it; else null), request_sent, first_byte, end",
     )
     error: str | None = None
     trace_id: str | None = Field(
