@@ -353,11 +353,25 @@ def flows_show(app: App, flow_id: str, part: str | None, decode: bool, as_json: 
 @pass_app
 def flows_tail(app: App, last_event_id: str | None, as_json: bool, **kw: Any) -> None:
     """Follow flow events live (resumes by itself after a disconnect)."""
-    for event in app.api.events(
-        "/api/flows/stream", _filters(kw), last_event_id, on_reconnect=_reconnecting
-    ):
+    _follow(
+        app, "/api/flows/stream", _filters(kw), last_event_id, "flows", as_json, flow_event_line
+    )
+
+
+def _follow(
+    app: App,
+    path: str,
+    params: dict[str, Any],
+    last_event_id: str | None,
+    what: str,
+    as_json: bool,
+    line: Callable[[dict[str, Any]], Text],
+) -> None:
+    """Print a live stream's events as they come (``line`` for people, JSON lines for
+    scripts), resuming after a disconnect, until interrupted."""
+    for event in app.api.events(path, params, last_event_id, on_reconnect=_reconnecting):
         if event.event == "connected":
-            _connected(event, "flows")
+            _connected(event, what)
             continue
         data = event.json()
         if not isinstance(data, dict):
@@ -365,8 +379,8 @@ def flows_tail(app: App, last_event_id: str | None, as_json: bool, **kw: Any) ->
         if as_json:
             out_json_line(data)
         else:
-            out.print(flow_event_line(data), soft_wrap=True)
-            sys.stdout.flush()
+            out.print(line(data), soft_wrap=True)
+        sys.stdout.flush()
 
 
 def _reconnecting(reason: str, last: str | None) -> None:
@@ -909,22 +923,11 @@ def events_tail(
 ) -> None:
     """Follow system events live."""
     params = {"type": type_, "source": source}
-    for event in app.api.events(
-        "/api/events/stream", params, last_event_id, on_reconnect=_reconnecting
-    ):
-        if event.event == "connected":
-            _connected(event, "events")
-            continue
-        data = event.json()
-        if not isinstance(data, dict):
-            continue
-        if as_json:
-            out_json_line(data)
-        else:
-            row = _event_row(data)
-            line = Text(" ").join(c if isinstance(c, Text) else text(c) for c in row)
-            out.print(line, soft_wrap=True)
-        sys.stdout.flush()
+    _follow(app, "/api/events/stream", params, last_event_id, "events", as_json, _event_line)
+
+
+def _event_line(data: dict[str, Any]) -> Text:
+    return Text(" ").join(c if isinstance(c, Text) else text(c) for c in _event_row(data))
 
 
 # -- keys --------------------------------------------------------------------------------------

@@ -76,3 +76,23 @@ export function button(label, onclick, { admin = false, title, cls } = {}) {
     title: disabled ? "needs an admin key" : title,
   }, label);
 }
+
+// A button that asks to be pressed twice (no confirm() dialog): the first press arms it
+// for four seconds, the second acts.
+export function confirmButton(label, ask, fn, { id, cls } = {}) {
+  let armed = null;
+  const reset = () => { armed = null; b.textContent = label; b.classList.remove("armed"); };
+  const b = button(label, async () => {
+    if (!armed) {
+      b.textContent = ask;
+      b.classList.add("armed");
+      armed = setTimeout(reset, 4000);
+      return;
+    }
+    clearTimeout(armed);
+    reset();
+    await fn();
+  }, { admin: true, cls: `danger ${cls ?? ""}`.trim() });
+  if (id) b.id = id;
+  return b;
+}

@@ -3,7 +3,7 @@
 // (approve and cache, allow once, deny, modify), and the cached approvals in force.
 // Every value of a held exchange comes from the traffic: it only ever becomes text.
 import { ApiProblem, CAN_ACT, api, get, stream } from "./api.js";
-import { app, button, fmtDate, h, problemBox } from "./dom.js";
+import { app, button, confirmButton, fmtDate, h, problemBox } from "./dom.js";
 
 const root = app();
 const state = {
@@ -59,25 +59,6 @@ function left(seconds) {
   return hrs < 48 ? `${hrs}h ${Math.floor((s % 3600) / 60)}m` : `${Math.floor(hrs / 24)}d ${hrs % 24}h`;
 }
 
-// A button that asks to be pressed twice: no confirm() dialog.
-function confirmButton(label, ask, fn, { id, cls } = {}) {
-  let armed = null;
-  const b = button(label, async () => {
-    if (!armed) {
-      b.textContent = ask;
-      b.classList.add("armed");
-      armed = setTimeout(() => { armed = null; b.textContent = label; b.classList.remove("armed"); }, 4000);
-      return;
-    }
-    clearTimeout(armed);
-    armed = null;
-    b.textContent = label;
-    b.classList.remove("armed");
-    await fn();
-  }, { admin: true, cls: `danger ${cls ?? ""}`.trim() });
-  if (id) b.id = id;
-  return b;
-}
 
 function headerTable(headers) {
   return h("table", { class: "headers" }, h("tbody", null,

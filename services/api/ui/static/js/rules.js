@@ -3,7 +3,7 @@
 // and the policy's revision and history. A refused write shows its errors next to the
 // field they name (a filter's with a caret at its position); nothing is saved then.
 import { ApiProblem, CAN_ACT, api, get } from "./api.js";
-import { app, button, fmtDate, h, problemBox } from "./dom.js";
+import { app, button, confirmButton, fmtDate, h, problemBox } from "./dom.js";
 
 const root = app();
 const enc = encodeURIComponent;
@@ -74,7 +74,7 @@ function row(rule, i) {
   });
   toggle.setAttribute("aria-pressed", String(on));
   toggle.setAttribute("aria-label", `${on ? "disable" : "enable"} ${rule.id}`);
-  const del = confirmButton("Delete", "Really delete?", () => remove(rule));
+  const del = confirmButton("Delete", "Really delete?", () => remove(rule), { cls: "small" });
   return h("tr", { dataset: { id: rule.id, enabled: String(on) }, class: on ? null : "disabled" },
     h("td", { class: "num muted" }, String(i + 1)),
     h("td", { class: "on" }, toggle),
@@ -136,24 +136,6 @@ async function remove(rule) {
   await load();
 }
 
-// A button that asks to be pressed twice: no confirm() dialog.
-function confirmButton(label, ask, fn) {
-  let armed = null;
-  const b = button(label, async () => {
-    if (!armed) {
-      b.textContent = ask;
-      b.classList.add("armed");
-      armed = setTimeout(() => { armed = null; b.textContent = label; b.classList.remove("armed"); }, 4000);
-      return;
-    }
-    clearTimeout(armed);
-    armed = null;
-    b.textContent = label;
-    b.classList.remove("armed");
-    await fn();
-  }, { admin: true, cls: "danger small" });
-  return b;
-}
 
 // -- the editor ----------------------------------------------------------------------------
 const pretty = (v) => JSON.stringify(v, null, 2);
@@ -363,7 +345,7 @@ async function loadHistory() {
           h("td", null, r.time ? fmtDate(Date.parse(r.time) / 1000) : ""),
           h("td", null, r.operation ?? ""),
           h("td", { class: "mono ids" }, ids.length ? ids.join(", ") : h("span", { class: "muted" }, "(none)")),
-          h("td", null, current || r.operation !== "put" ? null : confirmButton("Roll back", "Write it again?", () => rollback(r.revision))),
+          h("td", null, current || r.operation !== "put" ? null : confirmButton("Roll back", "Write it again?", () => rollback(r.revision), { cls: "small" })),
         );
       }))),
   );
