@@ -195,7 +195,8 @@ async def run_up(settings: UpSettings) -> None:
     print(
         f"proxyfleet up\n"
         f"  proxy:   http://{proxy.proxy_listen}  (HTTP/HTTPS proxy)\n"
-        f"  API:     http://{api.api_listen}/api  (OpenAPI: /api/openapi.json)\n"
+        f"  API:     http://{api.api_listen}/api  (docs: /api/docs, OpenAPI: /api/openapi.json)\n"
+        f"  web UI:  http://{api.api_listen}/ui  (sign in with the API key)\n"
         f"  API key: {key}\n"
         f"  CA:      {settings.data_dir / 'ca.pem'}  (trust it for HTTPS interception)\n"
         f"  store:   {store.db_label}\n"

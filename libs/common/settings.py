@@ -536,6 +536,12 @@ class ApiSettings(CommonSettings):
             raise ValueError("two keys share one secret")
         return keys
 
+    @field_validator("ui_secure_cookie", mode="before")
+    @classmethod
+    def _auto_secure(cls, v: object) -> object:
+        """An empty ``FLEET_UI_SECURE_COOKIE`` means auto (by the request's scheme)."""
+        return None if isinstance(v, str) and not v.strip() else v
+
     @field_validator("api_listen")
     @classmethod
     def _check_api_listen(cls, v: str) -> str:

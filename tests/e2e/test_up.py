@@ -288,3 +288,15 @@ async def test_proxy_killed_mid_flow_ends_it_as_error_and_up_brings_a_new_one(
     await _eventually(restarted, timeout=30)
     async with httpx.AsyncClient(proxy=system.proxy, timeout=10) as client:
         assert (await client.get(f"{upstream.http}/echo/after-kill")).status_code == 200
+
+
+async def test_up_prints_the_web_ui_and_it_asks_for_a_key(system: System) -> None:
+    printed = (system.data_dir / "up.log").read_text()
+    line = next(ln for ln in printed.splitlines() if ln.strip().startswith("web UI:"))
+    url = line.split()[2]
+    assert url == f"{system.api}/ui"
+    async with httpx.AsyncClient() as client:
+        first = await client.get(url)
+        assert first.status_code == 303 and first.headers["location"] == "/ui/flows"
+        login = await client.get(f"{system.api}/ui/flows")
+        assert login.status_code == 303 and login.headers["location"].startswith("/ui/login")

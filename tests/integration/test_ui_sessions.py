@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from libs.common.bus import Bus
+from libs.common.settings import ApiSettings, SettingsError, load
 from services.api.ui.routes import HOME, safe_next
 from services.api.ui.sessions import COOKIE_NAME, CSRF_HEADER, Sessions
 from tests.unit.test_api_support import ADMIN, ADMIN_KEY, READ_KEY, api_client, api_settings
@@ -166,3 +167,33 @@ def test_sign_in_never_redirects_away(target: str | None) -> None:
 def test_sign_in_goes_back_where_it_was_going() -> None:
     assert safe_next("/ui/flows?q=~c%20500") == "/ui/flows?q=~c%20500"
     assert safe_next("/api/docs") == "/api/docs"
+
+
+@pytest.mark.parametrize(
+    ("setting", "base", "secure"),
+    [
+        (None, "http://api.test", False),
+        (None, "https://api.test", True),
+        (True, "http://api.test", True),
+    ],
+)
+async def test_the_cookie_is_secure_over_https_or_when_told(
+    nats_url: str, tmp_path: Path, setting: bool | None, base: str, secure: bool
+) -> None:
+    settings = api_settings(nats_url, tmp_path, ui_secure_cookie=setting)
+    async with api_client(settings) as client:
+        client.base_url = httpx.URL(base)
+        r = await client.post("/ui/login", data={"key": ADMIN_KEY}, headers={"Origin": base})
+        assert r.status_code == 303
+        assert ("Secure" in r.headers["set-cookie"]) is secure
+
+
+@pytest.mark.parametrize(("raw", "value"), [("", None), ("  ", None), ("true", True), ("0", False)])
+def test_secure_cookie_setting_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, raw: str, value: bool | None
+) -> None:
+    monkeypatch.setenv("FLEET_UI_SECURE_COOKIE", raw)
+    assert load(ApiSettings).ui_secure_cookie is value
+    monkeypatch.setenv("FLEET_UI_SECURE_COOKIE", "sometimes")
+    with pytest.raises(SettingsError, match="FLEET_UI_SECURE_COOKIE"):
+        load(ApiSettings)
