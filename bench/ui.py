@@ -165,6 +165,7 @@ async def sample(page: Page, cdp: Any, browser_pid: int) -> dict[str, Any]:
         "renderer_rss_mb": round(renderer_rss(browser_pid) / 2**20, 1),
         "rows": await page.locator("#flow-rows tr").count(),
         "live_events": int(await page.get_attribute("#app", "data-seen") or 0),
+        "final_events": int(await page.get_attribute("#app", "data-finals") or 0),
     }
 
 
@@ -253,6 +254,7 @@ async def run(args: argparse.Namespace, data: Path) -> dict[str, Any]:
                     "minutes": args.minutes,
                     "requests_sent": sent,
                     "events_received": final["live_events"],
+                    "final_events_received": final["final_events"],
                     "samples": samples,
                 }
             await browser.close()
@@ -278,7 +280,8 @@ def report(result: dict[str, Any]) -> None:
         peak = max(s["js_heap_mb"] for s in live["samples"])
         print(
             f"  live {live['minutes']} min at {result['rate']:.0f} flows/s: "
-            f"{live['requests_sent']:,} requests, {live['events_received']:,} events in the tab"
+            f"{live['requests_sent']:,} requests; the tab received {live['events_received']:,} "
+            f"events, {live['final_events_received']:,} of them flows ending"
         )
         print(
             f"    JS heap {first['js_heap_mb']} -> {last['js_heap_mb']} MiB (peak {peak}), "

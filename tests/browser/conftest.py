@@ -4,6 +4,7 @@ per test module. Without the browser these tests fail; they never skip."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -96,12 +97,22 @@ async def site() -> AsyncIterator[str]:
     async def status(request: web.Request) -> web.Response:
         return web.Response(status=int(request.match_info["code"]), text="status")
 
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        """A response that never ends by itself (a byte a second): a flow to kill."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await resp.prepare(request)
+        for _ in range(120):
+            await resp.write(b".")
+            await asyncio.sleep(1)
+        return resp
+
     app = web.Application()
     app.router.add_get("/json{tail:.*}", json_page)
     app.router.add_get("/gzip", gzipped)
     app.router.add_get("/image.png", image)
     app.router.add_get("/hostile{tail:.*}", hostile)
     app.router.add_route("*", "/status/{code}{tail:.*}", status)
+    app.router.add_get("/trickle{tail:.*}", trickle)
     runner = web.AppRunner(app)
     await runner.setup()
     tcp = web.TCPSite(runner, "127.0.0.1", 0)

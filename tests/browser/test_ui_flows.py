@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 
 import httpx
+import pytest
 from playwright.async_api import Page, expect
 
 from tests.browser.conftest import sign_in, through_proxy
@@ -115,7 +117,7 @@ async def test_a_read_key_sees_everything_and_cannot_act(
     await expect(first).to_have_text("/json/read-only")
     await first.click()
     await expect(page.get_by_role("button", name="Replay")).to_be_disabled()
-    await expect(page.get_by_role("button", name="Kill")).to_be_disabled()
+    await expect(page.get_by_role("button", name="Kill")).to_have_count(0)  # it is over
     # and the API refuses anyway, CSRF token and all
     status = await page.evaluate(
         """async () => {
@@ -173,3 +175,26 @@ async def test_api_docs_render_from_local_assets(page: Page, system: System) -> 
     )
     await expect(page.locator(".opblock-summary-path", has_text="/api/flows").first).to_be_visible()
     assert all(url.startswith(system.api) for url in requested), requested  # no CDN
+
+
+async def test_kill_an_active_flow_from_its_page(page: Page, system: System, site: str) -> None:
+    tag = uuid.uuid4().hex[:10]
+
+    async def endless() -> None:
+        async with httpx.AsyncClient(proxy=system.proxy, timeout=60) as client:
+            async with client.stream("GET", f"{site}/trickle/{tag}") as r:
+                async for _ in r.aiter_bytes():
+                    pass
+
+    client = asyncio.create_task(endless())
+    try:
+        await sign_in(page, system, target=f"/ui/flows?q=~u%20{tag}")
+        row = page.locator("#flow-rows tr", has_text=tag)
+        await expect(row).to_have_class(re.compile("active"), timeout=10_000)
+        await row.locator("td.path a").click()
+        await page.get_by_role("button", name="Kill").click()
+        await expect(page.locator("#notice")).to_contain_text("Killed.")
+        with pytest.raises(httpx.HTTPError):  # the client's connection was cut
+            await asyncio.wait_for(client, 10)
+    finally:
+        client.cancel()

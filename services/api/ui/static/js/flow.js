@@ -118,7 +118,9 @@ async function show() {
         f.replay_of ? [" · replay of ", h("a", { href: `/ui/flows/${encodeURIComponent(f.replay_of)}` }, f.replay_of)] : null),
       f.error ? h("p", { class: "error" }, f.error) : null,
       h("div", { class: "actions" },
-        button("Kill", () => act("Killed.", () => api("DELETE", `/api/flows/${encodeURIComponent(id)}`)), { admin: true, title: "cut the connection" }),
+        f.state === "active"
+          ? button("Kill", () => act("Killed.", () => api("DELETE", `/api/flows/${encodeURIComponent(id)}`)), { admin: true, title: "cut the connection" })
+          : null,
         button("Replay", () => act("Replayed:", async () => {
           const r = await api("POST", `/api/flows/${encodeURIComponent(id)}/replay`);
           const nid = r?.flow_id ?? r?.id;

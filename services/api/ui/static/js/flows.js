@@ -19,7 +19,8 @@ const state = {
   pending: [],
   feed: null,
   newer: 0, // live flows seen while reading an older page
-  seen: 0, // live events received (the UI benchmark reads it)
+  seen: 0, // live events received, and of them final ones (the UI benchmark reads both)
+  finals: 0,
 };
 
 const root = app();
@@ -183,7 +184,9 @@ function flush() {
   const batch = state.pending;
   state.pending = [];
   state.seen += batch.length;
+  state.finals += batch.filter((e) => e.event !== "started").length;
   root.dataset.seen = String(state.seen);
+  root.dataset.finals = String(state.finals);
   if (state.cursor !== null) { // reading an older page: count, do not move the rows
     state.newer += batch.filter((e) => e.event === "started" || !state.rows.has(e.id)).length;
     newerBadge.hidden = state.newer === 0;
