@@ -62,6 +62,7 @@ class KeyRing:
         # keys made at runtime (``runtime_keys``): replaced whole, never mutated, so that an
         # authentication in progress sees one consistent set
         self._runtime: tuple[ApiKeySpec, ...] = ()
+        self._ids = frozenset(k.id for k in self._keys)  # every key honoured now
         self.on_use: Callable[[str], None] | None = None  # told the id of each key used
 
     def __len__(self) -> int:
@@ -76,6 +77,11 @@ class KeyRing:
         """The runtime keys now (a runtime key never shadows a configured one's id)."""
         taken = {k.id for k in self._keys}
         self._runtime = tuple(k for k in keys if k.id not in taken)
+        self._ids = frozenset((*taken, *(k.id for k in self._runtime)))
+
+    def honours(self, key_id: str) -> bool:
+        """Whether the key with that id is still honoured (an open stream asks per event)."""
+        return key_id in self._ids
 
     def authenticate(self, presented: str) -> Principal | None:
         """The principal whose key is ``presented``, or None; constant time in the keys."""
@@ -220,6 +226,7 @@ async def _session_principal(request: Request, keyring: KeyRing) -> Principal:
             "the web UI session has ended; sign in again",
             headers={"WWW-Authenticate": 'Bearer realm="proxyfleet"'},
         )
+    request.state.session_token = request.cookies[COOKIE_NAME]  # streams recheck it
     if request.method not in READ_METHODS and not session.csrf_ok(request.headers.get(CSRF_HEADER)):
         request.state.principal = principal
         raise ApiError(403, "CSRF_FAILED", f"a session's {CSRF_HEADER} header is missing or wrong")

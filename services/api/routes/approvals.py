@@ -40,6 +40,7 @@ from services.api.approvals_client import Approvals, PendingList, intercept_subj
 from services.api.deps import CallerDep, EventsDep, FlowHubDep, Services, SettingsDep, get_services
 from services.api.errors import ApiError, FieldError, problem_responses
 from services.api.eventlog import EventLog
+from services.api.sse import SEP, sse_response
 from services.api.streams import FlowHub
 
 log = logging.getLogger("proxyfleet.api.approvals")
@@ -49,7 +50,6 @@ router = APIRouter(prefix="/approvals", tags=["approvals"])
 MAX_DECISION_BODY = 1 << 20  # bytes of a decision's JSON body (a 64 KiB body, escaped)
 MAX_TTL = 7 * 24 * 3600.0
 SSE_MEDIA_TYPE = "text/event-stream"
-_SEP = "\n"
 _ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 
 ApprovalId = Annotated[
@@ -327,12 +327,8 @@ LastEventIdQuery = Annotated[
 ]
 
 
-def _heartbeat() -> ServerSentEvent:
-    return ServerSentEvent(comment="heartbeat", sep=_SEP)
-
-
 def _event(data: dict[str, Any], seq: int) -> ServerSentEvent:
-    return ServerSentEvent(orjson.dumps(data).decode(), event=data["type"], id=str(seq), sep=_SEP)
+    return ServerSentEvent(orjson.dumps(data).decode(), event=data["type"], id=str(seq), sep=SEP)
 
 
 def snapshot_data(found: PendingList) -> dict[str, Any]:
@@ -409,6 +405,7 @@ async def pending_events(
     },
 )
 async def pending_stream(
+    request: Request,
     approvals: ApprovalsDep,
     log_: EventsDep,
     hub: FlowHubDep,
@@ -441,12 +438,8 @@ async def pending_stream(
     if resume is not None and first - 1 <= resume <= last:
         after = resume  # what happened since; an id the stream no longer holds: snapshot only
     found = await approvals.pending()
-    return EventSourceResponse(
-        pending_events(approvals, log_, found, after, hub),
-        ping=settings.api_sse_heartbeat,
-        sep=_SEP,
-        ping_message_factory=_heartbeat,
-        cleanup_timeout=5.0,
+    return sse_response(
+        request, pending_events(approvals, log_, found, after, hub), settings.api_sse_heartbeat
     )
 
 

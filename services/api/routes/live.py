@@ -40,6 +40,7 @@ from services.api.params import (
     validate_query,
 )
 from services.api.routes.events import EventFilter
+from services.api.sse import SEP, sse_response
 from services.api.streams import LAST, FlowHub, Item, Position, Subscriber, format_id, parse_id
 
 log = logging.getLogger("proxyfleet.api.live")
@@ -47,7 +48,6 @@ log = logging.getLogger("proxyfleet.api.live")
 router = APIRouter(tags=["live"])
 
 SSE_MEDIA_TYPE = "text/event-stream"
-_SEP = "\n"
 
 
 def _sse_doc(text: str) -> dict[int | str, dict[str, Any]]:
@@ -69,16 +69,6 @@ LastEventIdQuery = Annotated[
 ]
 
 
-def _heartbeat() -> ServerSentEvent:
-    return ServerSentEvent(comment="heartbeat", sep=_SEP)
-
-
-def _response(content: AsyncIterator[Any], heartbeat: float) -> EventSourceResponse:
-    return EventSourceResponse(
-        content, ping=heartbeat, sep=_SEP, ping_message_factory=_heartbeat, cleanup_timeout=5.0
-    )
-
-
 def _bad_id(value: str, expected: str) -> ApiError:
     return ApiError(
         422,
@@ -90,7 +80,7 @@ def _bad_id(value: str, expected: str) -> ApiError:
 
 def _connected(resumed_after: str | None, **extra: Any) -> ServerSentEvent:
     body = orjson.dumps({"resumed_after": resumed_after, **extra}).decode()
-    return ServerSentEvent(body, event="connected", sep=_SEP)
+    return ServerSentEvent(body, event="connected", sep=SEP)
 
 
 # -- flows ------------------------------------------------------------------------------------
@@ -151,7 +141,7 @@ async def flow_events(
 
 def _dropped(reason: str, last: Position) -> ServerSentEvent:
     body = {"reason": reason, "last_event_id": format_id(last)}  # always: resume from it
-    return ServerSentEvent(orjson.dumps(body).decode(), event="dropped", sep=_SEP)
+    return ServerSentEvent(orjson.dumps(body).decode(), event="dropped", sep=SEP)
 
 
 @router.get(
@@ -166,6 +156,7 @@ def _dropped(reason: str, last: Position) -> ServerSentEvent:
     openapi_extra={"parameters": openapi_parameters(exclude=STREAM_EXCLUDED)},
 )
 async def flow_stream(
+    request: Request,
     hub: FlowHubDep,
     settings: SettingsDep,
     params: Annotated[FlowListParams, Depends(flow_stream_params)],
@@ -193,7 +184,9 @@ async def flow_stream(
     # a client dropped before anything was sent resumes from where it came in
     start: Position = resume if resume is not None else (last_seq, LAST)
     sub = hub.subscriber(params.to_query())
-    return _response(flow_events(hub, sub, resume, start, gap), settings.api_sse_heartbeat)
+    return sse_response(
+        request, flow_events(hub, sub, resume, start, gap), settings.api_sse_heartbeat
+    )
 
 
 async def _bounds(hub: FlowHub) -> tuple[int, int]:
@@ -231,6 +224,7 @@ async def _event_filter(request: Request) -> EventFilter:
     openapi_extra={"parameters": openapi_parameters(EventFilter)},
 )
 async def event_stream(
+    request: Request,
     log: EventsDep,
     hub: FlowHubDep,
     settings: SettingsDep,
@@ -247,6 +241,8 @@ async def event_stream(
     else:
         bounds = await log.bounds()  # from now on: after the last event stored so far
         after, resumed = (bounds[1] if bounds else 0), False
-    return _response(
-        system_events(log, flt.subject(), after, resumed, hub), settings.api_sse_heartbeat
+    return sse_response(
+        request,
+        system_events(log, flt.subject(), after, resumed, hub),
+        settings.api_sse_heartbeat,
     )
