@@ -66,7 +66,12 @@ export function stream(path, params, { onEvent, onState }) {
       const { last_event_id: last } = JSON.parse(e.data);
       if (!closed) setTimeout(() => open(last), 500);
     });
-    source.onerror = () => onState?.(source.readyState === EventSource.CLOSED ? "closed" : "reconnecting");
+    source.onerror = () => {
+      const ended = source.readyState === EventSource.CLOSED;
+      onState?.(ended ? "closed" : "reconnecting");
+      // refused for good (the session ended, the key was revoked): ask to sign in again
+      if (ended && !closed) api("GET", "/api/filter-help").catch(() => {});
+    };
   };
   open(null);
   return { close() { closed = true; source?.close(); onState?.("paused"); } };
