@@ -198,3 +198,18 @@ async def test_kill_an_active_flow_from_its_page(page: Page, system: System, sit
             await asyncio.wait_for(client, 10)
     finally:
         client.cancel()
+
+
+async def test_signing_out_in_one_tab_ends_the_live_view_in_another(
+    page: Page, system: System, site: str
+) -> None:
+    await sign_in(page, system)
+    await expect(page.locator("#live-state")).to_have_text("live")
+    other = await page.context.new_page()
+    await other.goto(f"{system.api}/ui/keys")
+    await other.click("text=Sign out")
+    await other.wait_for_url(re.compile(r"/ui/login"))
+    await asyncio.sleep(2.5)  # a stream rechecks its session at most every 2 s
+    assert await through_proxy(system, f"{site}/json/after-sign-out") == 200
+    await page.wait_for_url(re.compile(r"/ui/login\?next="), timeout=15_000)
+    await expect(page.locator("#key")).to_be_visible()
