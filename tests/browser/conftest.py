@@ -91,6 +91,9 @@ async def site() -> AsyncIterator[str]:
     async def image(request: web.Request) -> web.Response:
         return web.Response(body=PNG, content_type="image/png")
 
+    async def binary(request: web.Request) -> web.Response:
+        return web.Response(body=bytes(range(256)), content_type="application/octet-stream")
+
     async def hostile(request: web.Request) -> web.Response:
         return web.Response(body=HOSTILE_HTML, content_type="text/html")
 
@@ -110,6 +113,7 @@ async def site() -> AsyncIterator[str]:
     app.router.add_get("/json{tail:.*}", json_page)
     app.router.add_get("/gzip", gzipped)
     app.router.add_get("/image.png", image)
+    app.router.add_get("/binary", binary)
     app.router.add_get("/hostile{tail:.*}", hostile)
     app.router.add_route("*", "/status/{code}{tail:.*}", status)
     app.router.add_get("/trickle{tail:.*}", trickle)

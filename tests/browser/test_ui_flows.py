@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -35,6 +37,14 @@ async def test_sign_in_see_a_flow_arrive_live_and_open_it(
     await expect(page.locator("#waterfall tr[data-phase=wait] .bar")).to_have_count(1)
     await page.get_by_role("button", name="Copy as curl").click()
     await expect(page.locator("#curl")).to_contain_text(f"/json/live-{tag}")
+    async with page.expect_download() as download_info:
+        await page.click("#flow-har")
+    download = await download_info.value
+    saved = await download.path()
+    har = json.loads(await asyncio.to_thread(Path(saved).read_bytes))
+    (entry,) = har["log"]["entries"]
+    assert entry["request"]["url"].endswith(f"/json/live-{tag}")
+    assert entry["response"]["status"] == 200
 
 
 async def test_filter_narrows_the_page_and_shows_the_error_in_place(
@@ -63,7 +73,7 @@ async def test_filter_narrows_the_page_and_shows_the_error_in_place(
 
 
 async def test_image_gzip_and_hostile_bodies(page: Page, system: System, site: str) -> None:
-    for path in ("/image.png", "/gzip"):
+    for path in ("/image.png", "/gzip", "/binary"):
         assert await through_proxy(system, site + path) == 200
     # a path a browser would take for markup, sent as is (curl does not escape it)
     code, out, err = await run_curl(
@@ -85,6 +95,13 @@ async def test_image_gzip_and_hostile_bodies(page: Page, system: System, site: s
     await page.locator("#flow-rows tr td.path a").first.click()
     await expect(page.locator("#response-body")).to_contain_text("decoded from gzip")
     await expect(page.locator("#response-body pre.text")).to_contain_text("unzipped in the UI")
+
+    await page.goto(f"{system.api}/ui/flows?q=~u%20/binary")
+    await expect(page.locator("#flow-rows tr td.path a").first).to_have_text("/binary")
+    await page.locator("#flow-rows tr td.path a").first.click()
+    hexdump = page.locator("#response-body pre.hex")
+    await expect(hexdump).to_contain_text("00000000  00 01 02 03 04 05 06 07")
+    await expect(hexdump).to_contain_text("000000f0  f0 f1 f2")
 
     await page.goto(f"{system.api}/ui/flows?q=~u%20/hostile")
     link = page.locator("#flow-rows tr td.path a").first
