@@ -33,6 +33,7 @@ _PROBLEM_REF = "#/components/schemas/Problem"
 _TITLES = {
     "AUTH_REQUIRED": "Authentication required",
     "AUTH_FORBIDDEN": "Not allowed for this key",
+    "CSRF_FAILED": "Missing or wrong CSRF token",
     "VALIDATION_ERROR": "Invalid request",
     "BAD_QUERY": "Invalid flow query",
     "BAD_FILTER": "Invalid filter expression",
