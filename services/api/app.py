@@ -56,7 +56,7 @@ from services.api.runtime_keys import RuntimeKeys
 from services.api.store import StoreClient
 from services.api.streams import FlowHub
 from services.api.ui import routes as ui_routes
-from services.api.ui.sessions import Sessions
+from services.api.ui.sessions import Sessions, SessionsUnavailable
 
 log = logging.getLogger("proxyfleet.api")
 
@@ -162,6 +162,7 @@ def create_app(
     app.state.services = None
     app.state.metrics = metrics
     install_handlers(app)
+    app.add_exception_handler(SessionsUnavailable, ui_routes.sessions_unavailable)
     if telemetry.ENABLED:
         instrument(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -30,7 +30,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from libs.common.settings import ApiKeySpec, ApiSettings, ensure_private_dir
 from services.api.errors import ApiError
-from services.api.ui.sessions import COOKIE_NAME, CSRF_HEADER
+from services.api.ui.sessions import COOKIE_NAME, CSRF_HEADER, SessionsUnavailable
 
 log = logging.getLogger("proxyfleet.api.auth")
 
@@ -215,9 +215,14 @@ def _check_scope(request: Request, principal: Principal) -> Principal:
 async def _session_principal(request: Request, keyring: KeyRing) -> Principal:
     """The principal of the request's UI session (its key, looked up again now)."""
     services = getattr(request.app.state, "services", None)
-    session = None
-    if services is not None:
+    if services is None:
+        raise ApiError(503, "BUS_UNAVAILABLE", "NATS is not connected; retry shortly")
+    try:
         session = await services.sessions.find(request.cookies[COOKIE_NAME])
+    except SessionsUnavailable:
+        raise ApiError(
+            503, "BUS_UNAVAILABLE", "sessions cannot be checked; retry shortly"
+        ) from None
     principal = keyring.principal_of(session.key_id) if session is not None else None
     if session is None or principal is None:
         raise ApiError(

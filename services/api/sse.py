@@ -21,6 +21,7 @@ from fastapi import Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from services.api.auth import KeyRing, Principal
+from services.api.ui.sessions import SessionsUnavailable
 
 log = logging.getLogger("proxyfleet.api.sse")
 
@@ -57,7 +58,11 @@ async def _while_authorized(request: Request, content: AsyncIterator[Any]) -> As
                 return
             if token is not None and time.monotonic() >= recheck:
                 services = request.app.state.services
-                if services is None or await services.sessions.find(token) is None:
+                try:
+                    over = services is None or await services.sessions.find(token) is None
+                except SessionsUnavailable:
+                    over = False  # NATS away: checked again at the next event
+                if over:
                     log.info("a stream of a UI session ended: the session is over")
                     return
                 recheck = time.monotonic() + SESSION_RECHECK_S

@@ -3,6 +3,7 @@ stolen or stale cookie, a forged form or a revoked key can and cannot do."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -13,10 +14,18 @@ import orjson
 import pytest
 
 from libs.common.bus import Bus
+from libs.common.natsserver import EmbeddedNats
 from libs.common.settings import ApiSettings, SettingsError, load
 from services.api.ui.routes import HOME, safe_next
 from services.api.ui.sessions import COOKIE_NAME, CSRF_HEADER, Sessions
-from tests.unit.test_api_support import ADMIN, ADMIN_KEY, READ_KEY, api_client, api_settings
+from tests.unit.test_api_support import (
+    ADMIN,
+    ADMIN_KEY,
+    READ_KEY,
+    api_client,
+    api_settings,
+    eventually,
+)
 
 ORIGIN = {"Origin": "http://api.test"}
 
@@ -197,3 +206,25 @@ def test_secure_cookie_setting_from_the_environment(
     monkeypatch.setenv("FLEET_UI_SECURE_COOKIE", "sometimes")
     with pytest.raises(SettingsError, match="FLEET_UI_SECURE_COOKIE"):
         load(ApiSettings)
+
+
+async def test_a_nats_outage_does_not_sign_anyone_out(
+    restartable_nats: EmbeddedNats, tmp_path: Path
+) -> None:
+    settings = api_settings(restartable_nats.url, tmp_path, nats_connect_timeout=10.0)
+    async with api_client(settings) as client:
+        token, _ = await _sign_in(client, ADMIN_KEY)
+        jar = cookie_of(token)
+        await asyncio.to_thread(restartable_nats.stop)
+        try:
+            api = await client.get("/api/keys", headers=jar)
+            assert api.status_code == 503 and api.json()["code"] == "BUS_UNAVAILABLE"
+            page = await client.get("/ui/flows", headers=jar)
+            assert page.status_code == 503 and "Unavailable" in page.text  # not the sign-in
+        finally:
+            await asyncio.to_thread(restartable_nats.start)
+
+        async def back() -> bool:
+            return (await client.get("/api/keys", headers=jar)).status_code == 200
+
+        assert await eventually(back, timeout=15.0)  # the same session, still signed in

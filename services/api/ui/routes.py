@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from services.api.auth import KeyRing, Principal
-from services.api.ui.sessions import COOKIE_NAME, Session
+from services.api.ui.sessions import COOKIE_NAME, Session, SessionsUnavailable
 
 log = logging.getLogger("proxyfleet.api.ui")
 
@@ -85,11 +85,14 @@ def _secure(request: Request) -> bool:
 
 
 async def signed_in(request: Request) -> tuple[Session, Principal] | None:
-    """The request's live session and its key's principal now, or None."""
+    """The request's live session and its key's principal now, or None. Raises
+    ``SessionsUnavailable`` while NATS is away (answered 503, not a sign-in form)."""
     token = request.cookies.get(COOKIE_NAME)
     services = request.app.state.services
-    if not token or services is None:
+    if not token:
         return None
+    if services is None:
+        raise SessionsUnavailable("NATS is not connected")
     session = await services.sessions.find(token)
     if session is None:
         return None
@@ -106,6 +109,13 @@ def _to_login(request: Request) -> Response:
 def _page(request: Request, name: str, status: int = 200, **context: object) -> HTMLResponse:
     return templates.TemplateResponse(
         request, name, {"views": VIEWS, **context}, status_code=status, headers=PAGE_HEADERS
+    )
+
+
+async def sessions_unavailable(request: Request, exc: Exception) -> Response:
+    """A page asked while NATS is away: say so (503), do not ask to sign in again."""
+    return _page(
+        request, "missing.html", 503, view=None, principal=None, session=None, unavailable=True
     )
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from libs.common.bus import Bus
@@ -63,6 +64,10 @@ def _parse(raw: bytes | None) -> Session | None:
         return None
 
 
+class SessionsUnavailable(Exception):
+    """KV cannot be read now (NATS away): not the same as "not signed in"."""
+
+
 class Sessions:
     """Open, find and end UI sessions in KV (shared by every API replica)."""
 
@@ -93,13 +98,17 @@ class Sessions:
         return token, session
 
     async def find(self, token: str) -> Session | None:
-        """The live session of ``token``, or None (unknown, expired, or NATS unreachable)."""
+        """The live session of ``token``, or None (unknown, ended or expired). Raises
+        ``SessionsUnavailable`` when KV cannot answer: a NATS blip must not sign anyone
+        out."""
         if not token or len(token) > 128:
             return None
         try:
             entry = await (await self.kv()).get(_name(token))
-        except Exception:  # missing (KeyNotFoundError) or NATS trouble: not signed in
+        except KeyNotFoundError:  # also a deleted or purged entry
             return None
+        except Exception as exc:
+            raise SessionsUnavailable(f"sessions cannot be read: {exc!r}") from None
         session = _parse(entry.value)
         if session is None or session.expires <= time.time():
             return None
