@@ -26,6 +26,8 @@ from libs.common.models import Severity
 log = logging.getLogger("proxyfleet.api.audit")
 
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+# the web UI's posts that change who is signed in: audited like the API's writes
+_UI_AUDITED = frozenset({"/ui/login", "/ui/logout"})
 _STATE_KEY = "audit"
 
 
@@ -82,7 +84,7 @@ class AuditMiddleware:
         if (
             scope["type"] != "http"
             or scope["method"] in _SAFE
-            or not scope["path"].startswith("/api/")
+            or not (scope["path"].startswith("/api/") or scope["path"] in _UI_AUDITED)
         ):
             await self.app(scope, receive, send)
             return

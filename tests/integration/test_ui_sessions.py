@@ -228,3 +228,32 @@ async def test_a_nats_outage_does_not_sign_anyone_out(
             return (await client.get("/api/keys", headers=jar)).status_code == 200
 
         assert await eventually(back, timeout=15.0)  # the same session, still signed in
+
+
+async def test_sign_in_and_out_are_audited_and_the_key_is_not(
+    two_apis: tuple[httpx.AsyncClient, httpx.AsyncClient],
+) -> None:
+    a, _ = two_apis
+    before = (await a.get("/api/events", headers=ADMIN, params={"type": "audit"})).json()
+    since = before["events"][0]["seq"] if before["events"] else 0
+    assert (
+        await a.post("/ui/login", data={"key": "wrong-guess"}, headers=ORIGIN)
+    ).status_code == 401
+    token, csrf = await _sign_in(a, READ_KEY)
+    out = await a.post("/ui/logout", headers=cookie_of(token), data={"csrf": csrf})
+    assert out.status_code == 303
+
+    async def records() -> list[dict[str, object]]:
+        page = await a.get("/api/events", headers=ADMIN, params={"type": "audit", "limit": 50})
+        found = [e for e in page.json()["events"] if e["seq"] > since]
+        ui = [e["data"] for e in found if str(e["data"]["action"]).startswith("ui.")]
+        return ui if len(ui) >= 3 else []
+
+    got = await eventually(records, timeout=5.0)
+    by_action = sorted((r["action"], r["status"], r["key_id"]) for r in got)
+    assert by_action == [
+        ("ui.sign_in", 303, "viewer"),
+        ("ui.sign_in", 401, None),
+        ("ui.sign_out", 303, "viewer"),
+    ]
+    assert "wrong-guess" not in str(got) and READ_KEY not in str(got) and token not in str(got)

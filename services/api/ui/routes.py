@@ -18,6 +18,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from services.api import audit
 from services.api.auth import KeyRing, Principal
 from services.api.ui.sessions import COOKIE_NAME, Session, SessionsUnavailable
 
@@ -130,7 +131,7 @@ async def login_form(request: Request, next: str | None = None) -> Response:
     return _page(request, "login.html", next=safe_next(next), error=None)
 
 
-@router.post("/ui/login")
+@router.post("/ui/login", openapi_extra=audit.action("ui.sign_in"))
 async def login(
     request: Request,
     key: Annotated[str, Form(max_length=512)] = "",
@@ -147,6 +148,7 @@ async def login(
     if services is None:
         return _page(request, "login.html", 503, next=target, error="NATS is not connected.")
     token, session = await services.sessions.open(principal.key_id)
+    request.state.principal = principal  # the audit record names the key
     log.info("UI sign-in: key %s (%s)", principal.key_id, principal.scope)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
@@ -161,12 +163,12 @@ async def login(
     return response
 
 
-@router.post("/ui/logout")
+@router.post("/ui/logout", openapi_extra=audit.action("ui.sign_out"))
 async def logout(request: Request, csrf: Annotated[str, Form(max_length=256)] = "") -> Response:
     found = await signed_in(request)
     token = request.cookies.get(COOKIE_NAME, "")
     if found is not None:
-        session, _ = found
+        session, request.state.principal = found
         if not hmac.compare_digest(csrf.encode(), session.csrf.encode()):
             return Response("sign-out needs the page's CSRF token", 403, headers=PAGE_HEADERS)
         await request.app.state.services.sessions.end(token)
