@@ -221,6 +221,8 @@ async def test_a_nats_outage_does_not_sign_anyone_out(
             assert api.status_code == 503 and api.json()["code"] == "BUS_UNAVAILABLE"
             page = await client.get("/ui/flows", headers=jar)
             assert page.status_code == 503 and "Unavailable" in page.text  # not the sign-in
+            late = await client.post("/ui/login", data={"key": ADMIN_KEY}, headers=ORIGIN)
+            assert late.status_code == 503 and "set-cookie" not in late.headers
         finally:
             await asyncio.to_thread(restartable_nats.start)
 

@@ -145,9 +145,14 @@ async def login(
     principal = keyring.authenticate(key.strip()) if key.strip() else None
     if principal is None:
         return _page(request, "login.html", 401, next=target, error="That key is not valid.")
-    if services is None:
-        return _page(request, "login.html", 503, next=target, error="NATS is not connected.")
-    token, session = await services.sessions.open(principal.key_id)
+    try:
+        if services is None:
+            raise SessionsUnavailable("NATS is not connected")
+        token, session = await services.sessions.open(principal.key_id)
+    except Exception as exc:  # KV cannot be written: no session, say so
+        log.warning("UI sign-in failed: %r", exc)
+        error = "Sessions cannot be stored right now (NATS); try again shortly."
+        return _page(request, "login.html", 503, next=target, error=error)
     request.state.principal = principal  # the audit record names the key
     log.info("UI sign-in: key %s (%s)", principal.key_id, principal.scope)
     response = RedirectResponse(target, status_code=303)
