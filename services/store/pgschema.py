@@ -135,6 +135,11 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "a pg_trgm index for URL and host substring search",
         ["CREATE EXTENSION IF NOT EXISTS pg_trgm", *TRGM_INDEXES],
     ),
+    (
+        3,
+        "timings: a flow's phase points, for a listing's waterfall (rows.PHASE_POINTS)",
+        [f"ALTER TABLE flows ADD COLUMN timings {_TEXT}"],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

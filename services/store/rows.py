@@ -77,7 +77,12 @@ COLUMNS = (
     "replay_of",
     "policy",
     "intercept",
+    "timings",
 )
+# ``timings`` (schema 5): where a flow's time went, for a listing's waterfall without
+# reading ``doc``: the points of ``PHASE_POINTS`` as milliseconds after ``started_at``, a
+# compact JSON array (null for a point not measured), NULL when none was.
+PHASE_POINTS = ("dns", "connect", "tls", "request_sent", "first_byte")
 
 # What a listing returns per flow (no headers, no bodies), in SELECT order.
 SUMMARY_COLUMNS = tuple(
@@ -172,8 +177,11 @@ def event_row(event: Mapping[str, Any], owned: bool = False) -> Row:
     else:
         raise BadEvent(f"flow {flow_id}: response is not an object")
     timings = get("timings")
+    phases = None
     if type(timings) is dict:
         started_at, ended_at = _num(timings.get("start")), _num(timings.get("end"))
+        if started_at is not None:
+            phases = _offsets(timings, started_at)
     elif timings is None:
         started_at = ended_at = None
     else:
@@ -222,7 +230,40 @@ def event_row(event: Mapping[str, Any], owned: bool = False) -> Row:
         replay_of(event),
         policy,
         intercept,
+        phases,
     )
+
+
+def _offsets(timings: dict[str, Any], start: float) -> str | None:
+    """``PHASE_POINTS`` as milliseconds after ``start`` (the ``timings`` column)."""
+    out: list[float | None] = []
+    measured = False
+    for name in PHASE_POINTS:
+        at = _num(timings.get(name))
+        if at is None:
+            out.append(None)
+        else:
+            out.append(round((at - start) * 1000.0, 3))
+            measured = True
+    return _dumps(out).decode() if measured else None
+
+
+def _points(offsets: str | None, start: float | None, end: float | None) -> dict[str, Any] | None:
+    """The ``timings`` of a listing entry (epoch seconds, as the flow's own) from the
+    column; None when nothing but start and end is known."""
+    if offsets is None or start is None:
+        return None
+    try:
+        values = _loads(offsets)
+    except ValueError:
+        return None
+    if type(values) is not list or len(values) != len(PHASE_POINTS):
+        return None
+    out: dict[str, Any] = {"start": start}
+    for name, ms in zip(PHASE_POINTS, values, strict=True):
+        out[name] = start + ms / 1000.0 if type(ms) is float or type(ms) is int else None
+    out["end"] = end
+    return out
 
 
 def _delimited(values: list[str]) -> str | None:
@@ -360,6 +401,7 @@ def summary(row: Row) -> dict[str, Any]:
         replay_of,
         policy,
         intercept,
+        phases,
     ) = row
     duration = None
     if started_at is not None and ended_at is not None:
@@ -388,6 +430,7 @@ def summary(row: Row) -> dict[str, Any]:
         "policy": _loads(policy) if policy else None,
         "intercept": _loads(intercept) if intercept else None,
         "replay_of": replay_of,
+        "timings": _points(phases, started_at, ended_at),
     }
 
 

@@ -56,7 +56,8 @@ Statement = tuple[str | None, Values]
 # 3: ``authority`` (the Host header's host where it differs from ``host``).
 # 4: the policy's account of a flow: ``rules``, ``tags``, ``decision``, ``replay_of``,
 #    ``policy``, ``intercept`` (see ``rows.COLUMNS``).
-SCHEMA_VERSION = 4
+# 5: ``timings`` (a flow's phase points, for a listing's waterfall).
+SCHEMA_VERSION = 5
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS flows (
     id TEXT PRIMARY KEY,
@@ -87,7 +88,8 @@ CREATE TABLE IF NOT EXISTS flows (
     decision TEXT,
     replay_of TEXT,
     policy TEXT,
-    intercept TEXT
+    intercept TEXT,
+    timings TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS flows_rhost ON flows (rhost, id);
@@ -120,6 +122,7 @@ ADDED_COLUMNS = (
     ("replay_of", "TEXT"),
     ("policy", "TEXT"),
     ("intercept", "TEXT"),
+    ("timings", "TEXT"),  # 5
 )
 
 # Rows, estimated from the rowid range (two b-tree edge lookups, no scan); NULL when empty.

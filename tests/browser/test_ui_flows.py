@@ -59,6 +59,8 @@ async def test_filter_narrows_the_page_and_shows_the_error_in_place(
     await page.press("#filter", "Enter")
     await expect(rows).to_have_count(1, timeout=10_000)
     await expect(rows.first.locator("td.st")).to_have_text("503")
+    # the page's waterfall: the row from the store draws its phases (send, wait, receive)
+    await expect(rows.first.locator(".wfbar i.wait")).to_have_count(1)
     assert "q=" in page.url  # the filter is in the address: a reload keeps it
     await page.fill("#filter", "~c 200 & (~d")
     await page.press("#filter", "Enter")

@@ -64,6 +64,34 @@ async def test_a_newer_schema_is_refused(pg_dsn: str) -> None:
     await again.close()
 
 
+async def test_a_version_2_database_gains_timings(pg_dsn: str) -> None:
+    """Migration 3 adds ``timings`` to a database in use: its flows stay (listed without
+    phases), new ones are listed with theirs."""
+    r = PostgresRepository(pg_dsn)
+    await r.open()
+    old = fid()
+    await r.upsert_events([ev(old)])
+    await r.close()
+    with psycopg.connect(pg_dsn) as conn:  # as a store of schema 2 left it
+        conn.execute("ALTER TABLE flows DROP COLUMN timings")
+        conn.execute("DELETE FROM schema_migrations WHERE version = 3")
+    again = PostgresRepository(pg_dsn)
+    await again.open()
+    try:
+        new = fid()
+        event = ev(new)
+        event["timings"]["first_byte"] = event["timings"]["start"] + 0.003
+        await again.upsert_events([event])
+        listed = {f["id"]: f for f in (await again.list(FlowQuery()))[0]}
+        assert listed[old]["timings"] is None
+        assert listed[new]["timings"]["first_byte"] == pytest.approx(
+            event["timings"]["first_byte"], abs=2e-6
+        )
+    finally:
+        await again.close()
+    assert _one(pg_dsn, "SELECT max(version) FROM schema_migrations") == (3,)
+
+
 async def test_partitions_are_made_ahead_and_hold_their_days(
     repo: PostgresRepository, pg_dsn: str
 ) -> None:

@@ -608,7 +608,7 @@ def decided(flow_id: str, matched: list[Any], tags: list[Any] | None = None, **o
 
 V3_COLUMNS = (
     ",\n    rules TEXT,\n    tags TEXT,\n    decision TEXT,\n    replay_of TEXT,"
-    "\n    policy TEXT,\n    intercept TEXT"
+    "\n    policy TEXT,\n    intercept TEXT,\n    timings TEXT"
 )
 
 
@@ -646,8 +646,38 @@ async def test_a_version_3_database_gains_the_policy_columns(tmp_path: Path) -> 
     assert {"rules", "tags", "decision", "replay_of", "policy", "intercept"} <= columns
     indexes = {row[1] for row in conn.execute("PRAGMA index_list(flows)")}
     assert {"flows_decided", "flows_decision", "flows_ruled", "flows_tagged"} <= indexes
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_mod.SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_mod.SCHEMA_VERSION == 5
     conn.close()
+
+
+async def test_a_version_4_database_gains_timings_for_the_waterfall(tmp_path: Path) -> None:
+    """Schema 5 adds ``timings``: a version-4 database keeps its flows (listed without
+    phases) and new flows are listed with theirs."""
+    path = tmp_path / "v4.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(sqlite_mod.SCHEMA.replace(",\n    timings TEXT", ""))
+    old = fid()
+    conn.execute(
+        "INSERT INTO flows (id, state, doc, replica) VALUES (?, 'completed', ?, 'r1')",
+        (old, orjson.dumps(ev(old))),
+    )
+    conn.execute("PRAGMA user_version = 4")
+    conn.commit()
+    conn.close()
+    r = SQLiteRepository(path)
+    await r.open()
+    try:
+        new = fid()
+        event = ev(new)
+        start = event["timings"]["start"]
+        event["timings"].update(dns=start + 0.001, connect=start + 0.002, tls=None)
+        await r.upsert_events([event])
+        listed = {f["id"]: f for f in (await r.list(FlowQuery()))[0]}
+        assert listed[old]["timings"] is None
+        assert listed[new]["timings"]["dns"] == pytest.approx(start + 0.001)
+        assert listed[new]["timings"]["tls"] is None
+    finally:
+        await r.close()
 
 
 async def test_a_newer_database_is_refused(tmp_path: Path) -> None:
@@ -747,3 +777,30 @@ async def test_policy_listings_use_their_partial_indexes(sqlite_repo: FlowReposi
         )
         assert index in found, (query, found)
     conn.close()
+
+
+async def test_a_listing_carries_each_flows_phases(repo: FlowRepository) -> None:
+    """The listing's ``timings`` (for a page's waterfall) are the flow's own points, to
+    the microsecond; a flow whose points are all unknown (a reused connection, an active
+    flow) lists none but start and end; garbage in a point is not a point."""
+    fresh, reused, junk = fid(), fid(), fid()
+    a = ev(fresh)
+    t0 = a["timings"]["start"]
+    a["timings"].update(
+        dns=t0 + 0.0002, connect=t0 + 0.0011, tls=t0 + 0.0034,
+        request_sent=t0 + 0.004, first_byte=t0 + 0.0125, end=t0 + 0.0131,
+    )  # fmt: skip
+    b = ev(reused)
+    b["timings"].update(end=b["timings"]["start"] + 0.002)
+    c = ev(junk)
+    c["timings"].update(dns="soon", connect=True, request_sent=c["timings"]["start"] + 0.001)
+    await repo.upsert_events([a, b, c])
+    listed = {f["id"]: f for f in (await repo.list(FlowQuery()))[0]}
+    got = listed[fresh]["timings"]
+    for name in ("dns", "connect", "tls", "request_sent", "first_byte", "end"):
+        assert got[name] == pytest.approx(a["timings"][name], abs=2e-6), name
+    assert got["start"] == pytest.approx(t0)
+    assert listed[reused]["timings"] is None
+    junk_points = listed[junk]["timings"]
+    assert junk_points["dns"] is None and junk_points["connect"] is None
+    assert junk_points["request_sent"] == pytest.approx(c["timings"]["start"] + 0.001, abs=2e-6)

@@ -115,6 +115,11 @@ class FlowSummary(BaseModel):
     policy: PolicyDecision | None = None
     intercept: InterceptOutcome | None = None
     replay_of: str | None = Field(None, description="the flow this one replays")
+    timings: dict[str, float | None] | None = Field(
+        None,
+        description="epoch seconds: start, dns, connect, tls, request_sent, first_byte, end "
+        "(for a page's waterfall); null when only start and end are known",
+    )
 
 
 class FlowPage(BaseModel):
