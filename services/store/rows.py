@@ -80,8 +80,8 @@ COLUMNS = (
     "timings",
 )
 # ``timings`` (schema 5): where a flow's time went, for a listing's waterfall without
-# reading ``doc``: the points of ``PHASE_POINTS`` as milliseconds after ``started_at``, a
-# compact JSON array (null for a point not measured), NULL when none was.
+# reading ``doc``: the points of ``PHASE_POINTS`` as whole microseconds after
+# ``started_at``, a compact JSON array (null for a point not measured), NULL when none was.
 PHASE_POINTS = ("dns", "connect", "tls", "request_sent", "first_byte")
 
 # What a listing returns per flow (no headers, no bodies), in SELECT order.
@@ -235,16 +235,18 @@ def event_row(event: Mapping[str, Any], owned: bool = False) -> Row:
 
 
 def _offsets(timings: dict[str, Any], start: float) -> str | None:
-    """``PHASE_POINTS`` as milliseconds after ``start`` (the ``timings`` column)."""
-    out: list[float | None] = []
+    """``PHASE_POINTS`` as whole microseconds after ``start`` (the ``timings`` column).
+    On the ingest path: integers, no rounding (half the cost of ``round``)."""
+    get = timings.get
+    out: list[int | None] = []
     measured = False
     for name in PHASE_POINTS:
-        at = _num(timings.get(name))
-        if at is None:
-            out.append(None)
-        else:
-            out.append(round((at - start) * 1000.0, 3))
+        at = get(name)
+        if type(at) is float or type(at) is int:
+            out.append(int((at - start) * 1e6))
             measured = True
+        else:
+            out.append(None)
     return _dumps(out).decode() if measured else None
 
 
@@ -260,8 +262,8 @@ def _points(offsets: str | None, start: float | None, end: float | None) -> dict
     if type(values) is not list or len(values) != len(PHASE_POINTS):
         return None
     out: dict[str, Any] = {"start": start}
-    for name, ms in zip(PHASE_POINTS, values, strict=True):
-        out[name] = start + ms / 1000.0 if type(ms) is float or type(ms) is int else None
+    for name, us in zip(PHASE_POINTS, values, strict=True):
+        out[name] = start + us / 1e6 if type(us) is int else None
     out["end"] = end
     return out
 
