@@ -395,3 +395,38 @@ async def test_a_held_response_is_modified(
     answer = await held
     assert (answer.status_code, answer.text) == (202, "changed by a person")
     await expect(card).to_have_count(0)
+
+
+async def test_a_rule_edit_over_a_change_made_meanwhile_is_refused_then_kept(
+    page: Page, system: System, api: httpx.AsyncClient, rules_made: list[str]
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    rule_id = f"race-{tag}"
+    await add_rule(
+        api,
+        rules_made,
+        {
+            "id": rule_id,
+            "match": {"filter": f"~u a-{tag}"},
+            "action": {"type": "tag", "tags": [tag]},
+        },
+    )
+    await sign_in(page, system, target="/ui/rules")
+    row = page.locator(f"#rule-rows tr[data-id='{rule_id}']")
+    await row.get_by_role("button", name="Edit").click()
+    await page.fill("#rule-filter", f"~u mine-{tag}")
+    # meanwhile, someone else changes the same rule
+    theirs = (await api.get(f"/api/policy/rules/{rule_id}")).json()
+    theirs["match"]["filter"] = f"~u theirs-{tag}"
+    assert (await api.put(f"/api/policy/rules/{rule_id}", json=theirs)).status_code == 200
+    await page.click("#rule-save")
+    await expect(page.locator("#rule-errors")).to_contain_text("POLICY_CONFLICT")
+    await expect(page.locator("#rule-stale")).to_be_visible()
+    on_server = (await api.get(f"/api/policy/rules/{rule_id}")).json()
+    assert on_server["match"]["filter"] == f"~u theirs-{tag}"  # not overwritten unseen
+    await expect(row.locator("td.filter")).to_have_text(f"~u theirs-{tag}")  # shown now
+    await expect(page.locator("#rule-filter")).to_have_value(f"~u mine-{tag}")  # edit kept
+    await page.click("#rule-save")  # knowingly, over theirs
+    await expect(page.locator("#rule-editor")).to_be_hidden()
+    on_server = (await api.get(f"/api/policy/rules/{rule_id}")).json()
+    assert on_server["match"]["filter"] == f"~u mine-{tag}"

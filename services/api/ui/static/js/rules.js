@@ -115,9 +115,13 @@ function rollout(out) {
   return bits.length ? ` (${bits.join("; ")})` : "";
 }
 
+// Writes name the revision this page read (If-Match): a change made meanwhile by someone
+// else is refused (412 POLICY_CONFLICT) rather than overwritten.
+const ifMatch = () => (state.revision === null ? {} : { "If-Match": `"${state.revision}"` });
+
 async function setEnabled(rule, enabled) {
   try {
-    const out = await api("PUT", `/api/policy/rules/${enc(rule.id)}`, { body: { ...rule, enabled } });
+    const out = await api("PUT", `/api/policy/rules/${enc(rule.id)}`, { body: { ...rule, enabled }, headers: ifMatch() });
     say(`${rule.id} ${enabled ? "enabled" : "disabled"}: revision ${out.revision}${rollout(out)}`);
   } catch (err) {
     notice.replaceChildren(problemBox(err));
@@ -127,7 +131,7 @@ async function setEnabled(rule, enabled) {
 
 async function remove(rule) {
   try {
-    await api("DELETE", `/api/policy/rules/${enc(rule.id)}`);
+    await api("DELETE", `/api/policy/rules/${enc(rule.id)}`, { headers: ifMatch() });
     say(`Deleted ${rule.id}.`);
     if (state.editing && state.editing.id === rule.id) closeEditor();
   } catch (err) {
@@ -286,12 +290,18 @@ function openEditor(rule) {
     try {
       const out = creating
         ? await api("POST", "/api/policy/rules", { body })
-        : await api("PUT", `/api/policy/rules/${enc(rule.id)}`, { body });
+        : await api("PUT", `/api/policy/rules/${enc(rule.id)}`, { body, headers: ifMatch() });
       say(`${creating ? "Added" : "Saved"} ${out.rule?.id ?? body.id}: revision ${out.revision}${rollout(out)}`);
       closeEditor();
       await load();
     } catch (err) {
       showErrors(err);
+      if (err.status === 412) { // someone else wrote meanwhile: keep this edit, show theirs
+        errors.append(h("p", { class: "hint", id: "rule-stale" },
+          "The rules changed since this page read them. Your edit is still here and the list " +
+          "now shows the current rules: save again to write yours over them."));
+        await load();
+      }
     }
   }
 
