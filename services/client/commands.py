@@ -39,6 +39,7 @@ from services.client.render import (
     key_value_lines,
     out_json,
     out_json_line,
+    status_text,
     table,
     text,
     when,
@@ -862,6 +863,81 @@ def approvals_modify(
 ) -> None:
     """Let it pass changed: {"request": {...}} or {"response": {...}}."""
     _decide(app, approval_id, "modify", read_json_arg(edit, path, "edit"), as_json)
+
+
+@approvals.command("cached")
+@json_option
+@pass_app
+def approvals_cached(app: App, as_json: bool) -> None:
+    """Approvals in force (what `approve` cached), oldest first."""
+    doc = app.api.get("/api/approvals/cached")
+    if as_json:
+        return out_json(doc)
+    rows = [
+        [c.get("rule"), c.get("method"), c.get("url"), c.get("by"), when(c.get("expires_at"))]
+        for c in doc.get("cached") or []
+    ]
+    out.print(table(("rule", "method", "url", "by", "expires"), rows))
+    return None
+
+
+@approvals.command("forget")
+@click.option("--rule", help="the rule id of the entry")
+@click.option("--method", help="its method")
+@click.option("--url", help="its URL")
+@click.option("--all", "everything", is_flag=True, help="forget every cached approval")
+@pass_app
+def approvals_forget(
+    app: App, rule: str | None, method: str | None, url: str | None, everything: bool
+) -> None:
+    """Forget one cached approval (--rule, --method, --url), or --all of them."""
+    if everything == bool(rule or method or url):
+        raise UsageProblem("give --all, or --rule, --method and --url of one entry")
+    if everything:
+        app.api.request("DELETE", "/api/approvals/cached")
+        out.print("forgot every cached approval")
+        return
+    if not (rule and method and url):
+        raise UsageProblem("one entry needs all of --rule, --method and --url")
+    params = {"rule": rule, "method": method, "url": url}
+    app.api.request("DELETE", "/api/approvals/cached/entry", params=params)
+    out.print(text(f"forgot {rule} {method} {url}"))
+
+
+# -- decision log ------------------------------------------------------------------------------
+@cli.command("decisions")
+@click.option("--range", "time_range", help="5m, 1h (the API's default), 24h, 7d, all")
+@click.option("--rule", help="flows this rule (by id) matched")
+@click.option(
+    "--decision",
+    type=click.Choice(["block", "respond", "allow", "intercept", "modify"]),
+    help="flows with this decision",
+)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--before", help="next_cursor of the previous page")
+@json_option
+@pass_app
+def decisions(app: App, as_json: bool, **kw: Any) -> None:
+    """The decision log: flows a policy rule matched, newest first."""
+    doc = app.api.get("/api/logs/decisions", **kw)
+    if as_json:
+        return out_json(doc)
+    rows = [
+        [
+            when(d.get("time")),
+            d.get("decision"),
+            " ".join(str(r.get("rule")) for r in d.get("rules") or [] if isinstance(r, dict)),
+            d.get("method"),
+            status_text(d.get("status")),
+            d.get("url"),
+            d.get("flow_id"),
+        ]
+        for d in doc.get("entries") or []
+    ]
+    out.print(table(("time", "decision", "rules", "method", "status", "url", "id"), rows))
+    if doc.get("next_cursor") is not None:
+        note.print(text(f"next page: --before {doc['next_cursor']}", "dim"))
+    return None
 
 
 # -- events ----------------------------------------------------------------------------------

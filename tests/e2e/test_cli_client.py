@@ -459,6 +459,24 @@ async def test_approvals_watch_then_approve_releases_the_request(
         again = await cli(system, "approvals", "deny", approval["id"])
         assert again.code == 1 and "APPROVAL_" in again.err
 
+        # the approval is cached; the decision log has the flow; forget the cache entry
+        cached = (await ok(system, "approvals", "cached", "--json")).json()["cached"]
+        (entry,) = [c for c in cached if c["rule"] == "cli-hold"]
+        assert entry["method"] == "GET" and entry["url"].endswith("/echo/cli-hold")
+        assert "cli-hold" in (await ok(system, "approvals", "cached")).out
+        log = (await ok(system, "decisions", "--rule", "cli-hold", "--json")).json()
+        assert any(e["flow_id"] == approval["flow_id"] for e in log["entries"])
+        table = await ok(system, "decisions", "--decision", "intercept", "--range", "1h")
+        assert approval["flow_id"] in table.out and "cli-hold" in table.out
+        vague = await cli(system, "approvals", "forget", "--rule", "cli-hold")
+        assert vague.code == 2 and "--url" in vague.err
+        forget = ["--rule", "cli-hold", "--method", "GET", "--url", entry["url"]]
+        await ok(system, "approvals", "forget", *forget)
+        cached = (await ok(system, "approvals", "cached", "--json")).json()["cached"]
+        assert not [c for c in cached if c["rule"] == "cli-hold"]
+        missing = await cli(system, "approvals", "forget", *forget)
+        assert missing.code == 1 and "(CACHED_APPROVAL_NOT_FOUND)" in missing.err
+
         async with httpx.AsyncClient(proxy=system.proxy, timeout=30) as client:
             for verb in ("deny", "modify"):
                 held = asyncio.create_task(client.get(f"{upstream.http}/echo/cli-hold-{verb}"))
