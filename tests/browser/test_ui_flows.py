@@ -69,7 +69,9 @@ async def test_filter_narrows_the_page_and_shows_the_error_in_place(
     await expect(error.locator("pre.caret")).to_contain_text("^")
     caret_line = (await error.locator("pre.caret").inner_text()).splitlines()[1]
     assert caret_line.index("^") == len("~c 200 & (~d")  # at the end: something is missing
-    await expect(rows).to_have_count(1)  # the last good page stays
+    await expect(rows).to_have_count(1)  # the last good page stays, and its live feed
+    await page.wait_for_timeout(500)
+    await expect(page.locator("#live-state")).to_have_text("live")
     await page.click("#help-toggle")
     await expect(page.locator("#filter-help")).to_contain_text("~d")
 

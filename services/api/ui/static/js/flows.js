@@ -103,7 +103,8 @@ function apply(q) {
   const url = new URL(location.href);
   if (state.q) url.searchParams.set("q", state.q); else url.searchParams.delete("q");
   history.replaceState(null, "", url);
-  load().then(() => restartFeed());
+  // a filter that does not parse keeps the last good page and its live feed
+  load().then((ok) => { if (ok !== false) restartFeed(); });
 }
 
 async function load() {
@@ -112,10 +113,11 @@ async function load() {
   try {
     page = await get("/api/flows", { q: state.q, limit: PAGE, cursor: state.cursor });
   } catch (err) {
-    if (err instanceof ApiProblem && err.status === 422) { showFilterError(err); return; }
+    if (err instanceof ApiProblem && err.status === 422) { showFilterError(err); return false; }
     throw err;
   }
   showFilterError(null);
+  state.liveQ = state.q; // the filter the live feed follows: the last one that parsed
   state.next = page.next_cursor;
   state.rows.clear();
   tbody.replaceChildren(...page.flows.map((f) => row(f).tr));
@@ -246,7 +248,7 @@ function restartFeed() {
   state.feed = null;
   if (!state.live) { liveState.textContent = "paused"; return; }
   liveState.textContent = "connecting";
-  state.feed = stream("/api/flows/stream", { q: state.q }, {
+  state.feed = stream("/api/flows/stream", { q: state.liveQ ?? "" }, {
     onEvent,
     onState: (s) => { liveState.textContent = s; liveState.dataset.state = s; },
   });
