@@ -234,3 +234,22 @@ async def test_signing_out_in_one_tab_ends_the_live_view_in_another(
     assert await through_proxy(system, f"{site}/json/after-sign-out") == 200
     await page.wait_for_url(re.compile(r"/ui/login\?next="), timeout=15_000)
     await expect(page.locator("#key")).to_be_visible()
+
+
+async def test_pause_stops_the_live_rows_and_live_resumes_them(
+    page: Page, system: System, site: str
+) -> None:
+    await sign_in(page, system)
+    badge, toggle = page.locator("#live-state"), page.locator("#live-toggle")
+    await expect(badge).to_have_text("live")
+    await toggle.click()
+    await expect(badge).to_have_text("paused")
+    await expect(toggle).to_have_text("Live")
+    tag = uuid.uuid4().hex[:10]
+    assert await through_proxy(system, f"{site}/json/paused-{tag}") == 200
+    await page.wait_for_timeout(1000)
+    await expect(page.locator("#flow-rows tr", has_text=f"paused-{tag}")).to_have_count(0)
+    await toggle.click()
+    await expect(badge).to_have_text("live")
+    assert await through_proxy(system, f"{site}/json/resumed-{tag}") == 200
+    await expect(page.locator("#flow-rows tr", has_text=f"resumed-{tag}")).to_have_count(1)

@@ -76,3 +76,25 @@ export function stream(path, params, { onEvent, onState }) {
   open(null);
   return { close() { closed = true; source?.close(); onState?.("paused"); } };
 }
+
+// A live view's feed, its state badge and its Pause/Live button. ``open(onState)`` opens
+// the stream (``stream()``) and returns it; ``restart()`` reopens it (a new filter).
+export function liveFeed(badge, toggle, open, { live = true } = {}) {
+  let feed = null;
+  let on = live;
+  const show = (s) => { badge.textContent = s; badge.dataset.state = s; };
+  const restart = () => {
+    feed?.close();
+    feed = null;
+    if (!on) { show("paused"); return; }
+    show("connecting");
+    feed = open(show);
+  };
+  toggle.textContent = on ? "Pause" : "Live";
+  toggle.addEventListener("click", () => {
+    on = !on;
+    toggle.textContent = on ? "Pause" : "Live";
+    restart();
+  });
+  return { restart };
+}

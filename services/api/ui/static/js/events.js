@@ -1,7 +1,7 @@
 // Events: the system event log (GET /api/events, newest first, a page at a time with
 // older pages by cursor; filters type, source, severity) and new events arriving live
 // (GET /api/events/stream). Severity colored; data shown as key=value, expandable to JSON.
-import { ApiProblem, get, stream } from "./api.js";
+import { ApiProblem, get, liveFeed, stream } from "./api.js";
 import { app, button, fmtDate, fmtTime, h, problemBox } from "./dom.js";
 
 const PAGE = 100;
@@ -16,7 +16,7 @@ const TYPES = [
 const params = new URLSearchParams(location.search);
 const state = {
   type: params.get("type") ?? "", source: params.get("source") ?? "", severity: params.get("severity") ?? "",
-  cursors: [], cursor: null, next: null, live: true, feed: null, seen: new Set(), newer: 0,
+  cursors: [], cursor: null, next: null, seen: new Set(), newer: 0,
 };
 
 const root = app();
@@ -26,7 +26,7 @@ const sevIn = h("select", { id: "event-severity", "aria-label": "at least this s
   h("option", { value: "" }, "any severity"), h("option", { value: "warning" }, "warning and up"), h("option", { value: "error" }, "error"));
 sevIn.value = state.severity;
 const liveState = h("span", { id: "live-state", class: "badge" }, "…");
-const liveToggle = h("button", { type: "button", id: "live-toggle", onclick: () => setLive(!state.live) });
+const liveToggle = h("button", { type: "button", id: "live-toggle" });
 const newerBadge = h("button", { type: "button", id: "newer", class: "badge link", hidden: true, onclick: () => firstPage() });
 const message = h("div", { id: "events-message" });
 const tbody = h("tbody", { id: "event-rows" });
@@ -88,7 +88,7 @@ function apply() {
   for (const k of ["type", "source", "severity"]) { if (state[k]) url.searchParams.set(k, state[k]); else url.searchParams.delete(k); }
   history.replaceState(null, "", url);
   state.cursors = []; state.cursor = null;
-  load().then(restartFeed);
+  load().then(() => feed.restart());
 }
 
 async function load() {
@@ -134,24 +134,10 @@ function onEvent(ev) {
   }
 }
 
-function setLive(on) {
-  state.live = on;
-  liveToggle.textContent = on ? "Pause" : "Live";
-  restartFeed();
-}
+// from the newest event on the first page: nothing stored meanwhile is missed
+const feed = liveFeed(liveState, liveToggle, (onState) =>
+  stream("/api/events/stream", {
+    type: state.type, source: state.source, last_event_id: state.cursor === null ? state.newest : null,
+  }, { onEvent, onState }));
 
-function restartFeed() {
-  state.feed?.close();
-  state.feed = null;
-  if (!state.live) { liveState.textContent = "paused"; liveState.dataset.state = "paused"; return; }
-  liveState.textContent = "connecting";
-  // from the newest event on the first page: nothing stored meanwhile is missed
-  const after = state.cursor === null ? state.newest : null;
-  state.feed = stream("/api/events/stream", { type: state.type, source: state.source, last_event_id: after }, {
-    onEvent,
-    onState: (s) => { liveState.textContent = s; liveState.dataset.state = s; },
-  });
-}
-
-liveToggle.textContent = "Pause";
-load().then(restartFeed);
+load().then(() => feed.restart());

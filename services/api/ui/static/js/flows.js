@@ -1,7 +1,7 @@
 // Flows: one page at a time from the store (never the whole store in the browser), the
 // filter bar (the filter language, its help, the error shown where it is), new flows
 // arriving live over SSE, and a waterfall of the page's flows as devtools draw it.
-import { ApiProblem, api, get, stream } from "./api.js";
+import { ApiProblem, get, liveFeed, stream } from "./api.js";
 import { app, fmtBytes, fmtMs, fmtTime, h, problemBox, statusClass } from "./dom.js";
 import { placeBars } from "./waterfall.js";
 
@@ -14,10 +14,9 @@ const state = {
   cursors: [], // cursors of the pages before this one ("newer")
   cursor: null,
   next: null,
-  live: params.get("live") !== "0",
+  live: params.get("live") !== "0", // ?live=0: open paused
   rows: new Map(), // flow id -> { tr, flow }
   pending: [],
-  feed: null,
   newer: 0, // live flows seen while reading an older page
   seen: 0, // live events received, and of them final ones (the UI benchmark reads both)
   finals: 0,
@@ -33,7 +32,7 @@ const filterError = h("div", { id: "filter-error", class: "filter-error", hidden
 const help = h("div", { id: "filter-help", class: "filter-help", hidden: true });
 const count = h("span", { id: "flow-count", class: "muted" });
 const liveState = h("span", { id: "live-state", class: "badge" }, "…");
-const liveToggle = h("button", { type: "button", id: "live-toggle", onclick: () => setLive(!state.live) });
+const liveToggle = h("button", { type: "button", id: "live-toggle" });
 const newerBadge = h("button", { type: "button", id: "newer", class: "badge link", hidden: true, onclick: () => firstPage() });
 const tbody = h("tbody", { id: "flow-rows" });
 const older = h("button", { type: "button", id: "older", onclick: () => olderPage() }, "Older →");
@@ -104,7 +103,7 @@ function apply(q) {
   if (state.q) url.searchParams.set("q", state.q); else url.searchParams.delete("q");
   history.replaceState(null, "", url);
   // a filter that does not parse keeps the last good page and its live feed
-  load().then((ok) => { if (ok !== false) restartFeed(); });
+  load().then((ok) => { if (ok !== false) feed.restart(); });
 }
 
 async function load() {
@@ -237,22 +236,9 @@ function drawWaterfall() {
   }, 250);
 }
 
-function setLive(on) {
-  state.live = on;
-  liveToggle.textContent = on ? "Pause" : "Live";
-  restartFeed();
-}
+// the live feed follows the last filter that parsed (a bad one keeps the old feed)
+const feed = liveFeed(liveState, liveToggle, (onState) =>
+  stream("/api/flows/stream", { q: state.liveQ ?? "" }, { onEvent, onState }),
+  { live: state.live });
 
-function restartFeed() {
-  state.feed?.close();
-  state.feed = null;
-  if (!state.live) { liveState.textContent = "paused"; return; }
-  liveState.textContent = "connecting";
-  state.feed = stream("/api/flows/stream", { q: state.liveQ ?? "" }, {
-    onEvent,
-    onState: (s) => { liveState.textContent = s; liveState.dataset.state = s; },
-  });
-}
-
-liveToggle.textContent = state.live ? "Pause" : "Live";
-load().then(() => restartFeed());
+load().then((ok) => { if (ok !== false) feed.restart(); });
