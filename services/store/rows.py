@@ -83,6 +83,8 @@ COLUMNS = (
 # reading ``doc``: the points of ``PHASE_POINTS`` as whole microseconds after
 # ``started_at``, a compact JSON array (null for a point not measured), NULL when none was.
 PHASE_POINTS = ("dns", "connect", "tls", "request_sent", "first_byte")
+DAY_S = 86_400.0
+MAX_PHASE_S = 30 * DAY_S  # a point further from the start than this is not a point
 
 # What a listing returns per flow (no headers, no bodies), in SELECT order.
 SUMMARY_COLUMNS = tuple(
@@ -242,10 +244,10 @@ def _offsets(timings: dict[str, Any], start: float) -> str | None:
     measured = False
     for name in PHASE_POINTS:
         at = get(name)
-        if type(at) is float or type(at) is int:
+        if (type(at) is float or type(at) is int) and -DAY_S <= at - start <= MAX_PHASE_S:
             out.append(int((at - start) * 1e6))
             measured = True
-        else:
+        else:  # absent, not a number, or nowhere near the flow (1e308 would overflow)
             out.append(None)
     return _dumps(out).decode() if measured else None
 

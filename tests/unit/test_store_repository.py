@@ -804,3 +804,25 @@ async def test_a_listing_carries_each_flows_phases(repo: FlowRepository) -> None
     junk_points = listed[junk]["timings"]
     assert junk_points["dns"] is None and junk_points["connect"] is None
     assert junk_points["request_sent"] == pytest.approx(c["timings"]["start"] + 0.001, abs=2e-6)
+
+
+async def test_hostile_timings_are_kept_in_the_document_not_in_the_listing(
+    repo: FlowRepository,
+) -> None:
+    """A publisher's points nowhere near the flow (1e308 would overflow a conversion, a
+    negative huge one, a year later) do not fail the batch: the flow is stored, its
+    document keeps what was sent, its listing shows those points as unknown."""
+    flow_id, neighbour = fid(), fid()
+    event = ev(flow_id)
+    start = event["timings"]["start"]
+    event["timings"].update(
+        dns=1e308, connect=-1e308, tls=start + 365 * 86400.0, request_sent=start + 0.001
+    )
+    await repo.upsert_events([event, ev(neighbour)])
+    listed = {f["id"]: f for f in (await repo.list(FlowQuery()))[0]}
+    assert set(listed) >= {flow_id, neighbour}  # the batch went in whole
+    points = listed[flow_id]["timings"]
+    assert points["dns"] is None and points["connect"] is None and points["tls"] is None
+    assert points["request_sent"] == pytest.approx(start + 0.001, abs=2e-6)
+    stored = await repo.get(flow_id)
+    assert stored is not None and stored.doc["timings"]["dns"] == 1e308  # recorded as sent
