@@ -612,22 +612,29 @@ V3_COLUMNS = (
 )
 
 
-async def test_a_version_3_database_gains_the_policy_columns(tmp_path: Path) -> None:
-    """Schema 4 adds the columns ``~rule``, ``~tag``, ``rule=``/``tag=``/``decision=`` and
-    the decision log read: a version-3 database keeps its flows (listed with no decision)
-    and stores the decision of new ones."""
-    path = tmp_path / "v3.db"
+def older_database(path: Path, version: int, later_columns: str) -> str:
+    """A SQLite file as a store of schema ``version`` left it: today's schema without the
+    columns added since, one flow in it (its id is returned)."""
+    assert later_columns in sqlite_mod.SCHEMA
     conn = sqlite3.connect(path)
-    assert V3_COLUMNS in sqlite_mod.SCHEMA
-    conn.executescript(sqlite_mod.SCHEMA.replace(V3_COLUMNS, ""))
+    conn.executescript(sqlite_mod.SCHEMA.replace(later_columns, ""))
     old = fid()
     conn.execute(
         "INSERT INTO flows (id, state, doc, replica) VALUES (?, 'completed', ?, 'r1')",
         (old, orjson.dumps(ev(old))),
     )
-    conn.execute("PRAGMA user_version = 3")
+    conn.execute(f"PRAGMA user_version = {version}")
     conn.commit()
     conn.close()
+    return old
+
+
+async def test_a_version_3_database_gains_the_policy_columns(tmp_path: Path) -> None:
+    """Schema 4 adds the columns ``~rule``, ``~tag``, ``rule=``/``tag=``/``decision=`` and
+    the decision log read: a version-3 database keeps its flows (listed with no decision)
+    and stores the decision of new ones."""
+    path = tmp_path / "v3.db"
+    old = older_database(path, 3, V3_COLUMNS)
     r = SQLiteRepository(path)
     await r.open()
     try:
@@ -654,16 +661,7 @@ async def test_a_version_4_database_gains_timings_for_the_waterfall(tmp_path: Pa
     """Schema 5 adds ``timings``: a version-4 database keeps its flows (listed without
     phases) and new flows are listed with theirs."""
     path = tmp_path / "v4.db"
-    conn = sqlite3.connect(path)
-    conn.executescript(sqlite_mod.SCHEMA.replace(",\n    timings TEXT", ""))
-    old = fid()
-    conn.execute(
-        "INSERT INTO flows (id, state, doc, replica) VALUES (?, 'completed', ?, 'r1')",
-        (old, orjson.dumps(ev(old))),
-    )
-    conn.execute("PRAGMA user_version = 4")
-    conn.commit()
-    conn.close()
+    old = older_database(path, 4, ",\n    timings TEXT")
     r = SQLiteRepository(path)
     await r.open()
     try:
