@@ -37,6 +37,7 @@ from libs.common.natsserver import (
     die_with_parent,
 )
 from libs.common.settings import (
+    API_KEY_FILE,
     ApiSettings,
     CommonSettings,
     ProxySettings,
@@ -191,7 +192,7 @@ async def run_up(settings: UpSettings) -> None:
     stopping = asyncio.Event()
     install_signal_handlers(stopping)
     tasks = [spawn(_supervise(c, stopping), name=f"supervise-{c.name}") for c in children]
-    key = "FLEET_API_KEYS" if api.api_keys else str(settings.data_dir / "api-key")
+    key = "FLEET_API_KEYS" if api.api_keys else str(settings.data_dir / API_KEY_FILE)
     print(
         f"proxyfleet up\n"
         f"  proxy:   http://{proxy.proxy_listen}  (HTTP/HTTPS proxy)\n"

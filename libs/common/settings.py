@@ -471,6 +471,11 @@ def parse_api_key(entry: str) -> ApiKeySpec:
     return ApiKeySpec(id=key_id, scope=scope, sha256=digest)  # type: ignore[arg-type]
 
 
+# The generated admin key's file in the data dir: written by the API's first start, named by
+# ``up``'s start lines, read by the command-line client.
+API_KEY_FILE = "api-key"
+
+
 class ApiSettings(CommonSettings):
     """Settings of the management API (``proxyfleet api``)."""
 

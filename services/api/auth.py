@@ -28,13 +28,13 @@ from typing import Annotated, Literal
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from libs.common.settings import ApiKeySpec, ApiSettings, ensure_private_dir
+from libs.common.settings import API_KEY_FILE, ApiKeySpec, ApiSettings, ensure_private_dir
 from services.api.errors import ApiError
 from services.api.ui.sessions import COOKIE_NAME, CSRF_HEADER, SessionsUnavailable
 
 log = logging.getLogger("proxyfleet.api.auth")
 
-KEY_FILE_NAME = "api-key"
+KEY_FILE_NAME = API_KEY_FILE
 GENERATED_KEY_ID = "local"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import httpx
 
-from libs.common.settings import CommonSettings
+from libs.common.settings import API_KEY_FILE, ApiSettings, CommonSettings
 
-DEFAULT_API_URL = "http://127.0.0.1:8081"  # what ``proxyfleet up`` listens on
-KEY_FILE_NAME = "api-key"  # ``services.api.auth.KEY_FILE_NAME``, written by the first start
+# where ``proxyfleet up`` (and an API with default settings) listens
+DEFAULT_API_URL = f"http://{ApiSettings.model_fields['api_listen'].default}"
 
 
 def default_data_dir() -> Path:
@@ -285,7 +285,7 @@ def resolve_key(key_file: Path | None) -> str:
         env = os.environ.get("FLEET_API_KEY", "").strip()
         if env:
             return env
-        key_file = default_data_dir() / KEY_FILE_NAME
+        key_file = default_data_dir() / API_KEY_FILE
     try:
         key = key_file.read_text().strip()
     except OSError as exc:

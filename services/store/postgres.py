@@ -48,7 +48,15 @@ from services.store.repository import (
     RepositoryError,
     render_rows,
 )
-from services.store.rows import COLUMNS, Row, decode_body, decode_payloads, ended_doc, rows_of
+from services.store.rows import (
+    COLUMNS,
+    DAY_S,
+    Row,
+    decode_body,
+    decode_payloads,
+    ended_doc,
+    rows_of,
+)
 from services.store.sqlite import DEFAULT_SCAN_LIMIT
 
 log = logging.getLogger("proxyfleet.store.postgres")
@@ -60,7 +68,6 @@ PRUNE_CHUNK = 5000  # rows per delete transaction
 POOL_TIMEOUT = 5.0  # seconds to wait for a connection (the database down: fail the batch)
 STATEMENT_TIMEOUT_MS = 60_000  # no statement of ours takes this long; a runaway one stops
 COUNT_BUDGET_MS = 10  # a listing's filtered_count: exact within this, else a lower bound
-DAY_S = 86_400.0
 KNOWN_VALUES_MAX = 50_000  # values remembered as already in ``flow_values``
 
 # Column types of ``flows``, for the binary COPY of a batch.
